@@ -1,0 +1,3 @@
+from edgegpt.cli import main
+
+main()

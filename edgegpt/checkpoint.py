@@ -1,0 +1,85 @@
+"""The checkpoint directory: what `train` writes and `export` reads.
+
+    model.safetensors   weights (the tied LM head stored once, as the embedding)
+    config.json         ModelConfig
+    tokenizer.json      Hugging Face tokenizers format
+    train_state.*       optimizer and progress, for --resume (see edgegpt.train)
+
+safetensors and JSON only: loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from edgegpt.config import ModelConfig
+from edgegpt.errors import EdgeGPTError
+from edgegpt.io import atomic_path, write_bytes_atomic
+from edgegpt.model import GPT, state_dict_for_saving
+from edgegpt.tokenizer import load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+
+def save_weights(path: Path, model: GPT) -> None:
+    with atomic_path(path) as tmp:
+        save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+
+
+def save_checkpoint(directory: Path, model: GPT, tokenizer: Tokenizer) -> None:
+    """Write weights, config and tokenizer; each file is replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(directory / WEIGHTS, model)
+    model.cfg.save(directory / CONFIG)
+    write_bytes_atomic(directory / TOKENIZER, tokenizer.to_str().encode())
+
+
+def require_checkpoint(directory: Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EdgeGPTError(f"no checkpoint at {directory}; run `edgegpt train` first or pass a checkpoint directory")
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (directory / name).is_file():
+            raise EdgeGPTError(f"{directory} is not a complete checkpoint: {name} is missing")
+    return directory
+
+
+def load_weights(path: Path, model: GPT) -> None:
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EdgeGPTError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+    expected = state_dict_for_saving(model)
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise EdgeGPTError(f"{path}: config and weights disagree ({detail})")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise EdgeGPTError(
+                f"{path}: config and weights disagree ({name} is {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)})"
+            )
+    model.load_state_dict(weights, strict=not model.cfg.tie_embeddings)
+
+
+def load_checkpoint(directory: Path, dropout: float = 0.0) -> tuple[GPT, Tokenizer]:
+    """Model (eval mode, fp32, CPU) and tokenizer from a checkpoint directory, validated."""
+    directory = require_checkpoint(directory)
+    cfg = ModelConfig.load(directory / CONFIG)
+    tokenizer = load_tokenizer(directory / TOKENIZER)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise EdgeGPTError(
+            f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {cfg.vocab_size}"
+        )
+    model = GPT(cfg, dropout=dropout)
+    load_weights(directory / WEIGHTS, model)
+    return model.eval(), tokenizer

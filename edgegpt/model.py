@@ -1,0 +1,201 @@
+"""The compact GPT: a Llama-compatible decoder in plain PyTorch.
+
+    tokens ─► embed ─► N × [ RMSNorm ─► GQA attention with rotary ─► + ;  RMSNorm ─► SwiGLU MLP ─► + ]
+                                                                       ─► RMSNorm ─► LM head (tied) ─► logits
+
+Every convention matches Hugging Face's `LlamaForCausalLM` (rotate-half rotary, KV head h // group
+serving query head h, RMSNorm computed in fp32 and scaled after casting back), so weights convert
+losslessly. This file is also the reference the ONNX graphs are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgegpt.config import ModelConfig
+
+# One layer's cache: (key, value), each [batch, n_kv_heads, past_len, head_dim], rotary already applied.
+LayerCache = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics even under bf16 autocast: the mean of squares overflows/underflows otherwise.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos/sin for rotary position embedding, computed from positions (not a table) in fp32."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, S] -> cos, sin [B, 1, S, head_dim], broadcast over heads."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: LayerCache | None
+    ) -> tuple[Tensor, LayerCache]:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:  # query head h reads KV head h // group, as in Hugging Face's repeat_kv
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        # Training (no mask, no cache) takes SDPA's fused causal path; with a cache the mask is explicit.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        # Dropout on the residual branches only: attention-probability dropout cost 35% of CPU
+        # throughput for no gain at this size.
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: LayerCache | None
+    ) -> tuple[Tensor, LayerCache]:
+        a, present = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds variance, so shrink the projections into it.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(positions)
+        x = self.embed_dropout(self.embed(input_ids))
+        for layer in self.layers:
+            x, _ = layer(x, cos, sin, None, None)
+        return self.lm_head(self.norm(x))
+
+    def forward_cached(
+        self,
+        input_ids: Tensor,
+        past: list[LayerCache] | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[LayerCache]]:
+        """Inference with an explicit KV cache.
+
+        input_ids [B, S]; past: one (key, value) per layer, each [B, n_kv_heads, P, head_dim] (P may
+        be 0); attention_mask [B, P + S] with 1 for real tokens and 0 for left padding (None: all 1).
+        Returns logits [B, S, vocab] and the present cache, each [B, n_kv_heads, P + S, head_dim].
+        Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
+        """
+        B, S = input_ids.shape
+        P = 0 if past is None else past[0][0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + S, dtype=torch.long, device=input_ids.device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        cos, sin = self.rotary(positions)
+        # Query i (absolute P + i) sees key j when j <= P + i and key j is not padding. A padded query
+        # row would see nothing and softmax to NaN; a large negative (not -inf) keeps it finite.
+        query_pos = torch.arange(P, P + S, device=input_ids.device)[:, None]
+        key_pos = torch.arange(P + S, device=input_ids.device)[None, :]
+        allowed = (key_pos <= query_pos)[None] & attention_mask.bool()[:, None, :]
+        x = self.embed(input_ids)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, layer_present = layer(x, cos, sin, mask, None if past is None else past[i])
+            present.append(layer_present)
+        return self.lm_head(self.norm(x)), present
+
+    def empty_cache(self, batch: int = 1) -> list[LayerCache]:
+        shape = (batch, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
+        p = self.embed.weight
+        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def state_dict_for_saving(model: GPT) -> dict[str, Tensor]:
+    """Weights to write: the tied LM head is the embedding, so it is stored once."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd

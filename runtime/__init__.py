@@ -1,0 +1,1 @@
+from edgegpt.errors import EdgeGPTError
