@@ -1,0 +1,161 @@
+"""The `edgegpt` command line: train, export, generate, info.
+
+Heavy modules (torch, onnx) are imported inside the commands that need them, so `edgegpt generate`
+starts as fast as the runtime does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from edgegpt import workspace
+from edgegpt.errors import EdgeGPTError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Train a compact GPT, export it as one ONNX package, and generate with it.",
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A user mistake is one line on stderr and exit code 2; a bug keeps its traceback."""
+    try:
+        yield
+    except EdgeGPTError as e:
+        print(f"edgegpt: error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def train(
+    data: Optional[List[Path]] = typer.Option(
+        None, "--data", help="Text files, directories (*.txt, *.md, recursively) or .jsonl files with a "
+        "'text' field; repeatable. Default: the documentation that ships inside Python (pydoc topics and "
+        "standard-library docstrings), so training needs no download."),
+    val_data: Optional[List[Path]] = typer.Option(None, "--val-data", help="Validation text; default: the last 10% of --data."),
+    preset: str = typer.Option("micro", help="Model size: nano, micro, small or base."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint (./edgegpt-out)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes (default 10 when --max-steps is not given)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out exactly where it stopped."),
+    device: str = typer.Option("auto", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
+    seed: int = typer.Option(0, help="Seed for initialisation, batches and dropout (reproducible on the CPU)."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    block_size: Optional[int] = typer.Option(None, help="Training sequence length (default: the model's context)."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate."),
+    dropout: float = typer.Option(0.1, help="Residual and embedding dropout."),
+    vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default: the preset's)."),
+    eval_every: int = typer.Option(100, help="Validate (and keep the best weights) every N steps."),
+    compile: bool = typer.Option(False, "--compile", help="Use torch.compile (helps on GPUs, not on laptop CPUs)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Tokenized-data cache. Default: $EDGEGPT_HOME/cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
+) -> None:
+    """Train a compact GPT on your text (or on Python's own documentation by default)."""
+    with user_errors():
+        from edgegpt.console import TrainProgress
+        from edgegpt.train import TrainOptions, train as run_training
+
+        opts = TrainOptions(
+            preset=preset, vocab_size=vocab_size, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
+            lr=lr, dropout=dropout, max_steps=max_steps, time_budget=time_budget, eval_every=eval_every, seed=seed,
+            device=device, compile=compile,
+        )
+        summary = run_training(
+            list(data or []), list(val_data or []), out or workspace.checkpoint_dir(), opts,
+            cache_dir=cache_dir or workspace.cache_dir(), resume=resume, reporter=TrainProgress(),
+        )
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        from edgegpt.console import stderr
+
+        stderr.print(
+            f"{summary.stopped.replace('_', ' ')}: {summary.steps} steps, {summary.tokens:,} tokens, "
+            f"{summary.tokens_per_s:,.0f} tokens/s; best validation {summary.val_loss:.4f} nats/token = "
+            f"{summary.val_nats_per_char:.4f} nats/char; checkpoint in {summary.checkpoint}"
+        )
+    if summary.stopped == "interrupted":
+        print(f"edgegpt: interrupted; the checkpoint is saved, continue with --resume", file=sys.stderr)
+        raise typer.Exit(130)
+
+
+@app.command()
+def export(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint."),
+    out: Optional[Path] = typer.Option(None, help="Package directory. Default: $EDGEGPT_HOME/model."),
+    quantize: bool = typer.Option(False, "--quantize", help="int8 weights (about 4x smaller, faster on CPUs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line."),
+) -> None:
+    """Export a checkpoint to an ONNX model package and check it against PyTorch."""
+    with user_errors():
+        from edgegpt.console import stderr
+        from edgegpt.export import export_package, render_report
+
+        report = export_package(
+            checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), quantize=quantize,
+            progress=None if as_json else stderr.print,
+        )
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        from rich.console import Console
+
+        Console().print(render_report(report))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    model: Optional[Path] = typer.Option(None, help="Model package. Default: $EDGEGPT_HOME/model."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: the package's generation_config.json."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens (0 = off)."),
+    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set with this much probability (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Same seed, same text."),
+    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+) -> None:
+    """Continue PROMPT, streaming the text as it is generated."""
+    with user_errors():
+        from edgegpt.runtime import Generator
+
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
+        pieces = generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def info(directory: Path = typer.Argument(..., help="A checkpoint or a model package directory.")) -> None:
+    """Show what a checkpoint or a model package holds."""
+    with user_errors():
+        from rich.console import Console
+
+        from edgegpt.inspect import describe
+
+        Console().print(describe(directory))
+
+
+def main() -> None:
+    app(prog_name="edgegpt")

@@ -1,0 +1,65 @@
+"""What the CLI draws: a rich progress bar for training. Progress goes to stderr so that stdout
+carries only results (the generated text, or one JSON line with --json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from edgegpt.evaluate import EvalResult
+from edgegpt.train import Reporter
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class TrainProgress(Reporter):
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+        self.smoothed: float | None = None
+        self.val = "-"
+
+    def start(self, total_steps: int | None, budget_s: float | None, info: dict[str, Any]) -> None:
+        stderr.print(
+            f"training {info['parameters'] / 1e6:.2f}M parameters on {info['device']}: "
+            f"{info['train_tokens']:,} training tokens, {info['val_tokens']:,} validation tokens, "
+            f"{info['tokens_per_step']:,} tokens per step"
+            + (f", resuming at step {info['resumed_at']}" if info["resumed_at"] else "")
+        )
+        limit = " and ".join(filter(None, [f"{total_steps} steps" if total_steps else "",
+                                           f"{budget_s / 60:g} min" if budget_s else ""]))
+        self.progress = Progress(
+            TextColumn("step {task.fields[step]:>6}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[speed]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(f"until {limit}", total=1.0, step=info["resumed_at"], loss="-",
+                                           val="-", speed="-")
+
+    def step(self, step: int, loss: float, tokens_per_s: float, progress: float) -> None:
+        # A smoothed loss is readable; the raw one jumps by ±0.2 between batches.
+        self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        if self.progress:
+            self.progress.update(self.task, completed=min(progress, 1.0), step=step, loss=f"{self.smoothed:.3f}",
+                                 speed=f"{tokens_per_s:,.0f}")
+
+    def evaluated(self, step: int, result: EvalResult, best: bool) -> None:
+        self.val = f"{result.nats_per_token:.3f} ({result.nats_per_char:.3f}/char){' *' if best else ''}"
+        if self.progress:
+            self.progress.update(self.task, val=self.val)
+
+    def log(self, message: str) -> None:
+        stderr.print(message)
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None

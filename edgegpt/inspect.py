@@ -1,0 +1,123 @@
+"""`edgegpt info`: what a checkpoint or a model package holds, read without torch or onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from edgegpt.errors import EdgeGPTError
+from edgegpt.io import read_json
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte length, then JSON): shapes without loading weights."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            return json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise EdgeGPTError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:,.2f} MB"
+
+
+def _files_table(directory: Path) -> Table:
+    table = Table(title="files", show_header=True)
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        table.add_row(path.name, _size(path))
+    return table
+
+
+def _model_table(model: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    for key, value in model.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def describe_checkpoint(directory: Path) -> Group:
+    config = read_json(directory / "config.json")
+    header = safetensors_header(directory / "model.safetensors")
+    parameters = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            parameters += count
+    parts = [f"[bold]checkpoint[/] {directory}  ({parameters / 1e6:.2f}M parameters)",
+             _model_table(config, "model config")]
+    state_path = directory / "train_state.json"
+    if state_path.is_file():
+        state = read_json(state_path)
+        best = state.get("best_val", {})
+        progress = Table(title="training", show_header=False)
+        progress.add_row("steps", str(state.get("step")))
+        progress.add_row("elapsed", f"{state.get('elapsed_s', 0) / 60:.1f} min")
+        progress.add_row("stopped", str(state.get("stopped")))
+        progress.add_row("best validation", f"{best.get('loss', float('nan')):.4f} nats/token, "
+                         f"{best.get('nats_per_char', float('nan')):.4f} nats/char at step {best.get('step')}")
+        progress.add_row("data", ", ".join(state.get("data") or ["(embedded Python documentation)"]))
+        parts.append(progress)
+    parts.append(_files_table(directory))
+    return Group(*parts)
+
+
+def describe_package(directory: Path) -> Group:
+    config = read_json(directory / "config.json")
+    manifest = read_json(directory / "manifest.json") if (directory / "manifest.json").is_file() else {}
+    parts = [f"[bold]model package[/] {directory}  (format {manifest.get('format_version', '?')}, "
+             f"{manifest.get('precision', '?')}, quantization: {json.dumps(manifest.get('quantization'))})",
+             _model_table(config.get("model", {}), "model config")]
+    versions = Table(title="built with", show_header=False)
+    for key, value in {**manifest.get("versions", {}), "opset": manifest.get("opset"),
+                       "ir_version": manifest.get("ir_version")}.items():
+        versions.add_row(key, str(value))
+    parts.append(versions)
+    census = manifest.get("operator_census") or {}
+    if census:
+        ops = Table(title="operators", show_header=True)
+        ops.add_column("op type")
+        ops.add_column("count", justify="right")
+        for op, count in sorted(census.items(), key=lambda kv: -kv[1]):
+            ops.add_row(op, str(count))
+        parts.append(ops)
+    verification = manifest.get("verification")
+    if verification:
+        checks = Table(title="export checks", show_header=False)
+        for key, value in _flatten(verification):
+            checks.add_row(key, value)
+        parts.append(checks)
+    parts.append(_files_table(directory))
+    return Group(*parts)
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        rows = []
+        for key, inner in value.items():
+            rows.extend(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return rows
+    return [(prefix, f"{value:.3g}" if isinstance(value, float) else json.dumps(value))]
+
+
+def describe(directory: Path) -> Group:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EdgeGPTError(f"{directory} is not a directory; pass a checkpoint or a model package")
+    if (directory / "model.onnx").is_file():
+        return describe_package(directory)
+    if (directory / "model.safetensors").is_file():
+        return describe_checkpoint(directory)
+    raise EdgeGPTError(f"{directory} is neither a checkpoint (model.safetensors) nor a model package (model.onnx)")
