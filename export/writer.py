@@ -1,0 +1,86 @@
+"""The model package's metadata files (docs/FORMATS.md): config, tokenizer, generation defaults, manifest.
+
+    model.onnx              written by the graph steps before this
+    config.json             ModelConfig + the graph's input/output contract
+    tokenizer.json          the checkpoint's tokenizer
+    generation_config.json  sampling and stopping defaults
+    manifest.json           versions, sha256 of every other file, precision, census, verification
+
+The manifest is written last, over the files as they are on disk, so its hashes describe exactly
+what the package holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+from tokenizers import Tokenizer
+
+import edgegpt
+from edgegpt.config import ModelConfig
+from edgegpt.io import sha256_file, write_bytes_atomic, write_json_atomic
+from edgegpt.tokenizer import end_of_text_id
+
+MODEL = "model.onnx"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "manifest.json"
+PACKAGE_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG, MANIFEST)
+
+PACKAGE_FORMAT = "edgegpt-package"
+FORMAT_VERSION = 1
+
+# Sampling defaults: temperature 0.8 with top-k 50 / top-p 0.95 is the usual middle ground between
+# repetitive greedy text and incoherent full-temperature sampling for small models.
+SAMPLING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    return {**SAMPLING_DEFAULTS, "eos_token_id": end_of_text_id(tokenizer)}
+
+
+def versions() -> dict[str, str]:
+    import onnxscript
+
+    return {
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def write_package_files(
+    directory: Path,
+    *,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    graph: dict[str, Any],
+    manifest_fields: dict[str, Any],
+) -> dict[str, Any]:
+    """Write everything but model.onnx (already in `directory`), manifest last; returns the manifest.
+
+    `graph` is the config.json graph block (the contract); `manifest_fields` carries opset, ir_version,
+    precision, quantization, operator_census and verification.
+    """
+    directory = Path(directory)
+    write_json_atomic(directory / CONFIG, {"format": PACKAGE_FORMAT, "model": cfg.to_dict(), "graph": graph})
+    write_bytes_atomic(directory / TOKENIZER, tokenizer.to_str().encode())
+    write_json_atomic(directory / GENERATION_CONFIG, generation_config(tokenizer))
+    present = sorted(p.name for p in directory.iterdir())
+    if present != sorted(set(PACKAGE_FILES) - {MANIFEST}):
+        raise RuntimeError(f"package staging directory holds unexpected files: {present}")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "edgegpt_version": edgegpt.__version__,
+        "versions": versions(),
+        **manifest_fields,
+        "files": {name: sha256_file(directory / name) for name in present},
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest

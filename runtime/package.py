@@ -1,0 +1,241 @@
+"""The model package directory, as `edgegpt export` writes it (docs/FORMATS.md), loaded and checked.
+
+    model/
+      model.onnx               the graph, read by onnxruntime (runtime/session.py)
+      config.json              model hyperparameters + the graph's input/output contract
+      tokenizer.json           Hugging Face tokenizers, byte-level BPE
+      generation_config.json   sampling and stopping defaults
+      manifest.json            provenance and checksums (not needed to run, so not required here)
+
+Every field the runtime relies on is checked here, once, so a damaged or hand-edited package fails at
+load with a message naming the file and the field, never later with a shape error inside onnxruntime.
+The config is parsed here rather than with `edgegpt.config` so the runtime stays independent of the
+training code. Only files inside the package directory are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from tokenizers import Tokenizer
+
+from edgegpt.errors import EdgeGPTError
+from edgegpt.runtime.sampling import check_sampling
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_FILE = "generation_config.json"
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
+
+PACKAGE_FORMAT = "edgegpt-package"
+# Cache dtypes the runtime can allocate an empty past for.
+CACHE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model hyperparameters the runtime needs (a subset of the training `ModelConfig`)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_len: int  # context length: prompt + generated tokens never exceed it
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """How to feed model.onnx: names of the inputs/outputs and the KV-cache layout.
+
+    `concat` layout: past_key.{i} / past_value.{i} are [batch, n_kv_heads, past_len, head_dim], the
+    graph returns present = past ++ new ([batch, n_kv_heads, past_len + seq, head_dim]), and
+    attention_mask [batch, past_len + seq] covers both.
+    """
+
+    kv_layout: str
+    dtype: str
+    inputs: Mapping[str, Any]
+    outputs: Mapping[str, Any]
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+    def past_names(self, layer: int) -> tuple[str, str]:
+        return self.past_key.format(layer=layer), self.past_value.format(layer=layer)
+
+    def present_names(self, layer: int) -> tuple[str, str]:
+        return self.present_key.format(layer=layer), self.present_value.format(layer=layer)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """generation_config.json: used for every argument a caller leaves as None."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1.0 = off
+    eos_token_id: int
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    path: Path
+    model: ModelSpec
+    graph: GraphContract
+    generation: GenerationDefaults
+    tokenizer: Tokenizer
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelPackage":
+        """Validate the directory and parse everything except model.onnx (the session loads that)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise EdgeGPTError(f"no model package at {path}; run `edgegpt train` and `edgegpt export` first")
+        for name in REQUIRED_FILES:
+            if not (path / name).is_file():
+                raise EdgeGPTError(
+                    f"{path} is not a complete model package: {name} is missing; re-run `edgegpt export`"
+                )
+        config = _read_object(path / CONFIG_FILE)
+        source = str(path / CONFIG_FILE)
+        if config.get("format") != PACKAGE_FORMAT:
+            raise EdgeGPTError(f"{source}: format must be {PACKAGE_FORMAT!r}, got {config.get('format')!r}")
+        model = _parse_model(_field(config, "model", dict, source), source)
+        graph = _parse_graph(_field(config, "graph", dict, source), model, source)
+        tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
+        generation = _parse_generation(_read_object(path / GENERATION_FILE), str(path / GENERATION_FILE))
+        if tokenizer.get_vocab_size() > model.vocab_size:
+            raise EdgeGPTError(
+                f"{path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
+                f"{model.vocab_size}; the package mixes files from different exports"
+            )
+        if generation.eos_token_id >= tokenizer.get_vocab_size():
+            raise EdgeGPTError(
+                f"{path / GENERATION_FILE}: eos_token_id {generation.eos_token_id} is not a token of tokenizer.json"
+            )
+        return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer)
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeGPTError(f"{path} is not valid JSON ({e}); re-run `edgegpt export`") from None
+    if not isinstance(data, dict):
+        raise EdgeGPTError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
+    """data[key], checked to be of `kind` (a bool is not accepted as a number)."""
+    if key not in data:
+        raise EdgeGPTError(f"{source}: missing key {key!r}")
+    value = data[key]
+    numeric = kind in (int, float) or (isinstance(kind, tuple) and int in kind)
+    if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
+        expected = {dict: "an object", str: "a string", int: "an integer", (int, float): "a number"}.get(kind, kind)
+        raise EdgeGPTError(f"{source}: {key} must be {expected}, got {value!r}")
+    return value
+
+
+def _positive_int(data: Mapping[str, Any], key: str, source: str) -> int:
+    value = _field(data, key, int, source)
+    if value <= 0:
+        raise EdgeGPTError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _parse_model(data: Mapping[str, Any], source: str) -> ModelSpec:
+    source = f"{source} (model)"
+    names = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_len")
+    spec = ModelSpec(**{name: _positive_int(data, name, source) for name in names})
+    if spec.dim % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+        raise EdgeGPTError(
+            f"{source}: dim {spec.dim}, n_heads {spec.n_heads} and n_kv_heads {spec.n_kv_heads} are inconsistent"
+        )
+    return spec
+
+
+def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> GraphContract:
+    source = f"{source} (graph)"
+    kv_layout = _field(data, "kv_layout", str, source)
+    if kv_layout != "concat":
+        raise EdgeGPTError(
+            f"{source}: kv_layout {kv_layout!r} is not supported by this runtime (it reads 'concat'); upgrade edgegpt"
+        )
+    dtype = _field(data, "dtype", str, source)
+    if dtype not in CACHE_DTYPES:
+        raise EdgeGPTError(f"{source}: dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    templates = {}
+    for key in ("past_key", "past_value", "present_key", "present_value"):
+        templates[key] = _field(data, key, str, source)
+        if "{layer}" not in templates[key]:
+            raise EdgeGPTError(f"{source}: {key} must contain '{{layer}}', got {templates[key]!r}")
+    graph = GraphContract(
+        kv_layout=kv_layout,
+        dtype=dtype,
+        inputs=_field(data, "inputs", dict, source),
+        outputs=_field(data, "outputs", dict, source),
+        **templates,
+    )
+    needed_inputs = ["input_ids", "attention_mask"]
+    needed_outputs = ["logits"]
+    for layer in range(model.n_layers):
+        needed_inputs += graph.past_names(layer)
+        needed_outputs += graph.present_names(layer)
+    for kind, needed, declared in (("input", needed_inputs, graph.inputs), ("output", needed_outputs, graph.outputs)):
+        missing = [name for name in needed if name not in declared]
+        if missing:
+            raise EdgeGPTError(f"{source}: {kind} {missing[0]!r} is not declared ({model.n_layers} layers expected)")
+    # A fixed dimension in the declared cache shape must agree with the model hyperparameters, or the
+    # empty past we build for prefill would be rejected by onnxruntime with a cryptic message.
+    declared = graph.inputs[graph.past_names(0)[0]]
+    shape = declared.get("shape") if isinstance(declared, dict) else None
+    if isinstance(shape, list) and len(shape) == 4:
+        for axis, expected in ((1, model.n_kv_heads), (3, model.head_dim)):
+            if isinstance(shape[axis], int) and shape[axis] != expected:
+                raise EdgeGPTError(
+                    f"{source}: {graph.past_names(0)[0]} has shape {shape} but the model implies "
+                    f"[batch, {model.n_kv_heads}, past_sequence, {model.head_dim}]"
+                )
+    return graph
+
+
+def _parse_generation(data: Mapping[str, Any], source: str) -> GenerationDefaults:
+    max_new_tokens = _field(data, "max_new_tokens", int, source)
+    temperature = float(_field(data, "temperature", (int, float), source))
+    top_k = _field(data, "top_k", int, source)
+    top_p = float(_field(data, "top_p", (int, float), source))
+    eos_token_id = _field(data, "eos_token_id", int, source)
+    if max_new_tokens < 0:
+        raise EdgeGPTError(f"{source}: max_new_tokens must be >= 0, got {max_new_tokens}")
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except EdgeGPTError as e:
+        raise EdgeGPTError(f"{source}: {e}") from None
+    if eos_token_id < 0:
+        raise EdgeGPTError(f"{source}: eos_token_id must be >= 0, got {eos_token_id}")
+    return GenerationDefaults(max_new_tokens, temperature, top_k, top_p, eos_token_id)
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for anything malformed
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise EdgeGPTError(f"{path} is not a valid tokenizer.json ({first_line}); re-run `edgegpt export`") from None

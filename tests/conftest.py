@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny checkpoint trained just enough that its logits are peaked (so greedy
+decoding is a meaningful comparison), built once per test session from text that ships with Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SAMPLE_CHARS = 200_000
+
+
+def sample_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:SAMPLE_CHARS]
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return sample_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, corpus_text) -> Path:
+    import torch
+
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.config import preset
+    from edgegpt.model import GPT
+    from edgegpt.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([corpus_text], 512)
+    ids = torch.tensor(tokenizer.encode(corpus_text).ids)
+    model = GPT(preset("nano", max_len=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=gen)
+        batch = torch.stack([ids[s : s + 65] for s in starts])
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    directory = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    save_checkpoint(directory, model.eval(), tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, corpus_text) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "python-topics.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A float32 model package exported from `tiny_checkpoint`."""
+    from edgegpt.export import export_package
+
+    directory = tmp_path_factory.mktemp("tiny-package") / "model"
+    export_package(tiny_checkpoint, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_package_int8(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An int8 (dynamic quantization) model package exported from `tiny_checkpoint`."""
+    from edgegpt.export import export_package
+
+    directory = tmp_path_factory.mktemp("tiny-package-int8") / "model"
+    export_package(tiny_checkpoint, directory, quantize=True)
+    return directory

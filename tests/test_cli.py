@@ -1,0 +1,121 @@
+"""The command line: the three commands chain through the default workspace, and every user mistake
+is one line on stderr, exit code 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgegpt.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("EDGEGPT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("edgegpt: error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_train_export_generate_chain_through_default_workspace(workspace, corpus_file):
+    trained = runner.invoke(app, ["train", "--data", str(corpus_file), "--preset", "nano", "--max-steps", "20",
+                                  "--block-size", "64", "--eval-every", "10", "--json"])
+    assert trained.exit_code == 0, trained.output
+    summary = __import__("json").loads(trained.stdout.strip().splitlines()[-1])
+    assert {"steps", "tokens", "train_loss", "val_loss", "val_nats_per_char", "tokens_per_s", "checkpoint"} <= summary.keys()
+    assert summary["steps"] == 20 and (workspace / "checkpoint" / "model.safetensors").is_file()
+
+    exported = runner.invoke(app, ["export", "--quantize", "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert (workspace / "model" / "model.onnx").is_file() and (workspace / "model" / "manifest.json").is_file()
+
+    generated = runner.invoke(app, ["generate", "The import statement", "--max-new-tokens", "12", "--seed", "1"])
+    assert generated.exit_code == 0, generated.output
+    assert generated.stdout.startswith("The import statement") and len(generated.stdout) > len("The import statement") + 5
+
+    info = runner.invoke(app, ["info", str(workspace / "model")])
+    assert info.exit_code == 0 and "operators" in info.stdout and "MatMul" in info.stdout
+
+
+def test_missing_data_path(workspace):
+    result = runner.invoke(app, ["train", "--data", "no/such/file.txt", "--max-steps", "1"])
+    assert_one_line_error(result, "no/such/file.txt", "does not exist")
+    assert not workspace.exists()
+
+
+def test_empty_corpus(workspace, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("  \n")
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "empty"), "--max-steps", "1"])
+    assert_one_line_error(result, "empty")
+    assert not workspace.exists()
+
+
+def test_non_utf8_file_is_named(workspace, tmp_path, corpus_file):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    result = runner.invoke(app, ["train", "--data", str(corpus_file), "--data", str(bad), "--max-steps", "1"])
+    assert_one_line_error(result, "latin1.txt", "UTF-8")
+    assert not workspace.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--max-steps", "0"], "--max-steps"),
+    (["--time-budget", "-1"], "--time-budget"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--resume"], "nothing to resume"),
+])
+def test_bad_train_options(workspace, corpus_file, args, fragment):
+    result = runner.invoke(app, ["train", "--data", str(corpus_file), *args])
+    assert_one_line_error(result, fragment)
+
+
+def test_export_of_missing_checkpoint(workspace, tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "pkg")])
+    assert_one_line_error(result, "no checkpoint", "edgegpt train")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_generate_before_any_model_exists(workspace):
+    result = runner.invoke(app, ["generate", "hello"])
+    assert_one_line_error(result, "edgegpt train", "edgegpt export")
+
+
+def test_corrupt_model_onnx(workspace, tmp_path, tiny_package):
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_package, package)
+    (package / "model.onnx").write_bytes(b"\x00garbage, not a protobuf" * 10)
+    result = runner.invoke(app, ["generate", "hello", "--model", str(package)])
+    assert_one_line_error(result, "model.onnx")
+
+
+def test_info_on_a_directory_that_is_neither(workspace, tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert_one_line_error(result, "neither")
+
+
+def test_console_script_exit_code_and_single_line(tmp_path):
+    env = {**os.environ, "EDGEGPT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "edgegpt", "generate", "hello"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,261 @@
+"""The torch-free runtime against PyTorch, and its behaviour on damaged packages and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgegpt.errors import EdgeGPTError
+from edgegpt.runtime import Generator, ModelPackage
+
+PROMPTS = ["The ", "def f(x):\n\treturn", ""]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_package) -> Generator:
+    return Generator.load(tiny_package, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    from edgegpt.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    return model
+
+
+@pytest.fixture
+def package_copy(tiny_package, tmp_path) -> Path:
+    """A private copy to damage."""
+    return Path(shutil.copytree(tiny_package, tmp_path / "model"))
+
+
+def torch_greedy(model, prompt_ids: list[int], n: int, eos: int) -> list[int]:
+    """The reference: PyTorch's own cached forward, argmax each step."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        logits, past = model.forward_cached(torch.tensor([prompt_ids]), model.empty_cache())
+        for _ in range(n):
+            token = int(logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            logits, past = model.forward_cached(torch.tensor([[token]]), past)
+    return out
+
+
+# -- parity with PyTorch ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_generation_matches_pytorch(generator, reference, prompt):
+    ids = generator.encode(prompt)
+    expected = torch_greedy(reference, ids, 64, generator.package.generation.eos_token_id)
+    assert len(expected) > 8, "the reference stopped early: the comparison would be weak"
+    assert generator.generate_ids(prompt, max_new_tokens=64, temperature=0) == expected
+
+
+def test_prefill_and_decode_logits_match_pytorch(generator, reference):
+    import torch
+
+    ids = generator.encode("The quick brown fox")
+    logits, cache = generator.prefill(ids)
+    with torch.no_grad():
+        ref, past = reference.forward_cached(torch.tensor([ids]), reference.empty_cache())
+        np.testing.assert_allclose(logits, ref[0, -1].numpy(), atol=1e-4)
+        for token in (5, 77, 300):
+            logits, cache = generator.decode_step(token, cache)
+            ref, past = reference.forward_cached(torch.tensor([[token]]), past)
+            np.testing.assert_allclose(logits, ref[0, -1].numpy(), atol=1e-4)
+    assert cache.length == len(ids) + 3
+    assert all(t.shape == (1, 2, len(ids) + 3, 32) for t in cache.tensors.values())
+
+
+def test_empty_prompt_starts_from_end_of_text(generator):
+    assert generator.encode("") == [generator.package.generation.eos_token_id]
+
+
+# -- streaming and sampling -------------------------------------------------------------------------
+
+
+def test_stream_joined_equals_generate(generator):
+    options = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    pieces = list(generator.stream("The ", **options))
+    assert len(pieces) > 5 and all(pieces)
+    assert "".join(pieces) == generator.generate("The ", **options)
+    assert "".join(pieces) == generator.package.tokenizer.decode(generator.generate_ids("The ", **options))
+
+
+def test_seeded_sampling_is_reproducible(generator):
+    a = generator.generate("The ", max_new_tokens=40, temperature=1.0, seed=1)
+    b = generator.generate("The ", max_new_tokens=40, temperature=1.0, seed=1)
+    c = generator.generate("The ", max_new_tokens=40, temperature=1.0, seed=2)
+    assert a == b
+    assert a != c
+
+
+def test_none_arguments_use_the_package_generation_config(package_copy, generator):
+    config = json.loads((package_copy / "generation_config.json").read_text())
+    config.update(max_new_tokens=5, temperature=0)
+    (package_copy / "generation_config.json").write_text(json.dumps(config))
+    tokens = Generator.load(package_copy, provider="cpu").generate_ids("The ")
+    assert tokens == generator.generate_ids("The ", max_new_tokens=64, temperature=0)[:5]
+
+
+def test_max_new_tokens_zero_gives_nothing(generator):
+    assert generator.generate("The ", max_new_tokens=0) == ""
+
+
+def test_generation_stops_when_the_context_is_full(generator, corpus_text):
+    max_len = generator.config.max_len
+    prompt = generator.package.tokenizer.decode(generator.package.tokenizer.encode(corpus_text).ids[: max_len - 5])
+    n = len(generator.encode(prompt))
+    tokens = generator.generate_ids(prompt, max_new_tokens=50, temperature=0)
+    assert len(tokens) == max_len - n + 1  # the last one is sampled from a full context, never fed
+
+
+def test_prompt_longer_than_the_context_raises(generator):
+    with pytest.raises(EdgeGPTError, match=rf"the prompt is \d+ tokens.*context is {generator.config.max_len} tokens"):
+        generator.generate("word " * 1000)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=-1),
+                dict(seed=-3), dict(seed=1.5)]
+)
+def test_invalid_options_raise_before_generating(generator, options):
+    with pytest.raises(EdgeGPTError):
+        generator.stream("The ", **options)  # no next(): the check must not wait for the first token
+
+
+def test_concurrent_generation_on_one_generator(generator):
+    expected = generator.generate_ids("The ", max_new_tokens=32, temperature=1.0, seed=11)
+    results: list[list[int]] = [[] for _ in range(4)]
+
+    def work(i: int) -> None:
+        results[i] = generator.generate_ids("The ", max_new_tokens=32, temperature=1.0, seed=11)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 4
+
+
+def test_int8_package_generates(tiny_package_int8, generator):
+    int8 = Generator.load(tiny_package_int8, provider="cpu")
+    tokens = int8.generate_ids("The ", max_new_tokens=20, temperature=0)
+    assert len(tokens) == 20
+    assert int8.generate("The ", max_new_tokens=20, temperature=0) == int8.package.tokenizer.decode(tokens)
+
+
+# -- providers and threads --------------------------------------------------------------------------
+
+
+def test_provider_and_threads_are_checked(tiny_package):
+    assert Generator.load(tiny_package, provider="auto", threads=1).provider in ("cpu", "cuda")
+    with pytest.raises(EdgeGPTError, match="unknown provider"):
+        Generator.load(tiny_package, provider="tpu")
+    with pytest.raises(EdgeGPTError, match="threads"):
+        Generator.load(tiny_package, threads=0)
+
+
+def test_cuda_without_onnxruntime_gpu_says_what_to_install(tiny_package):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(EdgeGPTError, match=r"edgegpt\[cuda\]"):
+        Generator.load(tiny_package, provider="cuda")
+
+
+# -- damaged packages -------------------------------------------------------------------------------
+
+
+def test_missing_package_directory(tmp_path):
+    with pytest.raises(EdgeGPTError, match=r"no model package at .*run `edgegpt train` and `edgegpt export`"):
+        Generator.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "config.json", "tokenizer.json", "generation_config.json"])
+def test_missing_file_is_named(package_copy, name):
+    (package_copy / name).unlink()
+    with pytest.raises(EdgeGPTError, match=rf"{name} is missing"):
+        Generator.load(package_copy)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_model_onnx(package_copy, damage):
+    path = package_copy / "model.onnx"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07not onnx" * 999, "empty": b""}[damage])
+    with pytest.raises(EdgeGPTError, match=r"model\.onnx .*corrupt.*re-run `edgegpt export`"):
+        Generator.load(package_copy)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: "{not json", r"config\.json is not valid JSON"),
+        (lambda c: [1, 2], r"config\.json: expected a JSON object"),
+        (lambda c: {**c, "model": {**c["model"], "n_layers": "4"}}, r"n_layers must be an integer"),
+        (lambda c: {**c, "model": {k: v for k, v in c["model"].items() if k != "max_len"}}, r"missing key 'max_len'"),
+        (lambda c: {k: v for k, v in c.items() if k != "graph"}, r"missing key 'graph'"),
+        (lambda c: {**c, "format": "other"}, r"format must be 'edgegpt-package'"),
+        (lambda c: {**c, "graph": {**c["graph"], "kv_layout": "inplace"}}, r"kv_layout 'inplace' is not supported"),
+        # Fewer layers than the graph has: model.onnx then takes inputs config.json does not declare.
+        (lambda c: {**c, "model": {**c["model"], "n_layers": 3}}, r"does not match config\.json"),
+    ],
+)
+def test_bad_config_json(package_copy, edit, message):
+    path = package_copy / "config.json"
+    edited = edit(json.loads(path.read_text()))
+    path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(EdgeGPTError, match=message):
+        Generator.load(package_copy)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"temperature": -1}, r"generation_config\.json: temperature must be >= 0"),
+        ({"top_p": 2}, r"generation_config\.json: top_p must be in"),
+        ({"max_new_tokens": 1.5}, r"max_new_tokens must be an integer"),
+        ({"eos_token_id": None}, r"eos_token_id must be an integer"),
+        ({"eos_token_id": 100000}, r"eos_token_id 100000 is not a token"),
+    ],
+)
+def test_bad_generation_config(package_copy, edit, message):
+    path = package_copy / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(EdgeGPTError, match=message):
+        ModelPackage.load(package_copy)
+
+
+def test_bad_tokenizer_json(package_copy):
+    (package_copy / "tokenizer.json").write_text('{"this": "is not a tokenizer"}')
+    with pytest.raises(EdgeGPTError, match=r"tokenizer\.json is not a valid tokenizer\.json"):
+        ModelPackage.load(package_copy)
+
+
+# -- the shipping promise ---------------------------------------------------------------------------
+
+
+def test_runtime_never_imports_torch(tiny_package):
+    code = (
+        "import sys; from edgegpt.runtime import Generator; "
+        f"g = Generator.load({str(tiny_package)!r}); g.generate('hi', max_new_tokens=5); "
+        "assert 'torch' not in sys.modules, 'the runtime imported torch'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
