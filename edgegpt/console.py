@@ -55,6 +55,8 @@ class TrainProgress(Reporter):
         self.val = f"{result.nats_per_token:.3f} ({result.nats_per_char:.3f}/char){' *' if best else ''}"
         if self.progress:
             self.progress.update(self.task, val=self.val)
+        if not stderr.is_terminal:  # no live bar in a log file: one line per validation instead
+            stderr.print(f"step {step}: loss {self.smoothed:.3f}, validation {self.val}")
 
     def log(self, message: str) -> None:
         stderr.print(message)
