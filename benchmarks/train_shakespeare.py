@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHAKESPEARE)
     parser.add_argument("--out", type=Path, default=None, help="checkpoint directory (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=None, help="default: the model's context")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = parser.parse_args()
     if not args.data.is_file():
@@ -46,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="edgegpt-shakespeare-")) / "checkpoint"
 
-    opts = TrainOptions(preset=args.preset, time_budget=args.minutes, seed=args.seed, device="cpu")
+    opts = TrainOptions(preset=args.preset, time_budget=args.minutes, seed=args.seed, device="cpu",
+                        block_size=args.block_size, batch_size=args.batch_size, lr=args.lr)
     summary = train([args.data], [], out, opts, cache_dir=out.parent / "cache", reporter=TrainProgress())
 
     model, tokenizer = load_checkpoint(out)
@@ -61,6 +65,7 @@ def main() -> None:
     figures = {
         "machine": machine(), "threads": args.threads, "preset": args.preset,
         "parameters": summary.parameters, "minutes": args.minutes, "steps": summary.steps,
+        "block_size": args.block_size or model.cfg.max_len, "batch_size": args.batch_size, "lr": args.lr,
         "train_tokens_per_s": round(summary.tokens_per_s), "val_chars": val_chars,
         "val_nats_per_token": round(result.nats_per_token, 4), "val_nats_per_char": round(result.nats_per_char, 4),
         "eval_s": round(time.perf_counter() - t0, 1), "checkpoint": str(out),
