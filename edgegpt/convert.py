@@ -1,0 +1,187 @@
+"""Checkpoint ↔ Hugging Face `LlamaForCausalLM` directory, lossless both ways.
+
+edgegpt's model is Llama's architecture with other parameter names, so conversion is renaming:
+
+    embed.weight                      ↔ model.embed_tokens.weight
+    layers.{i}.attn_norm.weight       ↔ model.layers.{i}.input_layernorm.weight
+    layers.{i}.attn.{q,k,v,o}_proj    ↔ model.layers.{i}.self_attn.{q,k,v,o}_proj
+    layers.{i}.mlp_norm.weight        ↔ model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.mlp.{gate,up,down}_proj ↔ model.layers.{i}.mlp.{gate,up,down}_proj
+    norm.weight                       ↔ model.norm.weight
+    lm_head.weight (untied only)      ↔ lm_head.weight
+
+Reading a Hugging Face directory needs only safetensors and JSON (no transformers): users can start
+from a small Llama-family model they already have, e.g. SmolLM2-135M from their local cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, save_checkpoint
+from edgegpt.config import ModelConfig
+from edgegpt.errors import EdgeGPTError
+from edgegpt.io import atomic_path, read_json, staged_directory, write_bytes_atomic, write_json_atomic
+from edgegpt.model import GPT
+from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
+
+# (edgegpt name, Hugging Face name); {i} is a layer index, {p} a projection name.
+_NAMES = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.attn.{p}_proj.weight", "model.layers.{i}.self_attn.{p}_proj.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.mlp.{p}_proj.weight", "model.layers.{i}.mlp.{p}_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+]
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[a-z]+)"))
+
+
+def _translate(name: str, to_hf: bool) -> str:
+    for ours, theirs in _NAMES:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        match = _pattern(source).fullmatch(name)
+        if match:
+            return target.format(**match.groupdict())
+    raise KeyError(name)
+
+
+def hf_config(cfg: ModelConfig, eos_token_id: int | None) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_len,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
+    """A ModelConfig for a Hugging Face Llama config, refusing what the model cannot represent."""
+    if data.get("model_type") != "llama":
+        raise EdgeGPTError(f"{source}: model_type is {data.get('model_type')!r}; only 'llama' converts losslessly")
+    for key, fine in (("attention_bias", False), ("mlp_bias", False), ("rope_scaling", None), ("hidden_act", "silu")):
+        if data.get(key, fine) != fine:
+            raise EdgeGPTError(f"{source}: {key}={data[key]!r} is not supported (edgegpt needs {fine!r})")
+    heads = data["num_attention_heads"]
+    if data.get("head_dim", data["hidden_size"] // heads) * heads != data["hidden_size"]:
+        raise EdgeGPTError(f"{source}: head_dim × heads must equal hidden_size")
+    try:
+        return ModelConfig(
+            vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=data.get("num_key_value_heads", heads), ffn_dim=data["intermediate_size"],
+            max_len=data.get("max_position_embeddings", 2048), rope_theta=float(data.get("rope_theta", 10000.0)),
+            norm_eps=float(data.get("rms_norm_eps", 1e-5)), tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise EdgeGPTError(f"{source}: missing key {e.args[0]}") from None
+
+
+def to_huggingface(checkpoint: Path, out: Path) -> Path:
+    """Write `checkpoint` as a Hugging Face LlamaForCausalLM directory (safetensors, config, tokenizer)."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    weights = {_translate(k, to_hf=True): v for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        weights.pop("lm_head.weight")
+    with staged_directory(Path(out)) as stage:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(stage / "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_json_atomic(stage / "config.json", hf_config(model.cfg, eos))
+        write_json_atomic(stage / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos})
+        write_bytes_atomic(stage / "tokenizer.json", tokenizer.to_str().encode())
+        special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
+        write_json_atomic(stage / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_len,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **special,
+        })
+        write_json_atomic(stage / "special_tokens_map.json", special)
+    return Path(out)
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise EdgeGPTError(f"{directory}: {name} is missing (only safetensors weights are read, never pickle)")
+        try:
+            weights.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise EdgeGPTError(f"{path} is not a readable safetensors file ({e})") from None
+    return weights
+
+
+def from_huggingface(directory: Path, out: Path) -> Path:
+    """Write a local Hugging Face Llama directory as an edgegpt checkpoint (float32)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise EdgeGPTError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+    if not (directory / "tokenizer.json").is_file():
+        raise EdgeGPTError(f"{directory}: tokenizer.json is missing (a fast tokenizer file is required)")
+    cfg = config_from_hf(read_json(directory / "config.json"), directory / "config.json")
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    hf = _read_hf_weights(directory)
+    ours = {}
+    for name, tensor in hf.items():
+        if "rotary_emb" in name:
+            continue  # recomputed from rope_theta
+        try:
+            ours[_translate(name, to_hf=False)] = tensor.float()
+        except KeyError:
+            raise EdgeGPTError(f"{directory}: unexpected weight {name}; not a plain Llama model") from None
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+    model = GPT(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if ours.keys() != expected.keys():
+        missing = sorted(expected.keys() - ours.keys())[:3]
+        raise EdgeGPTError(f"{directory}: weights do not match config.json (missing {missing})")
+    for name, tensor in ours.items():
+        if tensor.shape != expected[name]:
+            raise EdgeGPTError(f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}")
+    model.load_state_dict(ours, strict=not cfg.tie_embeddings)
+    save_checkpoint(Path(out), model.eval(), tokenizer)
+    return Path(out)
+
+
+def convert(source: Path, out: Path) -> tuple[str, Path]:
+    """Either direction, told apart by what `source` holds. Returns (direction, out)."""
+    source = Path(source)
+    if (source / WEIGHTS).is_file() and (source / CONFIG).is_file() and (source / TOKENIZER).is_file():
+        config = read_json(source / CONFIG)
+        if "model_type" not in config:
+            return "checkpoint → huggingface", to_huggingface(source, out)
+    if (source / "config.json").is_file() and "model_type" in read_json(source / "config.json"):
+        return "huggingface → checkpoint", from_huggingface(source, out)
+    raise EdgeGPTError(f"{source} is neither an edgegpt checkpoint nor a Hugging Face model directory")
