@@ -1,4 +1,4 @@
-"""The `edgegpt` command line: train, export, generate, info.
+"""The `edgegpt` command line: train, export, eval, generate, info.
 
 Heavy modules (torch, onnx) are imported inside the commands that need them, so `edgegpt generate`
 starts as fast as the runtime does.
@@ -100,24 +100,71 @@ def train(
 def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint."),
     out: Optional[Path] = typer.Option(None, help="Package directory. Default: $EDGEGPT_HOME/model."),
-    quantize: bool = typer.Option(False, "--quantize", help="int8 weights (about 4x smaller, faster on CPUs)."),
+    quantize: bool = typer.Option(False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs."),
+    bits: int = typer.Option(8, help="With --quantize: 8 (int8, the default) or 4 (int4, smallest)."),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 for CUDA packages (the CPU runtime refuses fp16)."),
+    no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the plain torch.onnx graph (portable reference) "
+                                 "instead of the fused GroupQueryAttention graph."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Write the package even if a quality gate fails "
+                                 "(the manifest records it)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the quality gates. "
+                                             "Default: the checkpoint's validation split."),
+    # 16384 = edgegpt.quality.DEFAULT_EVAL_TOKENS (not imported here: the CLI module stays light to import).
+    eval_tokens: int = typer.Option(16384, help="Score at most this many held-out tokens (keeps export fast)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line."),
 ) -> None:
-    """Export a checkpoint to an ONNX model package and check it against PyTorch."""
+    """Export a checkpoint to an ONNX model package, checked against PyTorch by quality gates."""
+
+    def show(report) -> None:
+        if as_json:
+            print(json.dumps(report.to_dict()))
+        else:
+            from rich.console import Console
+
+            from edgegpt.export import render_report
+
+            Console().print(render_report(report))
+
     with user_errors():
         from edgegpt.console import stderr
-        from edgegpt.export import export_package, render_report
+        from edgegpt.export import GateFailed, export_package
 
-        report = export_package(
-            checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), quantize=quantize,
-            progress=None if as_json else stderr.print,
-        )
+        try:
+            report = export_package(
+                checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
+                precision=precision, quantize=quantize, bits=bits, gate=not no_gate, eval_data=eval_data,
+                eval_tokens=eval_tokens, progress=None if as_json else stderr.print,
+            )
+        except GateFailed as failed:  # the table first (it says why), then the one-line error
+            show(failed.report)
+            raise
+    show(report)
+
+
+@app.command("eval")
+def evaluate(
+    model: Path = typer.Argument(..., help="A model package or a checkpoint directory."),
+    data: Optional[Path] = typer.Option(None, help="Held-out text (file, directory or .jsonl). Default for a "
+                                        "checkpoint: its validation split; a package needs --data."),
+    reference: Optional[Path] = typer.Option(None, help="Compare with this checkpoint or package: top-1 and "
+                                             "greedy agreement, Δ perplexity."),
+    eval_tokens: int = typer.Option(16384, help="Score at most this many tokens."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime threads for a package (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line."),
+) -> None:
+    """Perplexity, nats per token and per character of a checkpoint (PyTorch) or a package (runtime)."""
+    with user_errors():
+        from edgegpt.quality import run_eval
+
+        rows, text = run_eval(model, data, reference, eval_tokens, threads)
+    from edgegpt.quality import metrics_json, metrics_table
+
     if as_json:
-        print(json.dumps(report.to_dict()))
+        print(metrics_json(rows, text))
     else:
         from rich.console import Console
 
-        Console().print(render_report(report))
+        Console().print(metrics_table(rows, text, title=f"quality of {model}"))
 
 
 @app.command()

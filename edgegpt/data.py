@@ -118,6 +118,23 @@ def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int
     return np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
 
 
+def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
+    """Windows of the model's context with a stride of half a context: every target token is scored
+    exactly once, each (after the first window) with at least half a context of history."""
+    length = min(block_size, n_tokens - 1)
+    stride = max(length // 2, 1)
+    windows, scored_until = [], 0  # targets are token indices 1..n_tokens-1
+    start = 0
+    while scored_until < n_tokens - 1:
+        start = min(start, n_tokens - 1 - length)
+        last_target = start + length
+        first = scored_until - start  # offset of the first target not yet scored
+        windows.append((start, length, first))
+        scored_until = last_target
+        start += stride
+    return windows
+
+
 def char_starts_table(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     """For each token id, how many UTF-8 characters begin inside its bytes.
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgegpt.data import strided_windows  # lives in data.py: the torch-free package evaluation shares it
 from edgegpt.model import GPT
 
 
@@ -56,23 +57,6 @@ def evaluate_sample(model: GPT, tokens: np.ndarray, char_table: np.ndarray, bloc
         return _score(model, windows, tokens, char_table, device, batch_size)
     finally:
         model.train(was_training)
-
-
-def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Windows of the model's context with a stride of half a context: every target token is scored
-    exactly once, each (after the first window) with at least half a context of history."""
-    length = min(block_size, n_tokens - 1)
-    stride = max(length // 2, 1)
-    windows, scored_until = [], 0  # targets are token indices 1..n_tokens-1
-    start = 0
-    while scored_until < n_tokens - 1:
-        start = min(start, n_tokens - 1 - length)
-        last_target = start + length
-        first = scored_until - start  # offset of the first target not yet scored
-        windows.append((start, length, first))
-        scored_until = last_target
-        start += stride
-    return windows
 
 
 @torch.no_grad()

@@ -77,17 +77,21 @@ def describe_checkpoint(directory: Path) -> Group:
 def describe_package(directory: Path) -> Group:
     config = read_json(directory / "config.json")
     manifest = read_json(directory / "manifest.json") if (directory / "manifest.json").is_file() else {}
+    graph = manifest.get("graph") or config.get("graph", {}).get("kv_layout", "?")
     parts = [f"[bold]model package[/] {directory}  (format {manifest.get('format_version', '?')}, "
-             f"{manifest.get('precision', '?')}, quantization: {json.dumps(manifest.get('quantization'))})",
+             f"{graph} graph, {manifest.get('precision', '?')})",
              _model_table(config.get("model", {}), "model config")]
     versions = Table(title="built with", show_header=False)
     for key, value in {**manifest.get("versions", {}), "opset": manifest.get("opset"),
                        "ir_version": manifest.get("ir_version")}.items():
         versions.add_row(key, str(value))
     parts.append(versions)
+    quantization = manifest.get("quantization")
+    if quantization:
+        parts.append(_model_table(quantization, "quantization"))
     census = manifest.get("operator_census") or {}
     if census:
-        ops = Table(title="operators", show_header=True)
+        ops = Table(title=f"operators ({sum(census.values())} nodes)", show_header=True)
         ops.add_column("op type")
         ops.add_column("count", justify="right")
         for op, count in sorted(census.items(), key=lambda kv: -kv[1]):
@@ -95,12 +99,37 @@ def describe_package(directory: Path) -> Group:
         parts.append(ops)
     verification = manifest.get("verification")
     if verification:
-        checks = Table(title="export checks", show_header=False)
+        checks = Table(title="float32 graph vs PyTorch", show_header=False)
         for key, value in _flatten(verification):
             checks.add_row(key, value)
         parts.append(checks)
+    if manifest.get("gates"):
+        parts.append(_gates_table(manifest["gates"]))
     parts.append(_files_table(directory))
     return Group(*parts)
+
+
+def _gates_table(gates: dict[str, Any]) -> Table:
+    """The export's quality gates as recorded: every check, then each scored model's figures."""
+    state = "on" if gates.get("enabled") else "OFF (exported with --no-gate)"
+    verdict = "passed" if gates.get("passed") else "FAILED"
+    table = Table(title=f"quality gates ({state}): {verdict}", show_header=False)
+    for check in gates.get("checks", []):
+        value = check["value"]
+        shown = f"{value:+.2%} (limit {check['limit']:+.2%})" if check.get("unit") == "relative" else \
+            f"{value:.2e} (limit {check['limit']:.2e})"
+        table.add_row(check["name"], f"{shown} {'PASS' if check.get('passed') else 'FAIL'}")
+    evaluated = gates.get("eval")
+    if evaluated:
+        capped = ", capped" if evaluated.get("capped") else ""
+        table.add_row("held-out text", f"{evaluated['tokens']:,} tokens of {evaluated['source']}{capped}")
+    for model in gates.get("models", []):
+        agreement = ""
+        if model.get("top1_agreement") is not None:
+            agreement = f", top-1 agreement {model['top1_agreement']:.1%}, greedy {model['greedy_agreement']:.1%}"
+        table.add_row(model["name"], f"{model['nats_per_token']:.4f} nats/token, {model['nats_per_char']:.4f} "
+                      f"nats/char, perplexity {model['perplexity']:.3f}{agreement}")
+    return table
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -164,7 +164,12 @@ def name_dims(proto: onnx.ModelProto, contract: dict[str, Any]) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
+_DTYPES = {
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 
 
 def check_contract(proto: onnx.ModelProto, contract: dict[str, Any]) -> None:

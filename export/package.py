@@ -1,9 +1,11 @@
 """`edgegpt export`: checkpoint directory -> model package directory.
 
-    checkpoint/ ─► build graph (float32) ─► verify vs PyTorch ─► [quantize ─► verify] ─► write package ─► model/
+    checkpoint/ ─► float graph (fused by default; float32 or float16) ─► max |Δlogits| vs PyTorch (float32)
+               ─► [quantize: int8 / int4] ─► score held-out text: PyTorch float32 vs the package
+               ─► quality gates ─► write package ─► model/
 
 Every step works inside a staging directory beside the destination, swapped in only when all steps
-succeeded: a failed export leaves no half package and keeps the previous one intact.
+succeeded and every gate passed: a failed export leaves no half package and keeps the previous one.
 """
 
 from __future__ import annotations
@@ -15,61 +17,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rich.table import Table
-from tokenizers import Tokenizer
-
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.errors import EdgeGPTError
+from edgegpt.export.gates import (
+    GateFailed, GateLimits, GateReport, TorchScorer, failure_message, logit_check, perplexity_check,
+)
 from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_onnx, graph_contract
-from edgegpt.export.quantize import quantize_int8
-from edgegpt.export.verify import Verification, check_float32, torch_reference, verify_onnx
-from edgegpt.export.writer import MANIFEST, MODEL, generation_config, write_package_files
+from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
+from edgegpt.export.verify import Verification, torch_reference, verify_generator
+from edgegpt.export.writer import MANIFEST, MODEL, generation_config, write_manifest, write_package_metadata
 from edgegpt.io import staged_directory
 from edgegpt.model import GPT
+from edgegpt.quality import (
+    DEFAULT_EVAL_TOKENS, EvalText, PackageScorer, evaluate, prepare_eval_text, read_eval_documents,
+    validation_documents,
+)
 
-# Greedy-agreement prompts: short and generic, so any English-ish tokenizer encodes them.
-VERIFY_PROMPTS = ("The ", "Once upon a time", "\n")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 
 
 @dataclass
 class ExportReport:
     checkpoint: Path
     package: Path
-    precision: str  # "float32" or "int8"
-    float32_bytes: int
-    quantized_bytes: int | None
+    graph_kind: str  # "fused" or "plain"
+    precision: str  # of the package's weights: "float32", "float16", "int8" or "int4"
+    float_bytes: int  # the float graph's model.onnx, before any quantization
+    package_bytes: int  # the package's model.onnx
     quantization: dict[str, Any] | None
-    verification: dict[str, Verification]  # by precision: always "float32", "int8" when quantized
+    verification: Verification | None  # the float32 graph vs PyTorch (None for float16)
+    gates: GateReport
     graph: GraphInfo  # of the package's model.onnx
     seconds: float
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
-    def size_ratio(self) -> float | None:
-        return None if self.quantized_bytes is None else self.quantized_bytes / self.float32_bytes
+    def size_ratio(self) -> float:
+        return self.package_bytes / self.float_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "checkpoint": str(self.checkpoint),
             "package": str(self.package),
+            "graph": self.graph_kind,
             "precision": self.precision,
-            "sizes": {
-                "float32_bytes": self.float32_bytes,
-                "quantized_bytes": self.quantized_bytes,
-                "ratio": self.size_ratio,
-            },
+            "sizes": {"float_bytes": self.float_bytes, "package_bytes": self.package_bytes, "ratio": self.size_ratio},
             "quantization": self.quantization,
-            "verification": {name: v.to_dict() for name, v in self.verification.items()},
+            "verification": None if self.verification is None else self.verification.to_dict(),
+            "gates": self.gates.to_dict(),
             "opset": self.graph.opset,
             "ir_version": self.graph.ir_version,
             "operators": {"count": self.graph.op_count, "census": self.graph.census},
+            "written": bool(self.manifest),
             "seconds": round(self.seconds, 2),
         }
-
-
-def build_graph(model: GPT, path: Path) -> None:
-    """The float32 graph of the package. The plain export today; a fused graph slots in here."""
-    export_plain_onnx(model, path)
 
 
 def check_destination(checkpoint: Path, out: Path) -> None:
@@ -85,93 +86,153 @@ def check_destination(checkpoint: Path, out: Path) -> None:
         )
 
 
-def encode_prompts(tokenizer: Tokenizer) -> list[list[int]]:
-    return [ids for text in VERIFY_PROMPTS if (ids := tokenizer.encode(text).ids)]
+def check_options(fuse: bool, precision: str, quantize: bool, bits: int, method: str | None) -> tuple[str, str | None]:
+    """Validate the option combination before anything slow; returns (precision, method)."""
+    if precision not in PRECISIONS:
+        raise EdgeGPTError(f"--precision {precision} is not supported; choose fp32 or fp16")
+    precision = PRECISIONS[precision]
+    if bits not in BITS:
+        raise EdgeGPTError(f"--bits {bits} is not supported; choose 8 or 4")
+    if precision == "float16" and quantize:
+        # Weight-only and dynamic quantization are CPU formats over float32 activations; a float16
+        # package exists for CUDA, where its own half-precision kernels are the speed-up.
+        raise EdgeGPTError("--quantize applies to float32 graphs; drop --precision fp16 (float16 packages are for CUDA)")
+    if precision == "float16" and not fuse:
+        raise EdgeGPTError("--precision fp16 needs the fused graph; drop --no-fuse")
+    return precision, resolve_method(bits, method) if quantize else None
+
+
+def build_graph(model: GPT, path: Path, fuse: bool, precision: str) -> dict[str, Any]:
+    """Write the float graph at `path`; returns its config.json graph contract."""
+    if not fuse:
+        export_plain_onnx(model, path)
+        return graph_contract(model.cfg)
+    from edgegpt.export.fused import build_fused_graph, fused_graph_contract
+
+    short = "fp16" if precision == "float16" else "fp32"
+    build_fused_graph(model, path, precision=short)
+    return fused_graph_contract(model.cfg, short)
+
+
+def load_eval_text(checkpoint: Path, eval_data: Path | None, needed: bool, tokenizer, cfg,
+                   eval_tokens: int) -> EvalText | None:
+    """--eval-data, else the checkpoint's validation split; None if neither exists and no gate needs it."""
+    if eval_data is not None:
+        documents, source = read_eval_documents(eval_data)
+    else:
+        try:
+            documents, source = validation_documents(checkpoint)
+        except EdgeGPTError:
+            if needed:
+                raise
+            return None
+    return prepare_eval_text(documents, source, tokenizer, cfg.vocab_size, cfg.max_len, eval_tokens)
+
+
+def cuda_available() -> bool:
+    from edgegpt.runtime.session import cuda_available as available
+
+    return available()
+
+
+def open_package(directory: Path, precision: str):
+    """The runtime's Generator over a staged package (CUDA for float16, which the CPU refuses)."""
+    from edgegpt.runtime import Generator
+
+    return Generator.load(directory, provider="cuda" if precision == "float16" else "cpu")
 
 
 def export_package(
     checkpoint: Path,
     out: Path,
     *,
+    fuse: bool = True,
+    precision: str = "fp32",
     quantize: bool = False,
+    bits: int = 8,
+    method: str | None = None,
+    gate: bool = True,
+    gate_limits: GateLimits | None = None,
+    eval_data: Path | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
-    """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically)."""
+    """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically).
+
+    Raises GateFailed (an EdgeGPTError carrying the report) when a gate fails and `gate` is on.
+    """
     say = progress or (lambda message: None)
     start = time.perf_counter()
+    limits = gate_limits or GateLimits()
     checkpoint, out = Path(checkpoint), Path(out)
+    precision, method = check_options(fuse, precision, quantize, bits, method)
+    label = f"int{bits}" if quantize else precision
     model, tokenizer = load_checkpoint(checkpoint)
     check_destination(checkpoint, out)
-    say(f"exporting {checkpoint} to {out}")  # only once the inputs are known good: errors stay one line
     generation_config(tokenizer)  # fail before the slow steps if the tokenizer has no end-of-text token
-    prompts = encode_prompts(tokenizer)
+    runnable = precision == "float32" or cuda_available()  # the runtime runs float16 on CUDA only
+    if gate and not runnable:
+        raise EdgeGPTError("the float16 gate scores the package on CUDA, which this onnxruntime cannot use; "
+                           "export on a machine with onnxruntime-gpu and a GPU, or pass --no-gate")
+    # A quantized or float16 package is judged on text: without any, its gate cannot run.
+    text = None
+    if runnable:
+        text = load_eval_text(checkpoint, eval_data, gate and label != "float32", tokenizer, model.cfg, eval_tokens)
+    kind = "fused" if fuse else "plain"
+    say(f"exporting {checkpoint} to {out}")  # only once the inputs are known good: errors stay one line
 
     with staged_directory(out) as stage:
-        work = stage / "work"
-        work.mkdir()
-        float32_path = work / "model.float32.onnx"
-        say("exporting the float32 graph with torch.onnx")
-        build_graph(model, float32_path)
-        say("verifying the float32 graph against PyTorch")
-        reference = torch_reference(model, prompts)
-        verification = {"float32": verify_onnx(reference, float32_path)}
-        check_float32(verification["float32"])
-        final, quantization, quantized_bytes = float32_path, None, None
+        float_dir = stage / "work" / "float"
+        float_dir.mkdir(parents=True)
+        say(f"building the {kind} {precision} graph")
+        contract = build_graph(model, float_dir / MODEL, fuse, precision)
+        write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+        checks, verification = [], None
+        if precision == "float32":
+            say("checking the float32 graph against PyTorch")
+            verification = verify_generator(torch_reference(model), open_package(float_dir, precision),
+                                            limits.logit_tolerance)
+            checks.append(logit_check(verification))
+        final_dir, quantization = float_dir, None
         if quantize:
-            say("quantizing weights to int8")
-            final = work / "model.int8.onnx"
-            quantization = quantize_int8(float32_path, final)
-            quantized_bytes = final.stat().st_size
-            say("verifying the int8 graph against PyTorch")
-            verification["int8"] = verify_onnx(reference, final)
-        float32_bytes = float32_path.stat().st_size
-        os.replace(final, stage / MODEL)
-        shutil.rmtree(work)
+            say(f"quantizing weights to {bits} bits ({method})")
+            final_dir = stage / "work" / "quantized"
+            final_dir.mkdir()
+            quantization = quantize_graph(float_dir / MODEL, final_dir / MODEL, bits, method)
+            write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+        rows = []
+        if text is not None:
+            say(f"scoring held-out text with PyTorch and the {label} package")
+            reference = evaluate("PyTorch float32", TorchScorer(model), text)
+            package = evaluate(f"package ({kind}, {label})", PackageScorer(open_package(final_dir, precision)),
+                               text, reference.predictions)
+            rows = [reference, package]
+            if (check := perplexity_check(label, reference, package, limits)) is not None:
+                checks.append(check)
+        gates = GateReport(enabled=gate, checks=checks, text=text, rows=rows)
+        report = ExportReport(
+            checkpoint=checkpoint, package=out, graph_kind=kind, precision=label,
+            float_bytes=(float_dir / MODEL).stat().st_size, package_bytes=(final_dir / MODEL).stat().st_size,
+            quantization=quantization, verification=verification, gates=gates,
+            graph=describe_graph(final_dir / MODEL), seconds=0.0,
+        )
+        if gate and not gates.passed:
+            report.seconds = time.perf_counter() - start
+            raise GateFailed(failure_message(gates), report)
 
         say("writing the package")
-        graph = describe_graph(stage / MODEL)
-        precision = "int8" if quantize else "float32"
-        manifest = write_package_files(
-            stage,
-            cfg=model.cfg,
-            tokenizer=tokenizer,
-            graph=graph_contract(model.cfg),
-            manifest_fields={
-                "opset": graph.opset,
-                "ir_version": graph.ir_version,
-                "precision": precision,
-                "quantization": quantization,
-                "operator_census": graph.census,
-                "verification": {name: v.to_dict() for name, v in verification.items()},
-            },
-        )
-    return ExportReport(
-        checkpoint=checkpoint,
-        package=out,
-        precision=precision,
-        float32_bytes=float32_bytes,
-        quantized_bytes=quantized_bytes,
-        quantization=quantization,
-        verification=verification,
-        graph=graph,
-        seconds=time.perf_counter() - start,
-        manifest=manifest,
-    )
-
-
-def render_report(report: ExportReport) -> Table:
-    """The export's figures as a two-column table for the CLI."""
-    table = Table(title=f"model package {report.package}", show_header=False)
-    table.add_column("figure", style="bold")
-    table.add_column("value", justify="right")
-    table.add_row("float32 size", f"{report.float32_bytes / 1e6:.2f} MB")
-    if report.quantized_bytes is not None:
-        table.add_row("int8 size", f"{report.quantized_bytes / 1e6:.2f} MB ({report.size_ratio:.2f}× float32)")
-    for name, v in report.verification.items():
-        table.add_row(f"max |Δlogits| {name} vs PyTorch", f"{v.max_diff:.2e}")
-    for name, v in report.verification.items():
-        agreed = f"{sum(v.greedy_matches)}/{sum(v.greedy_compared)} tokens"
-        table.add_row(f"greedy agreement {name}", f"{v.greedy_agreement:.1%} ({agreed})")
-    table.add_row("operators", f"{report.graph.op_count} nodes, {len(report.graph.census)} types")
-    table.add_row("opset / IR version", f"{report.graph.opset} / {report.graph.ir_version}")
-    return table
+        for path in final_dir.iterdir():
+            os.replace(path, stage / path.name)
+        shutil.rmtree(stage / "work")
+        report.manifest = write_manifest(stage, {
+            "opset": report.graph.opset,
+            "ir_version": report.graph.ir_version,
+            "graph": kind,
+            "precision": label,
+            "quantization": quantization,
+            "operator_census": report.graph.census,
+            "verification": None if verification is None else verification.to_dict(),
+            "gates": gates.to_dict(),
+        })
+    report.seconds = time.perf_counter() - start
+    return report

@@ -4,7 +4,8 @@
     config.json             ModelConfig + the graph's input/output contract
     tokenizer.json          the checkpoint's tokenizer
     generation_config.json  sampling and stopping defaults
-    manifest.json           versions, sha256 of every other file, precision, census, verification
+    manifest.json           versions, sha256 of every other file, precision, quantization, census,
+                            verification and quality gates
 
 The manifest is written last, over the files as they are on disk, so its hashes describe exactly
 what the package holds.
@@ -55,23 +56,22 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_package_files(
-    directory: Path,
-    *,
-    cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    graph: dict[str, Any],
-    manifest_fields: dict[str, Any],
-) -> dict[str, Any]:
-    """Write everything but model.onnx (already in `directory`), manifest last; returns the manifest.
-
-    `graph` is the config.json graph block (the contract); `manifest_fields` carries opset, ir_version,
-    precision, quantization, operator_census and verification.
-    """
+def write_package_metadata(directory: Path, *, cfg: ModelConfig, tokenizer: Tokenizer, graph: dict[str, Any]) -> None:
+    """Write config.json, tokenizer.json and generation_config.json beside model.onnx: after this the
+    directory loads in the runtime (the manifest is not needed to run), so the gates can score it."""
     directory = Path(directory)
     write_json_atomic(directory / CONFIG, {"format": PACKAGE_FORMAT, "model": cfg.to_dict(), "graph": graph})
     write_bytes_atomic(directory / TOKENIZER, tokenizer.to_str().encode())
     write_json_atomic(directory / GENERATION_CONFIG, generation_config(tokenizer))
+
+
+def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> dict[str, Any]:
+    """Write manifest.json last, over the files as they are on disk; returns the manifest.
+
+    `manifest_fields` carries opset, ir_version, graph, precision, quantization, operator_census,
+    verification and gates.
+    """
+    directory = Path(directory)
     present = sorted(p.name for p in directory.iterdir())
     if present != sorted(set(PACKAGE_FILES) - {MANIFEST}):
         raise RuntimeError(f"package staging directory holds unexpected files: {present}")

@@ -4,10 +4,11 @@
                         ┌───────────────────────────────────────┘
                         ▼
     next_token(logits) ─► yield token ─► decode_step(token, cache) ─► logits, cache ─► next_token ...
-    stops at eos_token_id (not yielded), after max_new_tokens, or when the context (max_len) is full.
+    stops at eos_token_id (not yielded), after max_new_tokens, or when the context (max_length) is full.
 
-The cache is the package's `concat` layout: past_key.{i} / past_value.{i} are [1, n_kv_heads, length,
-head_dim] and the graph returns them grown by the new tokens as present_key.{i} / present_value.{i}.
+How the cache is kept depends on the package's kv_layout (runtime/kv_cache.py): `static` (the fused
+graph) preallocates max_length positions and a step writes one in place; `concat` (the plain graph)
+feeds the cache in and gets it back grown by the new tokens.
 """
 
 from __future__ import annotations
@@ -15,23 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from edgegpt.errors import EdgeGPTError
 from edgegpt.runtime.detokenizer import StreamDecoder
+from edgegpt.runtime.kv_cache import RUNNERS, KVCache
 from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.sampling import check_sampling, next_token
-from edgegpt.runtime.session import create_session, ort_error_detail
+from edgegpt.runtime.session import cuda_available, create_session
 
-
-@dataclass(frozen=True)
-class KVCache:
-    """One sequence's cache: past input name -> [1, n_kv_heads, length, head_dim]; `length` tokens seen."""
-
-    tensors: dict[str, np.ndarray]
-    length: int
+__all__ = ["Generator", "KVCache"]
 
 
 @dataclass(frozen=True)
@@ -47,58 +43,62 @@ class Generator:
     """Text generation from a model package.
 
     Thread safety: one Generator may serve several threads at once. After `load` nothing on it changes;
-    `InferenceSession.run` is thread-safe, and each call keeps its own cache, attention mask, random
-    generator and detokenizer in local variables. Calls run concurrently on the session's thread pool.
+    onnxruntime's session runs are thread-safe, and each call keeps its own cache (for the static
+    layout: its own buffers and IO binding), random generator and detokenizer in local variables.
+    Calls run concurrently on the session's thread pool. A KVCache itself is one thread's at a time.
 
     An empty prompt encodes to no tokens, so generation then starts from the end-of-text token
     (generation_config.json's eos_token_id), the way every training document boundary looks to the model.
     """
 
-    def __init__(self, package: ModelPackage, session, provider: str) -> None:
+    def __init__(self, package: ModelPackage, session, provider: str, max_length: int | None = None) -> None:
         self.package = package
         self.config: ModelSpec = package.model
         self.provider = provider  # "cpu" or "cuda": the one actually used
+        # Tokens one sequence may hold (prompt + generated); the static cache preallocates this many.
+        self.max_length = check_max_length(max_length, self.config.max_len)
         self._session = session
-        self._cache_dtype = np.dtype(package.graph.dtype)
-        self._present_to_past: dict[str, str] = {}
-        for layer in range(self.config.n_layers):
-            for present, past in zip(package.graph.present_names(layer), package.graph.past_names(layer)):
-                self._present_to_past[present] = past
-        self._output_names = ["logits", *self._present_to_past]
+        self._runner = RUNNERS[package.graph.kv_layout](session, package, provider, self.max_length)
         self._check_session_matches_contract()
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None) -> "Generator":
-        """Load a package directory; provider "auto" | "cpu" | "cuda"; threads default: physical cores."""
+    def load(
+        cls, path: str | Path, provider: str = "auto", threads: int | None = None, max_length: int | None = None
+    ) -> "Generator":
+        """Load a package directory; provider "auto" | "cpu" | "cuda"; threads default: physical cores;
+        max_length (default: the model's max_len) caps prompt + generated tokens and sizes the cache."""
         package = ModelPackage.load(path)
+        check_max_length(max_length, package.model.max_len)
+        if package.graph.dtype == "float16":
+            # onnxruntime's CPU provider pads float16 graphs with casts and runs them slower than
+            # float32, so a float16 package only ever runs on CUDA; never fall back to the CPU quietly.
+            if provider == "cpu" or (provider == "auto" and not cuda_available()):
+                raise EdgeGPTError(
+                    f"{package.path} is a float16 package, which is for CUDA (provider 'cuda'); "
+                    "for the CPU export float32 or int8 (`edgegpt export` without --precision fp16)"
+                )
+            provider = "cuda"
         session, used = create_session(package.model_path, provider=provider, threads=threads)
-        return cls(package, session, used)
+        return cls(package, session, used, max_length)
 
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------
 
     def empty_cache(self) -> KVCache:
-        shape = (1, self.config.n_kv_heads, 0, self.config.head_dim)
-        return KVCache({name: np.zeros(shape, self._cache_dtype) for name in self._present_to_past.values()}, 0)
+        """A cache holding no tokens (static layout: fresh buffers of max_length positions)."""
+        return self._runner.new_cache()
 
-    def forward(self, token_ids: list[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Run token_ids (S >= 1) after the cache: logits [S, vocab] and the cache grown by S."""
-        total = cache.length + len(token_ids)
-        feeds = {
-            "input_ids": np.asarray([token_ids], dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            **cache.tensors,
-        }
-        try:
-            logits, *presents = self._session.run(self._output_names, feeds)
-        except Exception as e:
-            if not type(e).__module__.startswith("onnxruntime"):
-                raise
-            raise EdgeGPTError(
-                f"{self.package.model_path} failed to run ({ort_error_detail(e)}); "
-                "the package is inconsistent, re-run `edgegpt export`"
-            ) from None
-        new_cache = KVCache(dict(zip(self._present_to_past.values(), presents)), total)
-        return logits[0], new_cache
+    def forward(self, token_ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Run token_ids (S >= 1) after the cache: logits [S, vocab] float32 and the cache grown by S.
+
+        The static layout writes into the cache's buffers: see KVCache for what that means for `cache`.
+        """
+        return self._runner.forward(token_ids, cache)
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [len, vocab] float32 for every position of token_ids, from an empty cache
+        (1 <= len <= max_length): row t scores the token after token_ids[t]."""
+        logits, _ = self.forward(token_ids, self.empty_cache())
+        return np.asarray(logits, dtype=np.float32)
 
     def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, KVCache]:
         """The whole prompt with an empty past: logits [vocab] for the next token, and the cache."""
@@ -117,10 +117,13 @@ class Generator:
         if not isinstance(prompt, str):
             raise EdgeGPTError(f"prompt must be a string, got {type(prompt).__name__}")
         ids = self.package.tokenizer.encode(prompt).ids or [self.package.generation.eos_token_id]
-        if len(ids) > self.config.max_len:
+        if len(ids) > self.max_length:
+            larger = ""
+            if self.max_length < self.config.max_len:
+                larger = f" or load with a larger max_length (up to {self.config.max_len})"
             raise EdgeGPTError(
-                f"the prompt is {len(ids)} tokens but the model's context is {self.config.max_len} tokens; "
-                "shorten the prompt"
+                f"the prompt is {len(ids)} tokens but the model's context is {self.max_length} tokens; "
+                f"shorten the prompt{larger}"
             )
         return ids
 
@@ -188,7 +191,7 @@ class Generator:
                 return
             yield token
             # Feeding this token would need one more position than the context has: stop here.
-            if produced == options.max_new_tokens or cache.length >= self.config.max_len:
+            if produced == options.max_new_tokens or cache.length >= self.max_length:
                 return
             logits, cache = self.decode_step(token, cache)
 
@@ -230,12 +233,21 @@ class Generator:
         """model.onnx must take exactly the inputs config.json declares, and give the outputs we read."""
         graph_inputs = {i.name for i in self._session.get_inputs()}
         graph_outputs = {o.name for o in self._session.get_outputs()}
-        expected_inputs = {"input_ids", "attention_mask", *self._present_to_past.values()}
+        expected_inputs = set(self._runner.input_names)
         problems = [f"input {n!r} missing" for n in sorted(expected_inputs - graph_inputs)]
         problems += [f"unexpected input {n!r}" for n in sorted(graph_inputs - expected_inputs)]
-        problems += [f"output {n!r} missing" for n in self._output_names if n not in graph_outputs]
+        problems += [f"output {n!r} missing" for n in self._runner.output_names if n not in graph_outputs]
         if problems:
             raise EdgeGPTError(
                 f"{self.package.model_path} does not match config.json ({'; '.join(problems[:3])}); "
                 "the package is corrupt, re-run `edgegpt export`"
             )
+
+
+def check_max_length(max_length: int | None, max_len: int) -> int:
+    """max_length, or the model's max_len when None; refused outside 1..max_len."""
+    if max_length is None:
+        return max_len
+    if isinstance(max_length, bool) or not isinstance(max_length, Integral) or not 1 <= max_length <= max_len:
+        raise EdgeGPTError(f"max_length must be an integer from 1 to the model's context {max_len}, got {max_length!r}")
+    return int(max_length)

@@ -34,6 +34,11 @@ REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
 PACKAGE_FORMAT = "edgegpt-package"
 # Cache dtypes the runtime can allocate an empty past for.
 CACHE_DTYPES = ("float32", "float16")
+# Inputs besides the cache, by kv_layout (docs/FORMATS.md).
+LAYOUT_INPUTS = {
+    "concat": ("input_ids", "attention_mask"),
+    "static": ("input_ids", "seqlens_k", "total_sequence_length"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,12 @@ class ModelSpec:
 class GraphContract:
     """How to feed model.onnx: names of the inputs/outputs and the KV-cache layout.
 
-    `concat` layout: past_key.{i} / past_value.{i} are [batch, n_kv_heads, past_len, head_dim], the
-    graph returns present = past ++ new ([batch, n_kv_heads, past_len + seq, head_dim]), and
-    attention_mask [batch, past_len + seq] covers both.
+    `concat` layout (the plain graph): past_key.{i} / past_value.{i} are [batch, n_kv_heads, past_len,
+    head_dim], the graph returns present = past ++ new ([batch, n_kv_heads, past_len + seq, head_dim]),
+    and attention_mask [batch, past_len + seq] covers both.
+    `static` layout (the fused graph): past_key.{i} / past_value.{i} are [batch, n_kv_heads,
+    max_length, head_dim] buffers bound as the present too; seqlens_k [batch] (int32, tokens after
+    this step − 1) and total_sequence_length (int32 scalar) say which positions are valid.
     """
 
     kv_layout: str
@@ -174,9 +182,10 @@ def _parse_model(data: Mapping[str, Any], source: str) -> ModelSpec:
 def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> GraphContract:
     source = f"{source} (graph)"
     kv_layout = _field(data, "kv_layout", str, source)
-    if kv_layout != "concat":
+    if kv_layout not in LAYOUT_INPUTS:
         raise EdgeGPTError(
-            f"{source}: kv_layout {kv_layout!r} is not supported by this runtime (it reads 'concat'); upgrade edgegpt"
+            f"{source}: kv_layout {kv_layout!r} is not supported by this runtime "
+            f"(it reads {' and '.join(map(repr, LAYOUT_INPUTS))}); upgrade edgegpt"
         )
     dtype = _field(data, "dtype", str, source)
     if dtype not in CACHE_DTYPES:
@@ -193,7 +202,7 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
         outputs=_field(data, "outputs", dict, source),
         **templates,
     )
-    needed_inputs = ["input_ids", "attention_mask"]
+    needed_inputs = list(LAYOUT_INPUTS[kv_layout])
     needed_outputs = ["logits"]
     for layer in range(model.n_layers):
         needed_inputs += graph.past_names(layer)
@@ -211,7 +220,7 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
             if isinstance(shape[axis], int) and shape[axis] != expected:
                 raise EdgeGPTError(
                     f"{source}: {graph.past_names(0)[0]} has shape {shape} but the model implies "
-                    f"[batch, {model.n_kv_heads}, past_sequence, {model.head_dim}]"
+                    f"[batch, {model.n_kv_heads}, length, {model.head_dim}]"
                 )
     return graph
 

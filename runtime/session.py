@@ -44,6 +44,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def cuda_available() -> bool:
+    """Whether this onnxruntime build has the CUDA provider (not whether a GPU initialises)."""
+    return CUDA in ort.get_available_providers()
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgeGPTError(f"threads must be a positive integer, got {threads!r}")
@@ -64,7 +69,7 @@ def create_session(
     if provider not in PROVIDERS:
         raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     options = session_options(threads)
-    has_cuda = CUDA in ort.get_available_providers()
+    has_cuda = cuda_available()
     if provider == "cuda" and not has_cuda:
         raise EdgeGPTError(
             "the CUDA provider is not available in this onnxruntime; install edgegpt[cuda] "

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 SAMPLE_CHARS = 200_000
+# Held-out tokens the tests' quality gates score: enough for 15 windows of the tiny model's context.
+EVAL_TOKENS = 1024
 
 
 def sample_text() -> str:
@@ -67,10 +69,21 @@ def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_package_int8(tmp_path_factory, tiny_checkpoint) -> Path:
-    """An int8 (dynamic quantization) model package exported from `tiny_checkpoint`."""
+def plain_package(tmp_path_factory, tiny_checkpoint) -> Path:
+    """--no-fuse: the plain torch.onnx graph (kv_layout concat), the oracle the fused graph is held to."""
+    from edgegpt.export import export_package
+
+    directory = tmp_path_factory.mktemp("plain-package") / "model"
+    export_package(tiny_checkpoint, directory, fuse=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_package_int8(tmp_path_factory, tiny_checkpoint, corpus_file) -> Path:
+    """An int8 model package (the default 8-bit format) exported from `tiny_checkpoint`, its quality
+    gate scored on the test corpus (the fixture checkpoint has no training run to take text from)."""
     from edgegpt.export import export_package
 
     directory = tmp_path_factory.mktemp("tiny-package-int8") / "model"
-    export_package(tiny_checkpoint, directory, quantize=True)
+    export_package(tiny_checkpoint, directory, quantize=True, eval_data=corpus_file, eval_tokens=EVAL_TOKENS)
     return directory

@@ -18,9 +18,16 @@ from edgegpt.runtime import Generator, ModelPackage
 PROMPTS = ["The ", "def f(x):\n\treturn", ""]
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_package) -> Generator:
-    return Generator.load(tiny_package, provider="cpu")
+@pytest.fixture(scope="module", params=["static", "concat"])
+def generator(request, tiny_package, tiny_checkpoint, tmp_path_factory) -> Generator:
+    """The runtime on the tiny checkpoint once per cache layout (docs/FORMATS.md): `static` (the fused
+    graph) and `concat` (the plain graph); tiny_package serves its own layout, the other is built here."""
+    layout, package = request.param, tiny_package
+    if ModelPackage.load(tiny_package).graph.kv_layout != layout:
+        from test_fused import write_package
+
+        package = write_package(tiny_checkpoint, tmp_path_factory.mktemp(layout) / "model", layout)
+    return Generator.load(package, provider="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,10 @@ def test_prefill_and_decode_logits_match_pytorch(generator, reference):
             ref, past = reference.forward_cached(torch.tensor([[token]]), past)
             np.testing.assert_allclose(logits, ref[0, -1].numpy(), atol=1e-4)
     assert cache.length == len(ids) + 3
-    assert all(t.shape == (1, 2, len(ids) + 3, 32) for t in cache.tensors.values())
+    # concat: the cache grew to the tokens seen; static: one preallocated buffer of max_length.
+    length = len(ids) + 3 if generator.package.graph.kv_layout == "concat" else generator.max_length
+    shapes = {tuple(t.shape() if callable(t.shape) else t.shape) for t in cache.tensors.values()}
+    assert shapes == {(1, 2, length, 32)}
 
 
 def test_empty_prompt_starts_from_end_of_text(generator):

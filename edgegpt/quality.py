@@ -1,0 +1,268 @@
+"""How good a model is on held-out text, and how closely it follows a reference: the numbers behind
+`edgegpt eval` and the export's quality gates.
+
+    text ─► tokens (capped) ─► windows of the context, stride half a context ─► logits per window
+        ─► nats/token, nats/char, perplexity, top-1 next-token agreement with the reference
+    16 prompts from the same text ─► 32 greedy tokens each ─► greedy agreement with the reference
+
+Torch-free on purpose: a model package is scored through the runtime's `Generator` (numpy and
+onnxruntime only), so `edgegpt eval PACKAGE` works where only the runtime is installed. The PyTorch
+side (export/gates.py) plugs in through the same two methods, `logits` and `greedy`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+from rich.table import Table
+from tokenizers import Tokenizer
+
+from edgegpt.corpus import default_corpus, read_corpus, split_documents
+from edgegpt.data import char_starts_table, strided_windows, tokenize
+from edgegpt.errors import EdgeGPTError
+from edgegpt.io import read_json
+
+# Export scores this many tokens by default: with it `edgegpt export --quantize` of `small` (1,024-token
+# context) took 28 s in all on 2 cores (PyTorch 17 s, the int4 package 7 s). Quantization error is
+# systematic (both models score the same text), so this many tokens resolve a change far below 1%.
+DEFAULT_EVAL_TOKENS = 16384
+GREEDY_PROMPTS = 16
+GREEDY_TOKENS = 32
+PROMPT_TOKENS = 32
+# Tokens are rarely longer than this many characters, so reading this many characters per wanted token
+# is enough and keeps a large validation split from being tokenized whole only to be cut.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+class Scorable(Protocol):
+    """What an evaluated model offers: a PyTorch model (export/gates.py) or a package (PackageScorer)."""
+
+    max_len: int
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: the next-token logits at every position, from an empty past."""
+
+    def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
+        """The greedy continuation of `prompt`, n_tokens long (never stopping at end-of-text)."""
+
+
+class PackageScorer:
+    """A model package through the runtime Generator (what an app would run)."""
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+        self.max_len = generator.config.max_len
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.generator.score(list(token_ids))
+
+    def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
+        tokens: list[int] = []
+        if n_tokens <= 0:
+            return tokens
+        logits, cache = self.generator.prefill(list(prompt))
+        while True:
+            tokens.append(int(np.argmax(logits)))
+            if len(tokens) == n_tokens:
+                return tokens
+            logits, cache = self.generator.decode_step(tokens[-1], cache)
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """Held-out tokens, each document preceded by end-of-text as in training."""
+
+    tokens: np.ndarray  # int64 [n]
+    char_table: np.ndarray  # characters per token id (edgegpt.data.char_starts_table)
+    source: str  # where the text came from, for the table
+    capped: bool  # True when the text had more tokens than the cap
+
+
+def read_eval_documents(data: Path) -> tuple[list[str], str]:
+    return read_corpus([Path(data)]), str(data)
+
+
+def validation_documents(checkpoint: Path) -> tuple[list[str], str]:
+    """The validation text of the run that made `checkpoint`, as training split it (train_state.json)."""
+    state_path = Path(checkpoint) / "train_state.json"
+    if not state_path.is_file():
+        raise EdgeGPTError(f"{checkpoint} has no train_state.json to find its validation text; pass --eval-data PATH")
+    state = read_json(state_path)
+    val_paths, data_paths = state.get("val_data") or [], state.get("data") or []
+    try:
+        if val_paths:
+            return read_corpus([Path(p) for p in val_paths]), ", ".join(val_paths)
+        if data_paths:
+            return split_documents(read_corpus([Path(p) for p in data_paths]))[1], f"last 10% of {', '.join(data_paths)}"
+    except EdgeGPTError as e:
+        raise EdgeGPTError(f"cannot read the checkpoint's validation text ({e}); pass --eval-data PATH") from None
+    return split_documents(default_corpus())[1], "last 10% of the embedded Python documentation"
+
+
+def prepare_eval_text(documents: list[str], source: str, tokenizer: Tokenizer, vocab_size: int, max_len: int,
+                      max_tokens: int = DEFAULT_EVAL_TOKENS) -> EvalText:
+    """Tokenize (at most max_tokens + 1 tokens: that many targets) and check the text fills a context."""
+    if max_tokens < max_len:
+        raise EdgeGPTError(f"--eval-tokens {max_tokens} is shorter than the model's context ({max_len}); raise it")
+    budget, kept = max_tokens * CHARS_PER_TOKEN_BOUND, []
+    for doc in documents:
+        kept.append(doc[:budget])
+        budget -= len(kept[-1])
+        if budget <= 0:
+            break
+    tokens = tokenize(tokenizer, kept).astype(np.int64)
+    if len(tokens) <= max_len:
+        raise EdgeGPTError(
+            f"the evaluation text ({source}) has {len(tokens)} tokens, fewer than one context of the model "
+            f"({max_len + 1}); pass a longer --eval-data"
+        )
+    return EvalText(tokens=tokens[: max_tokens + 1], char_table=char_starts_table(tokenizer, vocab_size),
+                    source=source, capped=len(tokens) > max_tokens + 1)
+
+
+@dataclass
+class Predictions:
+    """A model's choices, kept so another model can be compared with it."""
+
+    top1: np.ndarray  # argmax at every scored position, in window order
+    greedy: list[list[int]]  # one continuation per prompt
+
+
+@dataclass
+class Metrics:
+    name: str
+    nats_per_token: float
+    nats_per_char: float
+    perplexity: float
+    tokens: int  # targets scored
+    chars: int  # characters those targets cover
+    top1_agreement: float | None = None  # with the reference; None when there is none
+    greedy_agreement: float | None = None
+    greedy_matches: int | None = None
+    greedy_compared: int | None = None
+    seconds: float = 0.0
+    predictions: Predictions | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("predictions")
+        d["seconds"] = round(self.seconds, 2)
+        return d
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) per row, computed stably in float64 sums."""
+    top = logits.max(axis=-1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+    return lse - logits[np.arange(len(targets)), targets]
+
+
+def greedy_prompts(tokens: np.ndarray, max_len: int) -> tuple[list[list[int]], int]:
+    """16 prompts spread evenly over the text, and how many tokens to continue each (fits the context)."""
+    n_new = min(GREEDY_TOKENS, max_len // 2)
+    length = min(PROMPT_TOKENS, max_len - n_new)
+    starts = np.linspace(0, len(tokens) - length, GREEDY_PROMPTS).astype(int)
+    return [tokens[s : s + length].tolist() for s in starts], n_new
+
+
+def evaluate(name: str, model: Scorable, text: EvalText, reference: Predictions | None = None) -> Metrics:
+    """Score `text` with `model`; agreement figures when a reference's predictions are given."""
+    start = time.perf_counter()
+    tokens, nats, chars, scored, top1 = text.tokens, 0.0, 0, 0, []
+    for begin, length, first in strided_windows(len(tokens), model.max_len):
+        logits = np.asarray(model.logits(tokens[begin : begin + length].tolist()), dtype=np.float32)[first:]
+        targets = tokens[begin + 1 + first : begin + 1 + length]
+        nats += float(_log_softmax_at(logits, targets).sum())
+        chars += int(text.char_table[targets].sum())
+        scored += len(targets)
+        top1.append(logits.argmax(axis=-1))
+    prompts, n_new = greedy_prompts(tokens, model.max_len)
+    predictions = Predictions(top1=np.concatenate(top1), greedy=[model.greedy(p, n_new) for p in prompts])
+    metrics = Metrics(name=name, nats_per_token=nats / scored, nats_per_char=nats / max(chars, 1),
+                      perplexity=math.exp(nats / scored), tokens=scored, chars=chars, predictions=predictions)
+    if reference is not None:
+        metrics.top1_agreement = float(np.mean(predictions.top1 == reference.top1))
+        pairs = list(zip(predictions.greedy, reference.greedy))
+        metrics.greedy_matches = sum(a == b for got, want in pairs for a, b in zip(got, want))
+        metrics.greedy_compared = sum(len(want) for _, want in pairs)
+        metrics.greedy_agreement = metrics.greedy_matches / max(metrics.greedy_compared, 1)
+    metrics.seconds = time.perf_counter() - start
+    return metrics
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def metrics_table(rows: Sequence[Metrics], text: EvalText, title: str = "quality on held-out text",
+                  verdicts: Sequence[str] | None = None) -> Table:
+    """One row per model; the first row is the reference the others are compared with."""
+    scored = rows[0].tokens if rows else 0
+    caption = f"{scored:,} tokens ({rows[0].chars if rows else 0:,} characters) of {text.source}"
+    caption += "; capped by --eval-tokens" if text.capped else ""
+    caption += f"; greedy: {GREEDY_PROMPTS} prompts × {GREEDY_TOKENS} tokens"
+    table = Table(title=title, caption=caption)
+    compared = len(rows) > 1  # agreement and Δ columns only say something with a reference row
+    columns = ["model", "nats/token", "nats/char", "perplexity"]
+    columns += ["Δ perplexity", "top-1 agreement", "greedy agreement"] if compared else []
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    if verdicts is not None:
+        table.add_column("gate")
+    base = rows[0].perplexity if rows else 1.0
+    for i, m in enumerate(rows):
+        cells = [m.name, f"{m.nats_per_token:.4f}", f"{m.nats_per_char:.4f}", f"{m.perplexity:.3f}"]
+        if compared:
+            delta = "—" if i == 0 else f"{m.perplexity / base - 1:+.2%}"
+            cells += [delta, _pct(m.top1_agreement), _pct(m.greedy_agreement)]
+        table.add_row(*cells, *([verdicts[i]] if verdicts is not None else []))
+    return table
+
+
+def metrics_json(rows: Sequence[Metrics], text: EvalText) -> str:
+    return json.dumps({"source": text.source, "capped": text.capped, "models": [m.to_dict() for m in rows]})
+
+
+def open_scorer(path: Path, threads: int | None = None) -> tuple[Scorable, Tokenizer, int, int]:
+    """A package (runtime, no torch) or a checkpoint (PyTorch): scorer, tokenizer, vocab size, context."""
+    path = Path(path)
+    if (path / "model.onnx").is_file():
+        from edgegpt.runtime import Generator
+
+        generator = Generator.load(path, provider="auto", threads=threads)  # float16 packages need CUDA
+        spec = generator.config
+        return PackageScorer(generator), generator.package.tokenizer, spec.vocab_size, spec.max_len
+    if (path / "model.safetensors").is_file():
+        from edgegpt.checkpoint import load_checkpoint
+        from edgegpt.export.gates import TorchScorer
+
+        model, tokenizer = load_checkpoint(path)
+        return TorchScorer(model), tokenizer, model.cfg.vocab_size, model.cfg.max_len
+    raise EdgeGPTError(f"{path} is neither a model package (model.onnx) nor a checkpoint (model.safetensors)")
+
+
+def run_eval(path: Path, data: Path | None, reference: Path | None, max_tokens: int = DEFAULT_EVAL_TOKENS,
+             threads: int | None = None) -> tuple[list[Metrics], EvalText]:
+    """`edgegpt eval`: score `path` (and first `reference`, when given) on `data`."""
+    scorer, tokenizer, vocab_size, max_len = open_scorer(path, threads)
+    if data is not None:
+        documents, source = read_eval_documents(data)
+    elif (Path(path) / "model.safetensors").is_file():
+        documents, source = validation_documents(path)
+    else:
+        raise EdgeGPTError(f"{path} is a model package, which holds no text to evaluate on; pass --data PATH")
+    text = prepare_eval_text(documents, source, tokenizer, vocab_size, max_len, max_tokens)
+    rows: list[Metrics] = []
+    if reference is not None:
+        ref_scorer, ref_tokenizer, _, ref_len = open_scorer(reference, threads)
+        if ref_tokenizer.to_str() != tokenizer.to_str() or ref_len != max_len:
+            raise EdgeGPTError(f"{reference} has another tokenizer or context than {path}; they cannot be compared")
+        rows.append(evaluate(str(reference), ref_scorer, text))
+    rows.append(evaluate(str(path), scorer, text, rows[0].predictions if rows else None))
+    return rows, text

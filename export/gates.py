@@ -1,0 +1,125 @@
+"""Quality gates: an export ships only if the package provably lost (almost) nothing.
+
+    float32 graph    max |Δlogits| vs PyTorch ≤ 1e-4 × max(1, max |logit|)  (export/verify.py)
+    int8 package     perplexity on held-out text ≤ PyTorch float32's × 1.015
+    int4 package     ≤ × 1.05
+    float16 package  ≤ × 1.005
+
+The held-out text is scored by the PyTorch float32 model (the reference) and by the package through the
+runtime; both rows, with top-1 and greedy agreement, make the table the export prints. A failed gate
+raises GateFailed (the CLI prints the table, exits 2) before the package is swapped in, so nothing is
+written; --no-gate writes it anyway and the manifest records that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from edgegpt.errors import EdgeGPTError
+from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification, greedy_torch, torch_threads
+from edgegpt.model import GPT
+from edgegpt.quality import EvalText, Metrics
+
+PERPLEXITY_LIMITS: Mapping[str, float] = {"int8": 0.015, "int4": 0.05, "float16": 0.005}
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """The thresholds; the API takes other values (the CLI always uses these defaults)."""
+
+    perplexity_increase: Mapping[str, float] = field(default_factory=lambda: dict(PERPLEXITY_LIMITS))
+    logit_tolerance: float = FLOAT32_TOLERANCE
+
+
+class TorchScorer:
+    """The PyTorch float32 model as edgegpt.quality scores it (the reference of every gate)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model.eval()
+        self.max_len = model.cfg.max_len
+
+    @torch.no_grad()
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.model(torch.tensor([list(token_ids)]))[0].float().numpy()
+
+    def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
+        with torch_threads(1):
+            return greedy_torch(self.model, prompt, n_tokens)
+
+
+@dataclass
+class Check:
+    name: str  # e.g. "int8 perplexity vs PyTorch"
+    value: float
+    limit: float
+    unit: str  # "relative" (perplexity ratio - 1) or "logits" (max |Δ|)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.value <= self.limit)
+
+    def describe(self) -> str:
+        if self.unit == "relative":
+            return f"{self.name} {self.value:+.2%} (limit {self.limit:+.2%})"
+        return f"{self.name} {self.value:.2e} (limit {self.limit:.2e})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "limit": self.limit, "unit": self.unit, "passed": self.passed}
+
+
+@dataclass
+class GateReport:
+    """Everything the gates measured, for the table and the manifest."""
+
+    enabled: bool  # False with --no-gate
+    checks: list[Check]
+    text: EvalText | None = None  # None when no held-out text was evaluated
+    rows: list[Metrics] = field(default_factory=list)  # reference first, then the package
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "passed": self.passed,
+            "checks": [c.to_dict() for c in self.checks],
+            "eval": None if self.text is None else {
+                "source": self.text.source, "tokens": self.rows[0].tokens if self.rows else 0,
+                "chars": self.rows[0].chars if self.rows else 0, "capped": self.text.capped,
+            },
+            "models": [m.to_dict() for m in self.rows],
+        }
+
+
+class GateFailed(EdgeGPTError):
+    """A quality gate failed: no package was written. Carries the export report for the table."""
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def logit_check(verification: Verification) -> Check:
+    return Check("float32 graph max |Δlogits| vs PyTorch", verification.max_diff, verification.tolerance, "logits")
+
+
+def perplexity_check(label: str, reference: Metrics, package: Metrics, limits: GateLimits) -> Check | None:
+    """None for float32 packages: their gate is the logit check, which is far stricter."""
+    limit = limits.perplexity_increase.get(label)
+    if limit is None:
+        return None
+    return Check(f"{label} perplexity vs PyTorch", package.perplexity / reference.perplexity - 1, limit, "relative")
+
+
+def failure_message(report: GateReport) -> str:
+    failed = "; ".join(c.describe() for c in report.failures())
+    return f"quality gate failed: {failed}; no package was written (pass --no-gate to write it anyway)"
