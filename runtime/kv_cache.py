@@ -142,6 +142,13 @@ class StaticRunner:
             step.input_ids[0, 0] = ids[0, 0]
             step.seqlens_k[0] = total - 1
             step.total_sequence_length[...] = total
+            if self.device != "cpu":
+                # A CPU value bound for a GPU consumer is copied to the device when it is bound, not when
+                # the session runs, so writing the numpy array afterwards would feed every step the first
+                # step's token and position (seen on an H200: greedy text turned to garbage after one
+                # token). Re-bind the three small inputs each step; the cache stays bound in place.
+                for name in ("input_ids", "seqlens_k", "total_sequence_length"):
+                    binding.bind_ortvalue_input(name, step.values[name])
         else:
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
