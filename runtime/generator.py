@@ -83,12 +83,13 @@ class Generator:
             # or int8 fused graph on CUDA sends attention back to the CPU with the cache copied across
             # every step (on an H200 its greedy text drifted from the CPU's). Such packages are CPU
             # packages; CUDA gets `--precision fp16`.
-            if provider == "cuda":
+            if provider == "cuda" and cuda_available():
                 raise EdgeGPTError(
                     f"{package.path} is a {package.graph.dtype} package, which runs on the CPU; "
                     "for CUDA export with `edgegpt export --precision fp16`"
                 )
-            provider = "cpu"
+            if provider == "auto":
+                provider = "cpu"
         session, used = create_session(package.model_path, provider=provider, threads=threads)
         return cls(package, session, used, max_length)
 
