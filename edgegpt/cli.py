@@ -1,4 +1,4 @@
-"""The `edgegpt` command line: train, export, eval, generate, info.
+"""The `edgegpt` command line: train, export, eval, generate, chat, convert, info.
 
 Heavy modules (torch, onnx) are imported inside the commands that need them, so `edgegpt generate`
 starts as fast as the runtime does.
@@ -175,6 +175,9 @@ def generate(
     temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens (0 = off)."),
     top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set with this much probability (1 = off)."),
+    min_p: Optional[float] = typer.Option(None, help="Drop tokens less likely than this fraction of the most likely one (0 = off)."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text (1 = off)."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the text before this string; repeatable."),
     seed: Optional[int] = typer.Option(None, help="Same seed, same text."),
     provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
 ) -> None:
@@ -184,13 +187,80 @@ def generate(
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
         pieces = generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed)
+                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                  stop=stop or None, seed=seed)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = typer.Option(None, help="Model package. Default: $EDGEGPT_HOME/model."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest reply. Default: the package's generation_config.json."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set with this much probability (1 = off)."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Same seed, same replies."),
+    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+) -> None:
+    """Talk to a model: each line you type is added to the conversation and the reply streams back.
+    /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
+    with user_errors():
+        from edgegpt.chat import chat_loop
+        from edgegpt.runtime import Generator
+
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       repetition_penalty=repetition_penalty, seed=seed)
+        chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
+                                                                                flush=True), options)
+        print(file=sys.stderr)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="An edgegpt checkpoint or a Hugging Face LlamaForCausalLM directory."),
+    out: Path = typer.Argument(..., help="Where to write the other format (a new directory)."),
+) -> None:
+    """Convert a checkpoint to a Hugging Face LlamaForCausalLM directory, or back; lossless both ways."""
+    with user_errors():
+        from edgegpt.convert import convert as run_convert
+
+        direction, written = run_convert(source, out)
+    print(f"{direction}: {written}")
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Argument(None, help="Model package. Default: $EDGEGPT_HOME/model."),
+    prompt_len: int = typer.Option(32, help="Prompt tokens before the first token (random ids)."),
+    new_tokens: int = typer.Option(128, help="Greedy decode steps timed."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads. Default: the physical cores."),
+    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+    runs: int = typer.Option(5, help="Timed runs; medians are reported."),
+    positions: Optional[str] = typer.Option(None, help="Also decode tokens/s after this many cached tokens, e.g. 64,900."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process."""
+    with user_errors():
+        from edgegpt.bench import bench_table, run_bench
+
+        try:
+            at = tuple(int(p) for p in positions.split(",") if p.strip()) if positions else ()
+        except ValueError:
+            raise EdgeGPTError(f"--positions takes comma-separated integers, got {positions!r}") from None
+        report = run_bench(model or workspace.model_dir(), prompt_len=prompt_len, new_tokens=new_tokens,
+                           threads=threads, provider=provider.value, runs=runs, positions=at)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            from rich.console import Console
+
+            Console().print(bench_table(report))
 
 
 @app.command()

@@ -58,3 +58,68 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids) if ids else ""
+
+
+class StopStrings:
+    """Text pieces in, text out that never contains a stop string: ends before the first one.
+
+        pending (held back) ─► text = pending + piece ─► a stop string in text? ─► emit text before it; stopped
+                                                       └─► else hold back the longest tail that could begin a
+                                                           stop string ("\\n" of "\\n\\n"), emit the rest
+
+    A stop string spanning several tokens (or pieces) is therefore caught, and a stream never shows text
+    it would have to take back. Held-back text that turns out not to start a stop string is emitted with
+    the next piece, or by `flush` at the end. No stop strings: text passes straight through.
+    """
+
+    def __init__(self, stops: tuple[str, ...] = ()) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        text = self.pending + piece
+        starts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if starts:
+            self.stopped, self.pending = True, ""
+            return text[: min(starts)]
+        hold = max(partial_match(text, s) for s in self.stops)
+        self.pending = text[len(text) - hold :]
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        tail, self.pending = self.pending, ""
+        return tail
+
+
+def partial_match(text: str, stop: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `stop` (0 if none)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+class TextStream:
+    """Token ids in, final text pieces out: StreamDecoder (whole UTF-8 characters), then StopStrings.
+    One per generation; `stopped` turns True when a stop string ended the text."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = ()) -> None:
+        self._decoder = StreamDecoder(tokenizer)
+        self._stops = StopStrings(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def push(self, token_id: int) -> str:
+        return self._stops.push(self._decoder.push(token_id))
+
+    def flush(self) -> str:
+        """The held-back tail at the end of generation ("" after a stop string)."""
+        text = self._stops.push(self._decoder.flush())
+        return text + ("" if self.stopped else self._stops.flush())

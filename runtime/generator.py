@@ -3,8 +3,9 @@
     prompt ─► encode ─► prefill(prompt ids, empty past) ─► logits, cache
                         ┌───────────────────────────────────────┘
                         ▼
-    next_token(logits) ─► yield token ─► decode_step(token, cache) ─► logits, cache ─► next_token ...
-    stops at eos_token_id (not yielded), after max_new_tokens, or when the context (max_length) is full.
+    Sampler.choose(logits) ─► yield token ─► decode_step(token, cache) ─► logits, cache ─► choose ...
+    stops at eos_token_id (not yielded; stop_at_eos=False to go on), after max_new_tokens, when the
+    context (max_length) is full, at a stop string (text level), or when `cancel` is set.
 
 How the cache is kept depends on the package's kv_layout (runtime/kv_cache.py): `static` (the fused
 graph) preallocates max_length positions and a step writes one in place; `concat` (the plain graph)
@@ -13,39 +14,51 @@ feeds the cache in and gets it back grown by the new tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence, Unpack
 
 import numpy as np
 
 from edgegpt.errors import EdgeGPTError
-from edgegpt.runtime.detokenizer import StreamDecoder
-from edgegpt.runtime.kv_cache import RUNNERS, KVCache
+from edgegpt.runtime.batch import Row, generate_rows
+from edgegpt.runtime.detokenizer import TextStream
+from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner
+from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_options
 from edgegpt.runtime.package import ModelPackage, ModelSpec
-from edgegpt.runtime.sampling import check_sampling, next_token
-from edgegpt.runtime.session import cuda_available, create_session
+from edgegpt.runtime.sampling import Sampler
+from edgegpt.runtime.session import PROVIDERS, cuda_available, create_session
 
-__all__ = ["Generator", "KVCache"]
+__all__ = ["Generator", "GenerateOptions", "KVCache"]
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
+class Cancel(Protocol):
+    """What `cancel=` takes: a threading.Event, or anything with is_set()."""
+
+    def is_set(self) -> bool: ...
+
+
+def cancelled(cancel: Cancel | None) -> bool:
+    return cancel is not None and cancel.is_set()
 
 
 class Generator:
     """Text generation from a model package.
 
-    Thread safety: one Generator may serve several threads at once. After `load` nothing on it changes;
-    onnxruntime's session runs are thread-safe, and each call keeps its own cache (for the static
-    layout: its own buffers and IO binding), random generator and detokenizer in local variables.
-    Calls run concurrently on the session's thread pool. A KVCache itself is one thread's at a time.
+        g = Generator.load("edgegpt-out/model", provider="auto", threads=None, max_length=None)
+        g.generate(prompt, **options) -> str          g.stream(prompt, cancel=event, **options) -> pieces
+        g.generate_batch(prompts, **options) -> [str] g.generate_ids / stream_tokens -> token ids
+        options (GenerateOptions): max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+        seed, stop, stop_at_eos; None means the package's generation_config.json.
+
+    Thread safety: one Generator may serve several threads at once.
+      shared, read-only after `load`: the onnxruntime session (its run() is thread-safe), the package
+        (config, tokenizer — tokenizers' decode/encode are thread-safe), provider and max_length;
+      per call, in the call's own local variables: the KV cache (for the static layout its buffers and
+        IO binding), the Sampler (random generator, seen ids), the detokenizer and stop-string state.
+    So seeded calls give the same text whether they run alone or from 8 threads at once. Calls share the
+    session's intra-op thread pool, so concurrent calls run side by side but not faster in total. A
+    KVCache from prefill/decode_step belongs to one thread at a time.
 
     An empty prompt encodes to no tokens, so generation then starts from the end-of-text token
     (generation_config.json's eos_token_id), the way every training document boundary looks to the model.
@@ -67,6 +80,8 @@ class Generator:
     ) -> "Generator":
         """Load a package directory; provider "auto" | "cpu" | "cuda"; threads default: physical cores;
         max_length (default: the model's max_len) caps prompt + generated tokens and sizes the cache."""
+        if provider not in PROVIDERS:  # before the package's dtype picks one for "auto"
+            raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         package = ModelPackage.load(path)
         check_max_length(max_length, package.model.max_len)
         if package.graph.dtype == "float16":
@@ -140,106 +155,109 @@ class Generator:
         return ids
 
     def stream_tokens(
-        self,
-        prompt: str,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> Iterator[int]:
-        """New token ids, one at a time (eos not included). None: the package's generation defaults.
+        """New token ids, one at a time (eos not included unless stop_at_eos=False). Options: GenerateOptions
+        (None: the package's generation_config.json); `stop` is refused here: stop strings are text.
 
-        Arguments and prompt length are checked now, before the first token is asked for.
+        Options and prompt length are checked now, before the first token is asked for.
         """
-        options = self._options(max_new_tokens, temperature, top_k, top_p, seed)
-        return self._tokens(self.encode(prompt), options)
+        resolved = self._resolve(options)
+        if resolved.stop:
+            raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
+        return self._tokens(self.encode(prompt), resolved, cancel)
 
     def generate_ids(
-        self,
-        prompt: str,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> list[int]:
-        """All new token ids (eos not included). Arguments as `stream_tokens`."""
-        return list(self.stream_tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+        """All new token ids. Options as `stream_tokens`."""
+        return list(self.stream_tokens(prompt, cancel=cancel, **options))
 
     def stream(
-        self,
-        prompt: str,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> Iterator[str]:
-        """Text pieces as they are ready, never half a UTF-8 character. Arguments as `stream_tokens`."""
-        return self._pieces(self.stream_tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+        """Text pieces as they are ready: never half a UTF-8 character, never any part of a stop string
+        (text that could begin one is held back until it is clear). Options: GenerateOptions.
+
+        Cancelling: set `cancel` (a threading.Event, or anything with is_set()) from any thread; the
+        stream ends before the next forward pass, so at most the step in flight still yields, and the
+        cache is released when it ends. From the consuming thread, `close()` on the iterator does the same.
+        """
+        resolved = self._resolve(options)
+        return self._pieces(self._tokens(self.encode(prompt), resolved, cancel), resolved.stop)
 
     def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> str:
-        """The generated text, without the prompt: "".join(stream(...)). Arguments as `stream_tokens`."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+        """The generated text, without the prompt: "".join(stream(...)). Options as `stream`."""
+        return "".join(self.stream(prompt, cancel=cancel, **options))
 
-    def _tokens(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[int]:
-        rng = np.random.default_rng(options.seed)
-        eos = self.package.generation.eos_token_id
-        if options.max_new_tokens == 0:
+    def generate_batch(self, prompts: Sequence[str], **options: Unpack[GenerateOptions]) -> list[str]:
+        """One text per prompt, equal to [generate(p, **options) for p in prompts].
+
+        Seeds: `seed` may also be a list with one seed per prompt. An int seed is every row's seed, so each
+        row is exactly its one-by-one generation with that seed (two equal prompts give equal texts).
+        The fused graph on the CPU runs the rows as one batch per decode step (runtime/batch.py); other
+        layouts and CUDA run the rows one after another.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise EdgeGPTError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        seeds = options.pop("seed", None)
+        if isinstance(seeds, (list, tuple)):
+            if len(seeds) != len(prompts):
+                raise EdgeGPTError(f"seed has {len(seeds)} values for {len(prompts)} prompts")
+        else:
+            seeds = [seeds] * len(prompts)
+        per_row = [self._resolve({**options, "seed": seed}) for seed in seeds]
+        ids = [self.encode(prompt) for prompt in prompts]
+        if not prompts:
+            return []
+        if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
+            return ["".join(self._pieces(self._tokens(i, o, None), o.stop)) for i, o in zip(ids, per_row)]
+        rows = [Row(i, o, self.package, self.max_length) for i, o in zip(ids, per_row)]
+        generate_rows(self._runner, rows, ids, self._checked)
+        return [row.result() for row in rows]
+
+    def _tokens(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Iterator[int]:
+        """The decode loop (the stopping rules mirror runtime/batch.py's Row.accept)."""
+        if options.max_new_tokens == 0 or cancelled(cancel):
             return
+        sampler = Sampler(options.sampling, options.seed, prompt_ids, self.package.tokenizer.get_vocab_size())
+        eos = self.package.generation.eos_token_id
         logits, cache = self.prefill(prompt_ids)
         for produced in range(1, options.max_new_tokens + 1):
-            token = next_token(self._checked(logits), rng, options.temperature, options.top_k, options.top_p)
-            if token == eos:
+            token = sampler.choose(self._checked(logits))
+            if token == eos and options.stop_at_eos:
                 return
             yield token
             # Feeding this token would need one more position than the context has: stop here.
-            if produced == options.max_new_tokens or cache.length >= self.max_length:
+            if produced == options.max_new_tokens or cache.length >= self.max_length or cancelled(cancel):
                 return
             logits, cache = self.decode_step(token, cache)
 
-    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
-        decoder = StreamDecoder(self.package.tokenizer)
-        for token in tokens:
-            if piece := decoder.push(token):
-                yield piece
-        if tail := decoder.flush():
-            yield tail
+    def _pieces(self, tokens: Iterator[int], stop: tuple[str, ...]) -> Iterator[str]:
+        text = TextStream(self.package.tokenizer, stop)
+        try:
+            for token in tokens:
+                if piece := text.push(token):
+                    yield piece
+                if text.stopped:
+                    return
+            if tail := text.flush():
+                yield tail
+        finally:
+            tokens.close()  # ends the decode loop now, releasing its cache, whoever stops iterating
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
-        """Only ids the tokenizer can decode (a model's vocab may be padded past the tokenizer's)."""
-        logits = logits[: self.package.tokenizer.get_vocab_size()]
+        """logits [vocab], refused when not finite (the sampler drops ids the tokenizer cannot decode)."""
         if not np.isfinite(logits).all():
             raise EdgeGPTError(
                 f"{self.package.model_path} produced non-finite logits; the package is corrupt, re-run `edgegpt export`"
             )
         return logits
 
-    def _options(self, max_new_tokens, temperature, top_k, top_p, seed) -> SamplingOptions:
-        defaults = self.package.generation
-        options = SamplingOptions(
-            max_new_tokens=defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            temperature=defaults.temperature if temperature is None else temperature,
-            top_k=defaults.top_k if top_k is None else top_k,
-            top_p=defaults.top_p if top_p is None else top_p,
-            seed=seed,
-        )
-        n = options.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
-            raise EdgeGPTError(f"max_new_tokens must be an integer >= 0, got {n!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0):
-            raise EdgeGPTError(f"seed must be an integer >= 0, got {seed!r}")
-        check_sampling(options.temperature, options.top_k, options.top_p)
-        return options
+    def _resolve(self, options) -> GenerationOptions:
+        return resolve_options(self.package.generation, options)
 
     def _check_session_matches_contract(self) -> None:
         """model.onnx must take exactly the inputs config.json declares, and give the outputs we read."""

@@ -111,8 +111,12 @@ class StaticRunner:
         # Where the buffers live: on the GPU for CUDA, so a step never crosses the bus with the cache.
         self.device = "cuda" if provider == "cuda" else "cpu"
 
-    def new_cache(self) -> KVCache:
-        """Fresh zeroed buffers and a binding of their own: [1, n_kv_heads, max_length, head_dim] each."""
+    def new_cache(self, arrays: Mapping[str, np.ndarray] | None = None) -> KVCache:
+        """Fresh zeroed buffers and a binding of their own: [1, n_kv_heads, max_length, head_dim] each.
+
+        arrays (CPU only): past name -> a C-contiguous array of that shape to use as the buffer instead,
+        e.g. one row of a batch's buffer (runtime/batch.py prefills each row in place this way).
+        """
         import onnxruntime as ort
 
         binding = self.session.io_binding()
@@ -122,7 +126,8 @@ class StaticRunner:
         for past, present in self.layer_names:
             # On the CPU the OrtValue wraps this numpy array's memory (no copy) and keeps it alive.
             # Zeroed so that positions no step has written hold finite numbers, not stale memory.
-            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.shape, self.dtype), self.device, 0)
+            array = np.zeros(self.shape, self.dtype) if arrays is None else arrays[past]
+            buffer = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
             tensors[past] = buffer

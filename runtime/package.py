@@ -94,6 +94,9 @@ class GenerationDefaults:
     top_k: int  # 0 = off
     top_p: float  # 1.0 = off
     eos_token_id: int
+    # Optional in the file (Hugging Face's names); absent means off.
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
 
 
 @dataclass(frozen=True)
@@ -231,15 +234,17 @@ def _parse_generation(data: Mapping[str, Any], source: str) -> GenerationDefault
     top_k = _field(data, "top_k", int, source)
     top_p = float(_field(data, "top_p", (int, float), source))
     eos_token_id = _field(data, "eos_token_id", int, source)
+    min_p = float(_field(data, "min_p", (int, float), source)) if "min_p" in data else 0.0
+    penalty = float(_field(data, "repetition_penalty", (int, float), source)) if "repetition_penalty" in data else 1.0
     if max_new_tokens < 0:
         raise EdgeGPTError(f"{source}: max_new_tokens must be >= 0, got {max_new_tokens}")
     try:
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, min_p, penalty)
     except EdgeGPTError as e:
         raise EdgeGPTError(f"{source}: {e}") from None
     if eos_token_id < 0:
         raise EdgeGPTError(f"{source}: eos_token_id must be >= 0, got {eos_token_id}")
-    return GenerationDefaults(max_new_tokens, temperature, top_k, top_p, eos_token_id)
+    return GenerationDefaults(max_new_tokens, temperature, top_k, top_p, eos_token_id, min_p, penalty)
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:

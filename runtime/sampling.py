@@ -1,33 +1,73 @@
 """Choosing the next token from a logits vector: small pure numpy functions (after litgpt).
 
-    logits [vocab] ─► / temperature ─► top_k_filter ─► top_p_filter ─► softmax ─► sample(rng) ─► id
-                  └─ temperature == 0: argmax (greedy; top_k and top_p cannot change the result)
+    logits [vocab] ─► repetition_penalty(seen) ─┬─ temperature == 0: argmax (greedy)
+                                                └─ / temperature ─► top_k ─► top_p ─► min_p ─► softmax ─► sample(rng)
 
-The order (temperature, then top-k, then top-p) is Hugging Face's, so a package's
-generation_config.json means the same thing to both. All randomness comes from the
-`numpy.random.Generator` passed in: the same seed gives the same tokens.
+The order is Hugging Face's (the penalty is a logits processor, then the warpers temperature, top-k,
+top-p, min-p), so a package's generation_config.json means the same thing to both. The penalty applies
+before the greedy argmax too: it is meant to change which token wins. top-k/top-p/min-p cannot change
+an argmax, so greedy ignores them. All randomness comes from the `numpy.random.Generator` a `Sampler`
+owns: the same seed gives the same tokens.
+
+This module is the one sampler of edgegpt: the runtime and the PyTorch reference
+(edgegpt/reference.py) both feed it numpy logits, so seeded they choose the same tokens.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Iterable
 
 import numpy as np
 
 from edgegpt.errors import EdgeGPTError
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose a token; the neutral value of each switches it off."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0 = off; keep tokens with probability >= min_p × the top probability
+    repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in prompt + output
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+
+
+def check_sampling(
+    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0
+) -> None:
     """Raise EdgeGPTError for values outside their ranges (bools are not numbers here)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature):
+    if not _number(temperature):
         raise EdgeGPTError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if temperature < 0:
         raise EdgeGPTError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0:
         raise EdgeGPTError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1:
+    if not _number(top_p) or not 0 < top_p <= 1:
         raise EdgeGPTError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
+    if not _number(min_p) or not 0 <= min_p <= 1:
+        raise EdgeGPTError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    if not _number(repetition_penalty) or repetition_penalty <= 0:
+        raise EdgeGPTError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def repetition_penalty_filter(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty (Keskar et al. 2019, as Hugging Face applies it): for every id with seen[id] True,
+    divide a positive logit by `penalty` and multiply a negative one, so penalty > 1 always makes it
+    less likely. seen: bool [vocab]. penalty == 1.0: unchanged."""
+    if penalty == 1.0 or not seen.any():
+        return logits
+    out = logits.copy()
+    hit = out[seen]
+    out[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
+    return out
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -60,6 +100,15 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Min-p (Nguyen et al. 2024): keep tokens whose probability is at least min_p × the largest one.
+    In logits: logit >= max + log(min_p). The most likely token always survives. min_p == 0: unchanged."""
+    if min_p <= 0.0:
+        return logits
+    threshold = np.max(logits) + math.log(min_p)
+    return np.where(logits >= threshold, logits, -np.inf)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities in float64 (-inf logits get exactly 0)."""
     z = logits.astype(np.float64) - np.max(logits)
@@ -80,11 +129,44 @@ def next_token(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seen: np.ndarray | None = None,
 ) -> int:
-    """The next token id from logits [vocab]. Parameters are assumed checked by `check_sampling`."""
+    """The next token id from logits [vocab]; seen: bool [vocab], ids the penalty applies to.
+    Parameters are assumed checked by `check_sampling`. Greedy draws no random number."""
+    logits = logits.astype(np.float64)
+    if seen is not None:
+        logits = repetition_penalty_filter(logits, seen, float(repetition_penalty))
     if temperature == 0:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / temperature
+    logits = logits / temperature
     logits = top_k_filter(logits, int(top_k))
     logits = top_p_filter(logits, float(top_p))
+    logits = min_p_filter(logits, float(min_p))
     return sample(softmax(logits), rng)
+
+
+class Sampler:
+    """One sequence's token chooser: the params, its own random generator and the ids seen so far.
+
+    Per sequence, never shared between threads or rows: `choose` advances the generator and records the
+    chosen id for the repetition penalty. The runtime and the PyTorch reference both use this class.
+    """
+
+    def __init__(self, params: SamplingParams, seed: int | None, prompt_ids: Iterable[int], vocab_size: int) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(seed)
+        self.vocab_size = vocab_size  # ids the tokenizer can decode; logits beyond are dropped
+        self.seen = np.zeros(vocab_size, bool)
+        self.seen[[i for i in prompt_ids if 0 <= i < vocab_size]] = True
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next id from logits [>= vocab_size] (a model's vocab may be padded past the tokenizer's)."""
+        p = self.params
+        token = next_token(
+            logits[: self.vocab_size], self.rng, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+            self.seen if p.repetition_penalty != 1.0 else None,
+        )
+        self.seen[token] = True
+        return token

@@ -6,8 +6,12 @@ Providers, as the user names them:
     "cuda"  CUDA or an EdgeGPTError (never a silent fall back to the CPU)
 
 Threads default to the number of physical cores: on a CPU, matrix multiplications gain nothing from
-hyperthreads. Thread-pool spinning is off: a spinning pool keeps cores busy between calls, and an app
-that holds a model while idle must cost no CPU. The price is a few microseconds of wake-up per step.
+hyperthreads. The intra-op pool spins only inside a run: a decode step is a chain of ~90 small ops, and
+a pool that sleeps between them pays a wake-up per op; `session.force_spinning_stop` stops the spinning
+as soon as run() returns, so an app that holds a model while idle costs no CPU. Measured 2026-11-28
+(`small` int8, 2 threads, 128 greedy steps, median of 7 interleaved runs): no spinning 690 tokens/s,
+spinning within runs 947, spinning left on 1,046 but burning 3% of a core per idle second afterwards
+(within-run spinning: 0.0, measured as process CPU time over 1 s of sleep after a generation).
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1  # a decoder is a chain of ops: nothing runs side by side
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # within a run (module doc)
+    options.add_session_config_entry("session.force_spinning_stop", "1")  # ... and not after it returns
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = LOG_ERROR

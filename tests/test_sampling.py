@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from edgegpt.errors import EdgeGPTError
-from edgegpt.runtime.sampling import check_sampling, next_token, softmax, top_k_filter, top_p_filter
+from edgegpt.runtime.detokenizer import StopStrings, partial_match
+from edgegpt.runtime.sampling import (
+    Sampler,
+    SamplingParams,
+    check_sampling,
+    min_p_filter,
+    next_token,
+    repetition_penalty_filter,
+    softmax,
+    top_k_filter,
+    top_p_filter,
+)
 
 VOCAB = 50
 
@@ -116,3 +127,87 @@ def test_valid_edges_are_accepted():
     check_sampling(0, 0, 1.0)
     check_sampling(0.7, 40, 1e-9)
     check_sampling(np.float32(1.0), np.int64(3), 1)
+
+
+# -- min-p, repetition penalty, the Sampler ------------------------------------------------------------
+
+
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_top_probability():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert np.isfinite(min_p_filter(logits, 0.5)).tolist() == [True, True, False, False]
+    assert np.isfinite(min_p_filter(logits, 0.1)).tolist() == [True, True, True, True]
+    assert np.isfinite(min_p_filter(logits, 1.0)).tolist() == [True, False, False, False]
+    assert min_p_filter(logits, 0.0) is logits
+
+
+def test_min_p_limits_sampling():
+    logits = flat_logits()
+    logits[3] = 1.9  # a close second: min_p 0.5 keeps exactly ids 7 and 3
+    assert set(draw(logits, temperature=1.0, min_p=0.5)) == {3, 7}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = np.array([2.0, -2.0, 2.0, -2.0])
+    seen = np.array([True, True, False, False])
+    assert repetition_penalty_filter(logits, seen, 2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
+    assert repetition_penalty_filter(logits, seen, 1.0) is logits
+
+
+def test_repetition_penalty_changes_the_greedy_choice_only_for_seen_tokens():
+    logits = np.array([3.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    assert next_token(logits, rng, repetition_penalty=2.0, seen=np.array([True, False, False])) == 1
+    assert next_token(logits, rng, repetition_penalty=2.0, seen=np.array([False, False, True])) == 0
+
+
+def test_sampler_counts_prompt_and_chosen_tokens_as_seen():
+    logits = np.array([3.0, 2.9, 2.8, 0.5, 9.0])
+    sampler = Sampler(SamplingParams(repetition_penalty=100.0), None, [0], vocab_size=4)
+    assert [sampler.choose(logits) for _ in range(3)] == [1, 2, 3]  # 0 is in the prompt; id 4 is past the vocab
+    assert Sampler(SamplingParams(), None, [0], 4).choose(logits) == 0  # no penalty: plain argmax
+
+
+def test_sampler_same_seed_same_draws():
+    logits = flat_logits()
+    params = SamplingParams(temperature=1.0, top_k=20, min_p=0.01, repetition_penalty=1.3)
+    draws = [[s.choose(logits) for _ in range(40)] for s in (Sampler(params, seed, [1, 2], VOCAB) for seed in (5, 5, 6))]
+    assert draws[0] == draws[1] != draws[2]
+
+
+@pytest.mark.parametrize("min_p, penalty", [(-0.1, 1.0), (1.1, 1.0), (float("nan"), 1.0), (0.0, 0.0), (0.0, -1.0),
+                                            (0.0, float("inf")), (0.0, True)])
+def test_invalid_min_p_and_penalty_raise(min_p, penalty):
+    with pytest.raises(EdgeGPTError):
+        check_sampling(1.0, 0, 1.0, min_p, penalty)
+
+
+# -- stop strings ---------------------------------------------------------------------------------------
+
+
+def feed(stops, pieces) -> tuple[list[str], bool]:
+    stop = StopStrings(tuple(stops))
+    shown = [stop.push(p) for p in pieces]
+    if not stop.stopped:
+        shown.append(stop.flush())
+    return shown, stop.stopped
+
+
+def test_stop_string_split_over_pieces_is_caught_and_never_shown():
+    shown, stopped = feed(["</s>"], ["Hello <", "/", "s> world"])
+    assert stopped and "".join(shown) == "Hello " and shown[0] == "Hello "
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop_string():
+    shown, stopped = feed(["\n\n"], ["a\n", "b", "\n"])
+    assert not stopped and shown == ["a", "\nb", "", "\n"]
+
+
+def test_the_earliest_stop_string_wins():
+    assert feed(["c", "ab"], ["xabc"]) == (["x"], True)
+    assert feed([], ["no stops"]) == (["no stops", ""], False)
+
+
+def test_partial_match():
+    assert partial_match("hello wor", "world") == 3
+    assert partial_match("hello", "world") == 0
+    assert partial_match("xx", "x") == 0  # a whole stop string is found by find(), not held back

@@ -1,0 +1,83 @@
+"""`edgegpt chat` driven through its input, `edgegpt generate`'s sampling flags, and `edgegpt convert`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from edgegpt.cli import app
+from edgegpt.runtime import Generator
+
+runner = CliRunner()
+GREEDY = ["--max-new-tokens", "12", "--temperature", "0", "--provider", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_package) -> Generator:
+    return Generator.load(tiny_package, provider="cpu")
+
+
+def reply(gen: Generator, transcript: str) -> str:
+    return gen.generate(transcript, max_new_tokens=12, temperature=0, stop="\n\n")
+
+
+def test_chat_keeps_a_transcript_resets_and_quits(tiny_package, gen):
+    result = runner.invoke(app, ["chat", "--model", str(tiny_package), *GREEDY],
+                           input="The import statement\nreturn\n/reset\nreturn\n/quit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    first = reply(gen, "The import statement\n")
+    second = reply(gen, "The import statement\n" + first + "\nreturn\n")
+    after_reset = reply(gen, "return\n")
+    assert second != after_reset, "the test cannot tell a kept transcript from a reset one"
+    assert result.stdout == f"{first}\n{second}\n{after_reset}\n"
+    assert "/reset" in result.stderr and "conversation forgotten" in result.stderr
+
+
+def test_chat_exits_cleanly_at_end_of_input(tiny_package, gen):
+    result = runner.invoke(app, ["chat", "--model", str(tiny_package), *GREEDY], input="def f\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reply(gen, "def f\n") + "\n"
+    assert runner.invoke(app, ["chat", "--model", str(tiny_package)], input="").exit_code == 0
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_package, gen, corpus_text):
+    lines = [line for line in corpus_text.splitlines() if len(line) > 60][:12]
+    result = runner.invoke(app, ["chat", "--model", str(tiny_package), *GREEDY], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) >= len(lines)
+
+
+def test_chat_with_a_bad_option_is_one_line(tiny_package):
+    result = runner.invoke(app, ["chat", "--model", str(tiny_package), "--top-p", "2"], input="hi\n")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("edgegpt: error: top_p must be in")
+
+
+def test_generate_flags_reach_the_sampler(tiny_package, gen):
+    full = gen.generate("The ", max_new_tokens=30, temperature=0)
+    stop = full[10:13]
+    result = runner.invoke(app, ["generate", "The ", "--model", str(tiny_package), "--max-new-tokens", "30",
+                                 "--temperature", "0", "--stop", "never", "--stop", stop, "--provider", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "The " + full[: full.index(stop)] + "\n"
+    penalised = runner.invoke(app, ["generate", "The ", "--model", str(tiny_package), "--max-new-tokens", "30",
+                                    "--temperature", "0", "--repetition-penalty", "1e6", "--min-p", "0.5"])
+    assert penalised.stdout == "The " + gen.generate("The ", max_new_tokens=30, temperature=0,
+                                                    repetition_penalty=1e6) + "\n"
+    bad = runner.invoke(app, ["generate", "The ", "--model", str(tiny_package), "--min-p", "3"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("edgegpt: error: min_p")
+
+
+def test_convert_prints_the_direction(tiny_checkpoint, tmp_path):
+    result = runner.invoke(app, ["convert", str(tiny_checkpoint), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"checkpoint → huggingface: {tmp_path / 'hf'}"
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_convert_bad_input_is_one_line(tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgegpt: error: ") and "neither" in lines[0]
+    assert "Traceback" not in result.output

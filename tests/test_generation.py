@@ -1,0 +1,264 @@
+"""The generation API: every option changes the outcome, stop strings never leak, batch equals one-by-one,
+threads share one Generator, cancelling stops within one step, and the PyTorch reference samples the
+same tokens as the runtime."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import threading
+import weakref
+
+import pytest
+
+from conftest import RUNTIME_PROVIDER, same_tokens
+from edgegpt.errors import EdgeGPTError
+from edgegpt.runtime import Generator
+from edgegpt.runtime.sampling import SamplingParams
+
+PROMPTS = ["The ", "def f(x):\n\treturn", "", "The import statement binds a name in the local namespace"]
+HOT = dict(temperature=5.0, seed=0, max_new_tokens=30)  # nearly uniform: far from greedy unless filtered
+
+
+@pytest.fixture(scope="module")
+def gen(runtime_package, runtime_provider) -> Generator:
+    return Generator.load(runtime_package, provider=runtime_provider)
+
+
+@pytest.fixture(scope="module")
+def plain(plain_package, runtime_provider) -> Generator:
+    return Generator.load(plain_package, provider=runtime_provider)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    from edgegpt.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)[0]
+
+
+def greedy(g: Generator, prompt: str = "The ", n: int = 30) -> list[int]:
+    return g.generate_ids(prompt, max_new_tokens=n, temperature=0)
+
+
+# -- every option, each with a test that fails when the option is ignored ------------------------------
+
+
+def test_temperature_zero_is_greedy_and_hot_sampling_is_not(gen):
+    assert gen.generate_ids("The ", temperature=0, max_new_tokens=30, seed=0) == greedy(gen)
+    assert gen.generate_ids("The ", **HOT) != greedy(gen)
+
+
+@pytest.mark.parametrize("option", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_each_filter_alone_can_make_hot_sampling_greedy(gen, option):
+    assert gen.generate_ids("The ", **HOT, **option) == greedy(gen)
+
+
+def test_repetition_penalty_keeps_greedy_from_repeating(gen):
+    plain_ids = greedy(gen, n=40)
+    assert len(set(plain_ids)) < len(plain_ids), "greedy must repeat itself for this test to mean anything"
+    prompt_ids = gen.encode("The ")
+    penalised = gen.generate_ids("The ", max_new_tokens=40, temperature=0, repetition_penalty=1e6)
+    assert len(penalised) == 40 and len(set(penalised)) == 40 and not set(penalised) & set(prompt_ids)
+
+
+def test_seed(gen):
+    options = dict(temperature=1.0, top_k=40, min_p=0.02, max_new_tokens=30)
+    assert gen.generate("The ", seed=1, **options) == gen.generate("The ", seed=1, **options)
+    assert gen.generate("The ", seed=1, **options) != gen.generate("The ", seed=2, **options)
+
+
+def test_max_new_tokens_and_stop_at_eos(gen, runtime_provider, tmp_path):
+    assert len(gen.generate_ids("The ", max_new_tokens=7, temperature=0)) == 7
+    # Make the fifth greedy token the end-of-text token: generation stops before it unless told not to.
+    ids = greedy(gen, n=10)
+    package = shutil.copytree(gen.package.path, tmp_path / "model")
+    config = json.loads((package / "generation_config.json").read_text())
+    (package / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": ids[4]}))
+    eos = Generator.load(package, provider=runtime_provider)
+    assert eos.generate_ids("The ", max_new_tokens=10, temperature=0) == ids[: ids.index(ids[4])]
+    assert eos.generate_ids("The ", max_new_tokens=10, temperature=0, stop_at_eos=False) == ids
+    assert eos.generate_batch(["The "], max_new_tokens=10, temperature=0) == [eos.generate("The ", max_new_tokens=10,
+                                                                                             temperature=0)]
+
+
+# -- stop strings ------------------------------------------------------------------------------------
+
+
+def stop_spanning_tokens(g: Generator, ids: list[int]) -> str:
+    """A stop string that starts inside one token and ends inside a later one."""
+    decode = g.package.tokenizer.decode
+    start = len(decode(ids[:6])) - 1  # the last character of token 6
+    end = len(decode(ids[:8])) + 1  # the first character of token 9
+    return decode(ids)[start:end]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=4)])
+def test_stop_string_spanning_tokens_never_leaks(gen, options):
+    full = gen.generate("The ", max_new_tokens=30, **options)
+    stop = stop_spanning_tokens(gen, gen.generate_ids("The ", max_new_tokens=30, **options))
+    expected = full[: full.index(stop)]
+    assert gen.generate("The ", max_new_tokens=30, stop=stop, **options) == expected
+    shown = ""
+    for piece in gen.stream("The ", max_new_tokens=30, stop=["never there", stop], **options):
+        shown += piece
+        assert expected.startswith(shown), "a stream showed text it had to take back"
+    assert shown == expected
+    assert gen.generate_batch(["The ", "def "], max_new_tokens=30, stop=stop, **options)[0] == expected
+
+
+def test_the_earliest_stop_string_wins_and_a_held_back_prefix_is_released(gen):
+    full = gen.generate("The ", max_new_tokens=30, temperature=0)
+    late, early = full[20:24], full[5:8]
+    assert gen.generate("The ", max_new_tokens=30, temperature=0, stop=[late, early]) == full[: full.index(early)]
+    # A stop string whose beginning appears but never completes: nothing may be lost at the end.
+    assert gen.generate("The ", max_new_tokens=30, temperature=0, stop=full[-2:] + "\x00") == full
+
+
+# -- batches -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(temperature=0, max_new_tokens=40),
+     dict(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.2, seed=3, max_new_tokens=40),
+     dict(temperature=0.8, seed=5, max_new_tokens=60, stop=["\n\n", "ing"])],
+)
+def test_batch_equals_one_by_one(gen, plain, options):
+    expected = [gen.generate(prompt, **options) for prompt in PROMPTS]
+    assert gen.generate_batch(PROMPTS, **options) == expected
+    # The concat layout runs the rows one after another (and is float32 even when `gen` is float16).
+    assert plain.generate_batch(PROMPTS, **options) == [plain.generate(prompt, **options) for prompt in PROMPTS]
+
+
+def test_batch_with_one_seed_per_row_and_a_row_that_fills_the_context(gen, corpus_text):
+    tokenizer = gen.package.tokenizer
+    long_prompt = tokenizer.decode(tokenizer.encode(corpus_text).ids[: gen.max_length - 3])
+    prompts = ["The ", long_prompt, "def "]
+    seeds = [7, 8, 9]
+    options = dict(temperature=1.0, max_new_tokens=20, stop_at_eos=False)
+    expected = [gen.generate(p, seed=s, **options) for p, s in zip(prompts, seeds)]
+    assert gen.generate_batch(prompts, seed=seeds, **options) == expected
+    assert len(gen.generate_ids(long_prompt, seed=8, **options)) == gen.max_length - len(gen.encode(long_prompt)) + 1
+    assert gen.generate_batch([], temperature=0) == []
+    with pytest.raises(EdgeGPTError, match="seed has 2 values for 3 prompts"):
+        gen.generate_batch(prompts, seed=[1, 2])
+    with pytest.raises(EdgeGPTError, match="list of strings"):
+        gen.generate_batch("The ")
+
+
+# -- threads and cancelling --------------------------------------------------------------------------
+
+
+def test_eight_threads_share_one_generator(gen):
+    jobs = [(prompt, seed) for prompt in PROMPTS[:2] for seed in (1, 2, 3)]
+    options = dict(temperature=1.0, top_k=40, repetition_penalty=1.1, max_new_tokens=24)
+    expected = [gen.generate(prompt, seed=seed, **options) for prompt, seed in jobs]
+    results: dict[int, list[str]] = {}
+
+    def work(worker: int) -> None:
+        results[worker] = [gen.generate(prompt, seed=seed, **options) for prompt, seed in jobs]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: expected for i in range(8)}
+
+
+def test_cancelling_from_another_thread_stops_within_one_step(gen, monkeypatch):
+    cancel, steps, steps_when_cancelled, caches = threading.Event(), [], [], []
+    decode_step, empty_cache = gen.decode_step, gen.empty_cache
+    six_tokens = gen.package.tokenizer.decode(greedy(gen, n=6))
+
+    def counting_step(token, cache):
+        steps.append(token)
+        if len(steps) == 5:  # another thread cancels while this step runs
+            canceller = threading.Thread(target=lambda: (steps_when_cancelled.append(len(steps)), cancel.set()))
+            canceller.start()
+            canceller.join()
+        return decode_step(token, cache)
+
+    def recorded_cache():
+        cache = empty_cache()
+        caches.append(weakref.ref(cache.step if cache.step is not None else cache))
+        return cache
+
+    monkeypatch.setattr(gen, "decode_step", counting_step)
+    monkeypatch.setattr(gen, "empty_cache", recorded_cache)
+    pieces = list(gen.stream("The ", cancel=cancel, max_new_tokens=100, temperature=0, stop_at_eos=False))
+    assert steps_when_cancelled == [5] and len(steps) == 5  # the step in flight finished, no other began
+    assert 1 <= len(pieces) and "".join(pieces) == six_tokens
+    gc.collect()
+    assert [ref() for ref in caches] == [None], "the cancelled stream still holds its cache"
+    assert gen.generate("The ", cancel=cancel, max_new_tokens=10) == ""  # already cancelled: nothing runs
+
+
+def test_closing_a_stream_releases_its_cache(gen, monkeypatch):
+    caches = []
+    empty_cache = gen.empty_cache
+    monkeypatch.setattr(gen, "empty_cache", lambda: caches.append(cache := empty_cache()) or cache)
+    stream = gen.stream("The ", max_new_tokens=100, temperature=0)
+    next(stream)
+    refs = [weakref.ref(c.step if c.step is not None else c) for c in caches]
+    caches.clear()
+    stream.close()
+    gc.collect()
+    assert [ref() for ref in refs] == [None]
+
+
+# -- one sampler for PyTorch and the runtime ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=20),
+     SamplingParams(temperature=1.2, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.05),
+     SamplingParams(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.3),
+     SamplingParams(temperature=0.0, repetition_penalty=2.0)],
+)
+def test_seeded_reference_and_runtime_sample_the_same_tokens(gen, model, params, seed):
+    from edgegpt.reference import generate_tokens
+
+    prompt = "The import statement"
+    vocab = gen.package.tokenizer.get_vocab_size()
+    expected = generate_tokens(model, gen.encode(prompt), 48, params, seed, gen.package.generation.eos_token_id,
+                               vocab_size=vocab)
+    got = gen.generate_ids(prompt, max_new_tokens=48, seed=seed, **params.__dict__)
+    assert len(expected) > 8 and same_tokens(got, expected)
+
+
+# -- bad options -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(dict(top_q=0.5), r"unknown generation option 'top_q'"), (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"),
+     (dict(repetition_penalty=0), "repetition_penalty"), (dict(stop=[""]), "stop"), (dict(stop=3), "stop"),
+     (dict(stop_at_eos="no"), "stop_at_eos"), (dict(seed=True), "seed")],
+)
+def test_bad_options_raise_one_line_errors(gen, options, message):
+    for call in (gen.stream, gen.generate, lambda p, **o: gen.generate_batch([p], **o)):
+        with pytest.raises(EdgeGPTError, match=message) as raised:
+            call("The ", **options)
+        assert "\n" not in str(raised.value)
+
+
+def test_token_methods_refuse_stop_strings(gen):
+    with pytest.raises(EdgeGPTError, match="stop strings apply to text"):
+        gen.generate_ids("The ", stop="x")
+
+
+@pytest.mark.skipif(RUNTIME_PROVIDER != "cpu", reason="generation_config defaults: checked once, on the CPU")
+def test_generation_config_may_set_min_p_and_repetition_penalty(gen, tmp_path):
+    package = shutil.copytree(gen.package.path, tmp_path / "model")
+    config = json.loads((package / "generation_config.json").read_text())
+    (package / "generation_config.json").write_text(json.dumps({**config, "temperature": 0, "repetition_penalty": 1e6}))
+    assert Generator.load(package).generate_ids("The ", max_new_tokens=20) == gen.generate_ids(
+        "The ", max_new_tokens=20, temperature=0, repetition_penalty=1e6)
+    (package / "generation_config.json").write_text(json.dumps({**config, "min_p": 2}))
+    with pytest.raises(EdgeGPTError, match=r"generation_config\.json: min_p must be in"):
+        Generator.load(package)
