@@ -92,7 +92,7 @@ def train(
             f"{summary.val_nats_per_char:.4f} nats/char; checkpoint in {summary.checkpoint}"
         )
     if summary.stopped == "interrupted":
-        print(f"edgegpt: interrupted; the checkpoint is saved, continue with --resume", file=sys.stderr)
+        print("edgegpt: interrupted; the checkpoint is saved, continue with --resume", file=sys.stderr)
         raise typer.Exit(130)
 
 

@@ -7,7 +7,6 @@ runtime can read a config without importing the training stack.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

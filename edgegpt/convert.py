@@ -16,7 +16,6 @@ from a small Llama-family model they already have, e.g. SmolLM2-135M from their 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, save_checkpoint
 from edgegpt.config import ModelConfig
 from edgegpt.errors import EdgeGPTError
-from edgegpt.io import atomic_path, read_json, staged_directory, write_bytes_atomic, write_json_atomic
+from edgegpt.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from edgegpt.checkpoint import load_checkpoint
