@@ -49,25 +49,41 @@ def train(
         "'text' field; repeatable. Default: the documentation that ships inside Python (pydoc topics and "
         "standard-library docstrings), so training needs no download."),
     val_data: Optional[List[Path]] = typer.Option(None, "--val-data", help="Validation text; default: the last 10% of --data."),
-    preset: str = typer.Option("micro", help="Model size: nano, micro, small or base."),
+    preset: Optional[str] = typer.Option(None, help="Model size: nano, micro (default), small or base."),
+    layers: Optional[int] = typer.Option(None, help="Override the preset's number of layers."),
     out: Optional[Path] = typer.Option(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint (./edgegpt-out)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes (default 10 when --max-steps is not given)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out exactly where it stopped."),
-    device: str = typer.Option("auto", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
+    save_every: int = typer.Option(100, help="Save the resume state every N steps (a crash loses at most N)."),
+    device: str = typer.Option("auto", help="auto (cuda > mps > cpu), cpu, cuda or mps. Under torchrun: one device per process."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and dropout (reproducible on the CPU)."),
-    batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch, per process."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     block_size: Optional[int] = typer.Option(None, help="Training sequence length (default: the model's context)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate."),
     dropout: float = typer.Option(0.1, help="Residual and embedding dropout."),
     vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default: the preset's)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json instead of training one."),
+    teacher: Optional[Path] = typer.Option(
+        None, help="Distil from this teacher: an edgegpt checkpoint or a local Hugging Face causal-LM directory "
+        "(safetensors and tokenizer.json; nothing is downloaded). The student takes its tokenizer."),
+    alpha: float = typer.Option(0.5, help="With --teacher: weight of the label loss; 1 - alpha weighs the teacher's."),
+    temperature: float = typer.Option(2.0, help="With --teacher: softening temperature of both distributions."),
+    init_from_teacher: bool = typer.Option(
+        False, "--init-from-teacher", help="With --teacher: start from every k-th teacher layer (the student "
+        "takes the teacher's width; --layers sets its depth, default half)."),
     eval_every: int = typer.Option(100, help="Validate (and keep the best weights) every N steps."),
     compile: bool = typer.Option(False, "--compile", help="Use torch.compile (helps on GPUs, not on laptop CPUs)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Tokenized-data cache. Default: $EDGEGPT_HOME/cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
 ) -> None:
-    """Train a compact GPT on your text (or on Python's own documentation by default)."""
+    """Train a compact GPT on your text (or on Python's own documentation by default), optionally
+    distilled from a larger teacher. Under `torchrun --nproc_per_node N -m edgegpt train` it trains
+    data-parallel on N devices."""
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with user_errors():
         from edgegpt.console import TrainProgress
         from edgegpt.train import TrainOptions, train as run_training
@@ -75,12 +91,17 @@ def train(
         opts = TrainOptions(
             preset=preset, vocab_size=vocab_size, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
             lr=lr, dropout=dropout, max_steps=max_steps, time_budget=time_budget, eval_every=eval_every, seed=seed,
-            device=device, compile=compile,
+            device=device, compile=compile, save_every=save_every, layers=layers,
+            tokenizer=str(tokenizer) if tokenizer else None, teacher=str(teacher.resolve()) if teacher else None,
+            alpha=alpha, temperature=temperature, init_from_teacher=init_from_teacher,
         )
         summary = run_training(
             list(data or []), list(val_data or []), out or workspace.checkpoint_dir(), opts,
-            cache_dir=cache_dir or workspace.cache_dir(), resume=resume, reporter=TrainProgress(),
+            cache_dir=cache_dir or workspace.cache_dir(), resume=resume,
+            reporter=TrainProgress() if main_process else None,
         )
+    if not main_process:
+        return
     if as_json:
         print(json.dumps(summary.to_dict()))
     else:

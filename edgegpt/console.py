@@ -19,6 +19,7 @@ class TrainProgress(Reporter):
         self.progress: Progress | None = None
         self.task = None
         self.smoothed: float | None = None
+        self.parts: dict[str, float] = {}
         self.val = "-"
 
     def start(self, total_steps: int | None, budget_s: float | None, info: dict[str, Any]) -> None:
@@ -27,7 +28,10 @@ class TrainProgress(Reporter):
             f"{info['train_tokens']:,} training tokens, {info['val_tokens']:,} validation tokens, "
             f"{info['tokens_per_step']:,} tokens per step"
             + (f", resuming at step {info['resumed_at']}" if info["resumed_at"] else "")
+            + (f", {info['processes']} processes" if info.get("processes", 1) > 1 else "")
         )
+        if info.get("teacher"):
+            stderr.print(f"distilling from {info['teacher']}")
         limit = " and ".join(filter(None, [f"{total_steps} steps" if total_steps else "",
                                            f"{budget_s / 60:g} min" if budget_s else ""]))
         self.progress = Progress(
@@ -44,11 +48,16 @@ class TrainProgress(Reporter):
         self.task = self.progress.add_task(f"until {limit}", total=1.0, step=info["resumed_at"], loss="-",
                                            val="-", speed="-")
 
-    def step(self, step: int, loss: float, tokens_per_s: float, progress: float) -> None:
+    def step(self, step: int, loss: float, tokens_per_s: float, progress: float,
+             parts: dict[str, float] | None = None) -> None:
         # A smoothed loss is readable; the raw one jumps by ±0.2 between batches.
         self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        for name, value in (parts or {}).items():  # distilling: the label and teacher terms, each smoothed
+            previous = self.parts.get(name)
+            self.parts[name] = value if previous is None else 0.95 * previous + 0.05 * value
+        shown = f"{self.smoothed:.3f}" + "".join(f" {k} {v:.3f}" for k, v in self.parts.items())
         if self.progress:
-            self.progress.update(self.task, completed=min(progress, 1.0), step=step, loss=f"{self.smoothed:.3f}",
+            self.progress.update(self.task, completed=min(progress, 1.0), step=step, loss=shown,
                                  speed=f"{tokens_per_s:,.0f}")
 
     def evaluated(self, step: int, result: EvalResult, best: bool) -> None:
@@ -56,7 +65,8 @@ class TrainProgress(Reporter):
         if self.progress:
             self.progress.update(self.task, val=self.val)
         if not stderr.is_terminal:  # no live bar in a log file: one line per validation instead
-            stderr.print(f"step {step}: loss {self.smoothed:.3f}, validation {self.val}")
+            parts = "".join(f", {k} {v:.3f}" for k, v in self.parts.items())
+            stderr.print(f"step {step}: loss {self.smoothed:.3f}{parts}, validation {self.val}")
 
     def log(self, message: str) -> None:
         stderr.print(message)

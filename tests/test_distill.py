@@ -1,0 +1,287 @@
+"""Distillation: the loss, teachers of every kind (edgegpt, Hugging Face Llama and GPT-2), initialising
+from a teacher's layers, and the one-line errors for bad teachers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from edgegpt.cli import app
+from edgegpt.distill import distillation_loss, init_from_teacher, load_teacher, student_config_from_teacher
+from edgegpt.errors import EdgeGPTError
+
+runner = CliRunner()
+TEACHER_VOCAB = 300
+CORPUS_CHARS = 40_000
+
+
+# -- the loss --------------------------------------------------------------------------------------
+
+def random_logits(seed: int, shape=(4, 8, 50), scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def test_alpha_one_is_cross_entropy():
+    student, teacher = random_logits(0), random_logits(1)
+    labels = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+    loss = distillation_loss(student, teacher, labels, alpha=1.0, temperature=3.0)
+    expected = F.cross_entropy(student.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(loss.total, expected, rtol=0, atol=1e-12)
+    assert loss.kd > 0  # the teacher term is still measured (and shown), just not weighed
+
+
+def test_alpha_zero_is_pure_teacher_term_and_zero_when_student_is_teacher():
+    teacher = random_logits(1)
+    labels = torch.zeros(4, 8, dtype=torch.long)
+    same = distillation_loss(teacher.clone(), teacher, labels, alpha=0.0, temperature=2.0)
+    assert same.total.abs() < 1e-6
+    other = distillation_loss(random_logits(0), teacher, labels, alpha=0.0, temperature=2.0)
+    torch.testing.assert_close(other.total, other.kd)
+    assert other.total > 0.1
+
+
+def kd_gradient_norm(temperature: float, t_squared: bool) -> float:
+    student = random_logits(0).requires_grad_(True)
+    loss = distillation_loss(student, random_logits(1), torch.zeros(4, 8, dtype=torch.long), 0.0, temperature).kd
+    if not t_squared:
+        loss = loss / temperature**2
+    loss.backward()
+    return student.grad.norm().item()
+
+
+def test_t_squared_keeps_gradient_magnitude_comparable_across_temperatures():
+    temperatures = [2.0, 4.0, 8.0, 16.0]
+    scaled = [kd_gradient_norm(t, t_squared=True) for t in temperatures]
+    unscaled = [kd_gradient_norm(t, t_squared=False) for t in temperatures]
+    # With T²: the same order from T=2 to T=16, and converging as T grows (the high-T limit is T-free).
+    # Without: they fall by about T², ~64× here.
+    assert max(scaled) / min(scaled) < 1.5, scaled
+    assert abs(scaled[-1] / scaled[-2] - 1) < 0.05, scaled
+    assert unscaled[0] / unscaled[-1] > 30, unscaled
+
+
+def test_gradcheck_of_the_loss():
+    teacher = random_logits(1, shape=(2, 3, 7))
+    labels = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    student = random_logits(0, shape=(2, 3, 7)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: distillation_loss(s, teacher, labels, 0.3, 2.5).total, (student,))
+
+
+def test_gradcheck_through_a_tiny_model():
+    """The KD loss's gradient reaches the student's weights correctly (float64 finite differences)."""
+    from edgegpt.config import ModelConfig
+    from edgegpt.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=12, max_len=8)
+    model = GPT(cfg).double()
+    inputs = torch.tensor([[1, 5, 2, 7]])
+    labels = torch.tensor([[5, 2, 7, 3]])
+    teacher = random_logits(3, shape=(1, 4, 11))
+    params = dict(model.named_parameters())
+
+    def loss_of(embed: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, {**params, "embed.weight": embed}, (inputs,))
+        return distillation_loss(logits, teacher, labels, 0.5, 2.0).total
+
+    assert torch.autograd.gradcheck(loss_of, (params["embed.weight"].detach().clone().requires_grad_(True),))
+
+
+def test_mismatched_vocabularies_are_an_error_not_a_broadcast():
+    with pytest.raises(EdgeGPTError, match="vocabularies differ"):
+        distillation_loss(random_logits(0), random_logits(1, shape=(4, 8, 51)), torch.zeros(4, 8, dtype=torch.long),
+                          0.5, 2.0)
+
+
+# -- teachers --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_text) -> Path:
+    path = tmp_path_factory.mktemp("distill-corpus") / "text.txt"
+    path.write_text(corpus_text[:CORPUS_CHARS], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer(corpus_text):
+    from edgegpt.tokenizer import train_tokenizer
+
+    return train_tokenizer([corpus_text[:CORPUS_CHARS]], TEACHER_VOCAB)
+
+
+def save_hf_teacher(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(tmp_path_factory, teacher_tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TEACHER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    return save_hf_teacher(LlamaForCausalLM(config), teacher_tokenizer, tmp_path_factory.mktemp("llama-teacher"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(tmp_path_factory, teacher_tokenizer) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=TEACHER_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return save_hf_teacher(GPT2LMHeadModel(config), teacher_tokenizer, tmp_path_factory.mktemp("gpt2-teacher"))
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgegpt: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, teacher_tokenizer):
+    """Any local causal LM teaches: train → export → generate, the student speaking its tokenizer."""
+    teacher = request.getfixturevalue(f"{kind}_teacher")
+    checkpoint, package = tmp_path / "student", tmp_path / "model"
+    trained = runner.invoke(app, [
+        "train", "--teacher", str(teacher), "--data", str(small_corpus), "--preset", "nano", "--max-steps", "3",
+        "--batch-size", "2", "--eval-every", "3", "--out", str(checkpoint), "--cache-dir", str(tmp_path / "cache"),
+        "--json",
+    ])
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert summary["teacher"] == str(teacher.resolve()) and summary["steps"] == 3
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["vocab_size"] == TEACHER_VOCAB
+    assert (checkpoint / "tokenizer.json").read_text() == teacher_tokenizer.to_str()
+    exported = runner.invoke(app, ["export", str(checkpoint), "--out", str(package), "--no-gate", "--json"])
+    assert exported.exit_code == 0, exported.output
+    generated = runner.invoke(app, ["generate", "The", "--model", str(package), "--max-new-tokens", "8", "--seed", "1"])
+    assert generated.exit_code == 0, generated.output
+    assert generated.stdout.startswith("The") and len(generated.stdout.strip()) > len("The")
+
+
+def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
+    from edgegpt.train import Reporter, TrainOptions, train
+
+    class Recorder(Reporter):
+        parts: list[dict] = []
+        losses: list[float] = []
+
+        def step(self, step, loss, tokens_per_s, progress, parts=None):
+            self.parts.append(parts)
+            self.losses.append(loss)
+
+    recorder = Recorder()
+    opts = TrainOptions(preset="nano", teacher=str(llama_teacher), max_steps=2, batch_size=2, eval_every=2,
+                        alpha=0.25, temperature=3.0)
+    summary = train([small_corpus], [], tmp_path / "out", opts, tmp_path / "cache", reporter=recorder)
+    assert len(recorder.parts) == 2 and all(set(p) == {"ce", "kd"} for p in recorder.parts)
+    assert summary.steps == 2 and summary.teacher == str(llama_teacher)
+    for parts, loss in zip(recorder.parts, recorder.losses):  # the total is the weighted sum of the two shown
+        assert parts["kd"] > 0 and parts["ce"] > 0
+        assert loss == pytest.approx(0.25 * parts["ce"] + 0.75 * parts["kd"], rel=1e-5)
+
+
+def test_init_from_edgegpt_teacher_takes_every_kth_layer(tiny_checkpoint):
+    from edgegpt.model import GPT
+
+    teacher = load_teacher(tiny_checkpoint, torch.device("cpu"))
+    cfg = student_config_from_teacher(teacher, layers=2)  # nano has 4 layers: k = 2, layers 0 and 2
+    student = GPT(cfg)
+    assert init_from_teacher(student, teacher) == [0, 2]
+    theirs = teacher.model.state_dict()
+    ours = student.state_dict()
+    torch.testing.assert_close(ours["embed.weight"], theirs["embed.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["layers.1.attn.q_proj.weight"], theirs["layers.2.attn.q_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["layers.0.mlp.down_proj.weight"], theirs["layers.0.mlp.down_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["norm.weight"], theirs["norm.weight"], rtol=0, atol=0)
+
+
+def test_init_from_llama_teacher_maps_its_weights(llama_teacher):
+    from edgegpt.model import GPT
+
+    teacher = load_teacher(llama_teacher, torch.device("cpu"))
+    student = GPT(student_config_from_teacher(teacher, layers=None))  # half of 2 layers
+    assert init_from_teacher(student, teacher) == [0]
+    theirs = teacher.model.state_dict()
+    torch.testing.assert_close(student.embed.weight, theirs["model.embed_tokens.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(student.state_dict()["layers.0.attn.k_proj.weight"],
+                               theirs["model.layers.0.self_attn.k_proj.weight"], rtol=0, atol=0)
+    # And the student computes what the teacher's first layer computes: same logits with one layer each.
+    teacher.model.model.layers = teacher.model.model.layers[:1]
+    ids = torch.tensor([[3, 17, 42, 5]])
+    torch.testing.assert_close(student.eval()(ids), teacher.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+# -- bad teachers: one line, exit 2 ---------------------------------------------------------------
+
+def test_missing_teacher_path(tmp_path, small_corpus):
+    line = one_line_error(runner.invoke(app, ["train", "--teacher", str(tmp_path / "nope"), "--data", str(small_corpus),
+                                              "--out", str(tmp_path / "out")]))
+    assert "does not exist" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_that_is_neither_format(tmp_path, small_corpus):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "weights.bin").write_bytes(b"\0" * 64)
+    line = one_line_error(runner.invoke(app, ["train", "--teacher", str(tmp_path / "teacher"), "--data",
+                                              str(small_corpus), "--out", str(tmp_path / "out")]))
+    assert "is neither an edgegpt checkpoint" in line and "nor a Hugging Face model directory" in line
+
+
+def test_teacher_vocabulary_differs_from_given_tokenizer(tmp_path, small_corpus, llama_teacher, tiny_checkpoint):
+    line = one_line_error(runner.invoke(app, [
+        "train", "--teacher", str(llama_teacher), "--tokenizer", str(tiny_checkpoint / "tokenizer.json"),
+        "--data", str(small_corpus), "--out", str(tmp_path / "out"),
+    ]))
+    assert "different vocabulary from the teacher's" in line
+
+
+def test_teacher_too_large_is_refused_before_loading(tmp_path, small_corpus, teacher_tokenizer):
+    """A config for a ~0.7T-parameter Llama and no weights at all: the refusal comes from the config alone."""
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": TEACHER_VOCAB,
+        "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 200, "num_attention_heads": 128,
+        "num_key_value_heads": 8, "max_position_embeddings": 4096,
+    }))
+    teacher_tokenizer.save(str(huge / "tokenizer.json"))
+    line = one_line_error(runner.invoke(app, ["train", "--teacher", str(huge), "--data", str(small_corpus),
+                                              "--out", str(tmp_path / "out")]))
+    assert "GiB" in line and "is free" in line
+
+
+def test_init_from_teacher_refuses_a_gpt2_teacher(tmp_path, small_corpus, gpt2_teacher):
+    line = one_line_error(runner.invoke(app, ["train", "--teacher", str(gpt2_teacher), "--init-from-teacher",
+                                              "--data", str(small_corpus), "--out", str(tmp_path / "out")]))
+    assert "'gpt2'" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--alpha", "1.5"], "--alpha"),
+    (["--temperature", "0"], "--temperature"),
+    (["--vocab-size", "600"], "--vocab-size"),
+])
+def test_bad_distillation_options(args, words, tmp_path, small_corpus, llama_teacher):
+    line = one_line_error(runner.invoke(app, ["train", "--teacher", str(llama_teacher), *args, "--data",
+                                              str(small_corpus), "--out", str(tmp_path / "out")]))
+    assert words in line
+
+
+def test_distillation_options_without_teacher(tmp_path, small_corpus):
+    line = one_line_error(runner.invoke(app, ["train", "--alpha", "0.3", "--data", str(small_corpus),
+                                              "--out", str(tmp_path / "out")]))
+    assert "need --teacher" in line
