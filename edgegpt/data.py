@@ -17,9 +17,13 @@ from tokenizers import Tokenizer
 
 from edgegpt.errors import EdgeGPTError
 from edgegpt.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
-from edgegpt.tokenizer import end_of_text_id, load_tokenizer, train_tokenizer
+from edgegpt.tokenizer import (
+    PIECE_CHARS, check_vocab_size, end_of_text_id, load_tokenizer, text_pieces, train_tokenizer,
+)
 
 CACHE_FORMAT = 1
+# Characters encoded per call of tokenizers' encode_batch (which runs its items in parallel).
+BATCH_CHARS = 16 * PIECE_CHARS
 
 
 @dataclass
@@ -47,16 +51,40 @@ def tokenize(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     known start and no token attends across a document boundary without seeing the separator."""
     eot = end_of_text_id(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-    pieces = []
-    for encoding in tokenizer.encode_batch(documents, add_special_tokens=False):
-        pieces.append(np.array([eot], dtype=dtype))
-        pieces.append(np.asarray(encoding.ids, dtype=dtype))
-    return np.concatenate(pieces)
+    arrays: list[np.ndarray] = []
+    batch: list[str] = []
+    starts: list[bool] = []  # batch[i] begins a document, so end-of-text goes before it
+
+    def encode_batch() -> None:
+        for starts_document, encoding in zip(starts, tokenizer.encode_batch(batch, add_special_tokens=False)):
+            if starts_document:
+                arrays.append(np.array([eot], dtype=dtype))
+            arrays.append(np.asarray(encoding.ids, dtype=dtype))
+        batch.clear()
+        starts.clear()
+
+    # Encodings hold ~200 bytes per token, so they are made a batch of pieces at a time and kept as ids
+    # only: a 50 MB file costs its ids, not ~10 GB of Encoding objects.
+    batch_chars = 0
+    for document in documents:
+        for i, piece in enumerate(text_pieces(document)):
+            batch.append(piece)
+            starts.append(i == 0)
+            batch_chars += len(piece)
+            if batch_chars >= BATCH_CHARS:
+                encode_batch()
+                batch_chars = 0
+    encode_batch()
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
 def _save_tokens(path: Path, tokens: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         tokens.tofile(tmp)
+
+
+# Below this many characters, training a tokenizer and tokenizing take well under a second.
+SLOW_CORPUS_CHARS = 1_000_000
 
 
 def prepare_data(
@@ -70,11 +98,14 @@ def prepare_data(
     """Train the tokenizer (unless given) and tokenize both splits, reusing the cache when it matches."""
     cache_dir = Path(cache_dir)
     key = corpus_key(train_docs, val_docs)
+    if sum(map(len, train_docs)) + sum(map(len, val_docs)) < SLOW_CORPUS_CHARS:
+        log = lambda message: None  # noqa: E731 - done in well under a second: nothing to announce
     if tokenizer is None:
         tokenizer_path = cache_dir / f"{key}-v{vocab_size}" / "tokenizer.json"
         if tokenizer_path.is_file():
             tokenizer = load_tokenizer(tokenizer_path)
         else:
+            check_vocab_size(vocab_size)  # before the progress line: an error must be the only line
             log(f"training a {vocab_size}-token BPE tokenizer")
             tokenizer = train_tokenizer(train_docs, vocab_size)
             write_bytes_atomic(tokenizer_path, tokenizer.to_str().encode())

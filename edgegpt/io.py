@@ -22,15 +22,20 @@ from edgegpt.errors import EdgeGPTError
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`, on failure delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise EdgeGPTError(f"could not write {path} ({e.strerror or e})") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:  # a full disk, a read-only folder, a quota: the user's to fix, not a bug
+        raise EdgeGPTError(f"could not write {path} ({e.strerror or e}); the previous version, if any, is intact") from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -72,10 +72,15 @@ class TrainOptions:
     init_from_teacher: bool = False
 
     def validate(self) -> None:
+        self._check_types()
         positive = ("batch_size", "grad_accum", "eval_every", "eval_windows", "save_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise EdgeGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise EdgeGPTError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise EdgeGPTError(f"--seed must be 0 or more, got {self.seed}")
+        if self.vocab_size is not None and not 258 <= self.vocab_size <= MAX_VOCAB:
+            raise EdgeGPTError(f"--vocab-size must be between 258 (byte-level BPE) and {MAX_VOCAB:,}, got {self.vocab_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise EdgeGPTError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -98,6 +103,32 @@ class TrainOptions:
             raise EdgeGPTError("--alpha, --temperature and --init-from-teacher need --teacher")
         if self.teacher is not None and self.vocab_size is not None:
             raise EdgeGPTError("--vocab-size cannot be combined with --teacher: the student takes the teacher's")
+
+
+    def _check_types(self) -> None:
+        """Options arrive from Python callers too: '8' < 1 must be a clear error, not a TypeError."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and "None" in str(f.type):
+                continue
+            if "int" in str(f.type) and "float" not in str(f.type):
+                wanted, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+            elif "float" in str(f.type):
+                wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif "bool" in str(f.type):
+                wanted, ok = "true or false", isinstance(value, bool)
+            else:
+                wanted, ok = "a string", isinstance(value, str)
+            if not ok:
+                raise EdgeGPTError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# The embedding of a larger vocabulary would dwarf any model edgegpt trains.
+MAX_VOCAB = 1 << 20
 
 
 @dataclass

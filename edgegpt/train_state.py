@@ -32,7 +32,10 @@ def save_train_state(directory: Path, model: GPT, optimizer: torch.optim.Optimiz
                 tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().contiguous().cpu()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(Path(directory) / STATE_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"train_state": json.dumps(progress)})
+        try:
+            save_file(tensors, str(tmp), metadata={"train_state": json.dumps(progress)})
+        except SafetensorError as e:  # how safetensors reports a failed write (a full disk): an I/O error
+            raise OSError(str(e)) from None
     write_json_atomic(Path(directory) / STATE_JSON, progress)
 
 
