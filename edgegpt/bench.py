@@ -36,6 +36,11 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
     """Run the benchmark in a fresh child process and return its report (see the module docstring)."""
     if prompt_len < 1 or new_tokens < 1 or runs < 1:
         raise EdgeGPTError("--prompt-len, --new-tokens and --runs must be at least 1")
+    # The child reads threads 0 as "the default": refuse it here rather than quietly benchmark another setting.
+    if threads is not None and threads < 1:
+        raise EdgeGPTError(f"--threads must be at least 1, got {threads}")
+    if any(p < 0 for p in positions):
+        raise EdgeGPTError(f"--positions are numbers of cached tokens, 0 or more; got {min(positions)}")
     args = [sys.executable, "-m", "edgegpt.bench", "--child", str(model), str(prompt_len), str(new_tokens),
             str(threads or 0), provider, str(runs), ",".join(map(str, positions))]
     start = time.perf_counter()

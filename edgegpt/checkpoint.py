@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
@@ -29,7 +30,10 @@ TOKENIZER = "tokenizer.json"
 
 def save_weights(path: Path, model: GPT) -> None:
     with atomic_path(path) as tmp:
-        save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # how safetensors reports a failed write (a full disk): an I/O error
+            raise OSError(str(e)) from None
 
 
 def save_checkpoint(directory: Path, model: GPT, tokenizer: Tokenizer) -> None:
@@ -68,6 +72,11 @@ def load_weights(path: Path, model: GPT) -> None:
                 f"{path}: config and weights disagree ({name} is {tuple(tensor.shape)}, "
                 f"config.json implies {tuple(expected[name].shape)})"
             )
+        # Checked at load, before any command prints progress: later it surfaces as NaN logits deep inside
+        # an export or an evaluation, after lines of output.
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise EdgeGPTError(f"{path}: {name} holds NaN or infinite values; the checkpoint is corrupt "
+                               "(did training diverge?), retrain or use an earlier checkpoint")
     model.load_state_dict(weights, strict=not model.cfg.tie_embeddings)
 
 

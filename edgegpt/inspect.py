@@ -21,9 +21,32 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100_000_000:
                 raise ValueError("header too large")
-            return json.loads(f.read(length))
+            header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError) as e:
         raise EdgeGPTError(f"{path} is not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise EdgeGPTError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
+            raise EdgeGPTError(f"{path} is not a readable safetensors file (tensor {name!r:.80} has no shape)")
+    return header
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object: a damaged one is a one-line error, not a crash while drawing."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EdgeGPTError(f"{path}: expected a JSON object, got {type(data).__name__}; the file is corrupt")
+    return data
+
+
+def _section(data: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
+    """data[key] as an object ({} when absent or null)."""
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise EdgeGPTError(f"{source}: {key!r} must be an object, got {type(value).__name__}; the file is corrupt")
+    return value
 
 
 def _size(path: Path) -> str:
@@ -47,7 +70,7 @@ def _model_table(model: dict[str, Any], title: str) -> Table:
 
 
 def describe_checkpoint(directory: Path) -> Group:
-    config = read_json(directory / "config.json")
+    config = read_object(directory / "config.json")
     header = safetensors_header(directory / "model.safetensors")
     parameters = 0
     for name, entry in header.items():
@@ -60,8 +83,8 @@ def describe_checkpoint(directory: Path) -> Group:
              _model_table(config, "model config")]
     state_path = directory / "train_state.json"
     if state_path.is_file():
-        state = read_json(state_path)
-        best = state.get("best_val", {})
+        state = read_object(state_path)
+        best = _section(state, "best_val", state_path)
         progress = Table(title="training", show_header=False)
         progress.add_row("steps", str(state.get("step")))
         progress.add_row("elapsed", f"{state.get('elapsed_s', 0) / 60:.1f} min")
@@ -75,21 +98,22 @@ def describe_checkpoint(directory: Path) -> Group:
 
 
 def describe_package(directory: Path) -> Group:
-    config = read_json(directory / "config.json")
-    manifest = read_json(directory / "manifest.json") if (directory / "manifest.json").is_file() else {}
-    graph = manifest.get("graph") or config.get("graph", {}).get("kv_layout", "?")
+    config_path, manifest_path = directory / "config.json", directory / "manifest.json"
+    config = read_object(config_path)
+    manifest = read_object(manifest_path) if manifest_path.is_file() else {}
+    graph = manifest.get("graph") or _section(config, "graph", config_path).get("kv_layout", "?")
     parts = [f"[bold]model package[/] {directory}  (format {manifest.get('format_version', '?')}, "
              f"{graph} graph, {manifest.get('precision', '?')})",
-             _model_table(config.get("model", {}), "model config")]
+             _model_table(_section(config, "model", config_path), "model config")]
     versions = Table(title="built with", show_header=False)
-    for key, value in {**manifest.get("versions", {}), "opset": manifest.get("opset"),
+    for key, value in {**_section(manifest, "versions", manifest_path), "opset": manifest.get("opset"),
                        "ir_version": manifest.get("ir_version")}.items():
         versions.add_row(key, str(value))
     parts.append(versions)
-    quantization = manifest.get("quantization")
+    quantization = _section(manifest, "quantization", manifest_path)
     if quantization:
         parts.append(_model_table(quantization, "quantization"))
-    census = manifest.get("operator_census") or {}
+    census = _section(manifest, "operator_census", manifest_path)
     if census:
         ops = Table(title=f"operators ({sum(census.values())} nodes)", show_header=True)
         ops.add_column("op type")
@@ -103,8 +127,9 @@ def describe_package(directory: Path) -> Group:
         for key, value in _flatten(verification):
             checks.add_row(key, value)
         parts.append(checks)
-    if manifest.get("gates"):
-        parts.append(_gates_table(manifest["gates"]))
+    gates = _section(manifest, "gates", manifest_path)
+    if gates:
+        parts.append(_gates_table(gates))
     parts.append(_files_table(directory))
     return Group(*parts)
 

@@ -232,6 +232,8 @@ def metrics_json(rows: Sequence[Metrics], text: EvalText) -> str:
 def open_scorer(path: Path, threads: int | None = None) -> tuple[Scorable, Tokenizer, int, int]:
     """A package (runtime, no torch) or a checkpoint (PyTorch): scorer, tokenizer, vocab size, context."""
     path = Path(path)
+    if not path.exists():
+        raise EdgeGPTError(f"{path} does not exist; pass a model package or a checkpoint directory")
     if (path / "model.onnx").is_file():
         from edgegpt.runtime import Generator
 
@@ -250,6 +252,8 @@ def open_scorer(path: Path, threads: int | None = None) -> tuple[Scorable, Token
 def run_eval(path: Path, data: Path | None, reference: Path | None, max_tokens: int = DEFAULT_EVAL_TOKENS,
              threads: int | None = None) -> tuple[list[Metrics], EvalText]:
     """`edgegpt eval`: score `path` (and first `reference`, when given) on `data`."""
+    if threads is not None and threads < 1:  # checked here too: a checkpoint would ignore it silently
+        raise EdgeGPTError(f"--threads must be at least 1, got {threads}")
     scorer, tokenizer, vocab_size, max_len = open_scorer(path, threads)
     if data is not None:
         documents, source = read_eval_documents(data)

@@ -200,6 +200,10 @@ def export_package(
     limits = gate_limits or GateLimits()
     checkpoint, out = Path(checkpoint), Path(out)
     precision, method = check_options(fuse, precision, quantize, bits, method)
+    # Checked even when no gate reads it (a float32 export without held-out text): a count below one is
+    # a mistake in the command, not a setting.
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+        raise EdgeGPTError(f"--eval-tokens must be a positive number of tokens, got {eval_tokens!r}")
     label = f"int{bits}" if quantize else precision
     model, tokenizer = load_checkpoint(checkpoint)
     check_destination(checkpoint, out)
