@@ -14,11 +14,44 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from edgegpt import workspace
 from edgegpt.errors import EdgeGPTError
 
+try:  # typer >= 0.20 vendors click and raises its own copy of click's exceptions
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer, on click itself
+    from click.exceptions import UsageError
+
+
+class OneLineUsageErrors(TyperGroup):
+    """click's usage errors (an option value of the wrong type, an unknown choice or command, a missing
+    argument) as the project's one line, `edgegpt: error: ...`, exit code 2, instead of a usage block
+    and a boxed message. Bare `edgegpt` still shows the help (click raises that as a usage error too)."""
+
+    @staticmethod
+    @contextmanager
+    def _one_line() -> Iterator[None]:
+        try:
+            yield
+        except UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `edgegpt` with no arguments: the help, as before
+                raise
+            print(f"edgegpt: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    def make_context(self, *args, **kwargs):  # the group's own options and arguments
+        with self._one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):  # the command name, then the command's options and arguments
+        with self._one_line():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,

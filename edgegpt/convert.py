@@ -83,25 +83,45 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None) -> dict[str, Any]:
     }
 
 
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     """A ModelConfig for a Hugging Face Llama config, refusing what the model cannot represent."""
+    if not isinstance(data, dict):
+        raise EdgeGPTError(f"{source}: expected a JSON object, got {type(data).__name__}")
     if data.get("model_type") != "llama":
         raise EdgeGPTError(f"{source}: model_type is {data.get('model_type')!r}; only 'llama' converts losslessly")
     for key, fine in (("attention_bias", False), ("mlp_bias", False), ("rope_scaling", None), ("hidden_act", "silu")):
         if data.get(key, fine) != fine:
             raise EdgeGPTError(f"{source}: {key}={data[key]!r} is not supported (edgegpt needs {fine!r})")
+    # Checked before any arithmetic: a string or a float here is a TypeError (or a silent truncation) below.
+    for key in _REQUIRED_SIZES:
+        if key not in data:
+            raise EdgeGPTError(f"{source}: missing key {key}")
+    for key in (*_REQUIRED_SIZES, *_OPTIONAL_SIZES):
+        if key in data and not _positive_int(data[key]):
+            raise EdgeGPTError(f"{source}: {key} must be a positive integer, got {data[key]!r}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise EdgeGPTError(f"{source}: {key} must be a positive number, got {value!r}")
+    if not isinstance(data.get("tie_word_embeddings", False), bool):
+        raise EdgeGPTError(f"{source}: tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
     heads = data["num_attention_heads"]
     if data.get("head_dim", data["hidden_size"] // heads) * heads != data["hidden_size"]:
         raise EdgeGPTError(f"{source}: head_dim × heads must equal hidden_size")
-    try:
-        return ModelConfig(
-            vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=data.get("num_key_value_heads", heads), ffn_dim=data["intermediate_size"],
-            max_len=data.get("max_position_embeddings", 2048), rope_theta=float(data.get("rope_theta", 10000.0)),
-            norm_eps=float(data.get("rms_norm_eps", 1e-5)), tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise EdgeGPTError(f"{source}: missing key {e.args[0]}") from None
+    return ModelConfig(
+        vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=data.get("num_key_value_heads", heads), ffn_dim=data["intermediate_size"],
+        max_len=data.get("max_position_embeddings", 2048), rope_theta=float(data.get("rope_theta", 10000.0)),
+        norm_eps=float(data.get("rms_norm_eps", 1e-5)), tie_embeddings=data.get("tie_word_embeddings", False),
+    )
 
 
 def to_huggingface(checkpoint: Path, out: Path) -> Path:
@@ -170,17 +190,71 @@ def from_huggingface(directory: Path, out: Path) -> Path:
         if tensor.shape != expected[name]:
             raise EdgeGPTError(f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}")
     model.load_state_dict(ours, strict=not cfg.tie_embeddings)
-    save_checkpoint(Path(out), model.eval(), tokenizer)
+    # Built beside `out` and swapped in whole: a failure (a full disk) leaves no half-written checkpoint.
+    with staged_directory(Path(out)) as stage:
+        save_checkpoint(stage, model.eval(), tokenizer)
     return Path(out)
 
 
+# Everything to_huggingface writes: a directory holding only these (with a Llama config.json) is a
+# previous conversion, which a new one may replace.
+HF_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                      "tokenizer_config.json", "special_tokens_map.json"})
+
+
+def _config(directory: Path) -> Any:
+    """config.json's content; None where there is none or it is not JSON (a destination is only looked at)."""
+    try:
+        return read_json(directory / CONFIG) if (directory / CONFIG).is_file() else None
+    except EdgeGPTError:
+        return None
+
+
+def _is_checkpoint(directory: Path, config: Any) -> bool:
+    """An edgegpt checkpoint: weights, tokenizer and a config.json that is not a Hugging Face one."""
+    has_files = all((directory / name).is_file() for name in (WEIGHTS, CONFIG, TOKENIZER))
+    return has_files and not (isinstance(config, dict) and "model_type" in config)
+
+
+def _is_hf_model(config: Any) -> bool:
+    return isinstance(config, dict) and "model_type" in config
+
+
+def check_destination(source: Path, out: Path, to_hf: bool) -> None:
+    """Refuse to replace anything but a previous output of the same kind: the staged swap deletes what was there.
+
+    export's check_destination rule: never the source or a folder holding it; an empty or new directory
+    is fine; an existing edgegpt checkpoint (converting to a checkpoint), or a Hugging Face directory
+    holding nothing but the files a conversion writes (converting to Hugging Face), may be replaced;
+    anything else is refused."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents:
+        raise EdgeGPTError(f"convert destination {out} would overwrite the source {source}; "
+                           "choose another output directory")
+    if out.exists() and not out.is_dir():
+        raise EdgeGPTError(f"convert destination {out} is a file; choose a directory path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    config = _config(out)
+    if to_hf:
+        previous = _is_hf_model(config) and all(p.name in HF_FILES and p.is_file() for p in out.iterdir())
+    else:
+        previous = _is_checkpoint(out, config)
+    if not previous:
+        raise EdgeGPTError(f"convert destination {out} already exists and is not empty; choose a new directory")
+
+
 def convert(source: Path, out: Path) -> tuple[str, Path]:
-    """Either direction, told apart by what `source` holds. Returns (direction, out)."""
-    source = Path(source)
-    if (source / WEIGHTS).is_file() and (source / CONFIG).is_file() and (source / TOKENIZER).is_file():
-        config = read_json(source / CONFIG)
-        if "model_type" not in config:
-            return "checkpoint → huggingface", to_huggingface(source, out)
-    if (source / "config.json").is_file() and "model_type" in read_json(source / "config.json"):
+    """Either direction, told apart by what `source` holds. Returns (direction, out).
+
+    Before anything is written, the destination is checked (check_destination): never the source or a
+    folder holding it, never an existing directory holding anything but a previous output of that kind."""
+    source, out = Path(source), Path(out)
+    config = read_json(source / CONFIG) if (source / CONFIG).is_file() else None  # corrupt JSON: say so
+    if _is_checkpoint(source, config):
+        check_destination(source, out, to_hf=True)
+        return "checkpoint → huggingface", to_huggingface(source, out)
+    if _is_hf_model(config):
+        check_destination(source, out, to_hf=False)
         return "huggingface → checkpoint", from_huggingface(source, out)
     raise EdgeGPTError(f"{source} is neither an edgegpt checkpoint nor a Hugging Face model directory")

@@ -58,3 +58,67 @@ def test_refuses_what_it_cannot_represent(tmp_path):
         convert(tmp_path / "gpt2", tmp_path / "out")
     with pytest.raises(EdgeGPTError, match="neither"):
         convert(tmp_path, tmp_path / "out2")
+
+
+def test_destination_rules(tmp_path, tiny_checkpoint):
+    """convert replaces only a previous output of the same kind, never the source or someone else's files."""
+    import shutil
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    with pytest.raises(EdgeGPTError, match="would overwrite"):
+        convert(ckpt, tmp_path)  # a folder holding the source
+    hf = tmp_path / "hf"
+    convert(ckpt, hf)
+    convert(ckpt, hf)  # a previous conversion is replaced
+    (hf / "README.md").write_text("my model card")  # ... but not once it holds anything else
+    with pytest.raises(EdgeGPTError, match="already exists and is not empty"):
+        convert(ckpt, hf)
+    assert (hf / "README.md").read_text() == "my model card"
+    (hf / "README.md").unlink()
+    back = tmp_path / "back"
+    convert(hf, back)
+    convert(hf, back)  # an edgegpt checkpoint is replaced
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("\\documentclass{article}")
+    for source in (ckpt, hf):
+        with pytest.raises(EdgeGPTError, match="already exists and is not empty"):
+            convert(source, tmp_path / "docs")
+    assert (tmp_path / "docs" / "thesis.tex").is_file()
+    with pytest.raises(EdgeGPTError, match="already exists and is not empty"):
+        convert(back, hf.parent / "ckpt")  # a checkpoint is not a previous Hugging Face output
+
+
+def test_a_failed_hf_conversion_leaves_the_previous_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    import edgegpt.convert as module
+
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    convert(tiny_checkpoint, hf)
+    convert(hf, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(directory, model, tokenizer):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise EdgeGPTError("could not write (No space left on device)")
+
+    monkeypatch.setattr(module, "save_checkpoint", full_disk)
+    with pytest.raises(EdgeGPTError, match="No space"):
+        convert(hf, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no staging directory left behind
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", "big"), ("num_attention_heads", 0), ("num_hidden_layers", 2.0), ("vocab_size", True),
+    ("head_dim", None), ("rope_theta", "fast"), ("tie_word_embeddings", "yes"),
+])
+def test_hf_config_of_the_wrong_type_names_the_key(tmp_path, key, value):
+    from edgegpt.convert import config_from_hf
+
+    data = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, key: value}
+    with pytest.raises(EdgeGPTError, match=key):
+        config_from_hf(data, tmp_path / "config.json")
+    del data[key]
+    if key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        with pytest.raises(EdgeGPTError, match=f"missing key {key}"):
+            config_from_hf(data, tmp_path / "config.json")
