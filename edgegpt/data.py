@@ -175,11 +175,20 @@ def char_starts_table(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     byte_of = {ch: i for i, ch in enumerate(_byte_level_alphabet_order())}
     table = np.zeros(vocab_size, dtype=np.int64)
     special = set(tokenizer.get_added_tokens_decoder())  # <|endoftext|> stands for no text: 0 characters
-    for token, token_id in tokenizer.get_vocab().items():
+    vocab = tokenizer.get_vocab()
+    sentencepiece_style = any("\u2581" in token for token in vocab)  # a teacher's (Llama 2, Mistral, ...)
+    for token, token_id in vocab.items():
         if token_id < vocab_size and token_id not in special:
-            raw = bytes(byte_of[ch] for ch in token)
+            raw = _sentencepiece_bytes(token) if sentencepiece_style else bytes(byte_of[ch] for ch in token)
             table[token_id] = sum(1 for b in raw if b & 0xC0 != 0x80)
     return table
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    """A byte-fallback token <0xNN> is one byte; other entries are text with ▁ for a space."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:5], 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
 
 
 def _byte_level_alphabet_order() -> list[str]:

@@ -81,8 +81,14 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise EdgeGPTError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
 
 
+# The document separator under the names other tokenizers give it (GPT-2/SmolLM2, Llama 3, Llama 2 and
+# Mistral, Gemma), so a teacher's tokenizer works as is.
+END_OF_TEXT_NAMES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>")
+
+
 def end_of_text_id(tokenizer: Tokenizer) -> int:
-    token_id = tokenizer.token_to_id(END_OF_TEXT)
-    if token_id is None:
-        raise EdgeGPTError(f"tokenizer has no {END_OF_TEXT} token")
-    return token_id
+    for name in END_OF_TEXT_NAMES:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    raise EdgeGPTError(f"the tokenizer has no end-of-text token (one of {', '.join(END_OF_TEXT_NAMES)})")

@@ -285,3 +285,28 @@ def test_distillation_options_without_teacher(tmp_path, small_corpus):
     line = one_line_error(runner.invoke(app, ["train", "--alpha", "0.3", "--data", str(small_corpus),
                                               "--out", str(tmp_path / "out")]))
     assert "need --teacher" in line
+
+
+def test_sentencepiece_style_teacher_tokenizer_is_understood():
+    """A Llama-2-style vocabulary (▁ for spaces, <0xNN> byte fallback, </s>) separates documents and counts
+    characters exactly, so nats/char stays honest with a teacher's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from edgegpt.data import char_starts_table
+    from edgegpt.tokenizer import end_of_text_id
+
+    # As Llama 2's tokenizer.json has it: byte tokens in the model's vocabulary, three special tokens.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["t", "h", "e", "\u2581", "n", "a", "i", "v", "c", "s", ",", "th", "the", "\u2581c"]:
+        vocab[piece] = len(vocab)
+    merges = [("t", "h"), ("th", "e"), ("\u2581", "c")]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="never")])
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    assert end_of_text_id(tokenizer) == tokenizer.token_to_id("</s>")
+    text = "the naïve cat sat, 中文"  # ï, 中 and 文 are not in the vocabulary: byte fallback
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.token_to_id("<0xE4>") in ids
+    table = char_starts_table(tokenizer, tokenizer.get_vocab_size())
+    assert int(table[ids].sum()) == len(text)
