@@ -7,7 +7,8 @@
 A base language model has no chat template, so the transcript is plain text, one turn per line; the
 reply ends at the first blank line ("\\n\\n", the default stop string), at max_new_tokens or at the end of
 text. When the transcript no longer fits, its oldest tokens are dropped so the prompt plus
-max_new_tokens fit max_length. Commands: /reset forgets the transcript, /quit (or EOF, Ctrl-D) leaves.
+max_new_tokens fit max_length (options["truncate"] None instead: a conversation that no longer fits is
+an error). Commands: /reset forgets the transcript, /quit (or EOF, Ctrl-D) leaves.
 Ctrl-C during a reply stops that reply; Ctrl-C at the prompt leaves.
 
 Imports the runtime only (no torch), so the chat starts as fast as `edgegpt generate`.
@@ -42,6 +43,7 @@ def chat_loop(
 ) -> None:
     """Run turns until /quit or end of input. read_line returns "" at EOF (like TextIO.readline);
     replies stream to `out`; `say` shows prompts and notices (stderr in the CLI)."""
+    fit = options.get("truncate", "left") == "left"  # read before the Nones are dropped: None means "none"
     options = {"stop": DEFAULT_STOP, **{k: v for k, v in options.items() if v is not None}}
     resolve_options(generator.package.generation, options)  # a bad option fails now, not after a line
     max_new_tokens = options.get("max_new_tokens") or generator.package.generation.max_new_tokens
@@ -62,7 +64,9 @@ def chat_loop(
             transcript = ""
             say("(conversation forgotten)\n")
             continue
-        transcript = fit_context(generator, transcript + line + "\n", max_new_tokens)
+        transcript += line + "\n"
+        if fit:
+            transcript = fit_context(generator, transcript, max_new_tokens)
         reply = ""
         stream = generator.stream(transcript, **options)
         try:
@@ -74,4 +78,6 @@ def chat_loop(
             stream.close()
         out.write("\n")
         out.flush()
+        if stream.finish_reason == "max_length":
+            say(f"(the context of {generator.max_length} tokens is full: the reply was cut short)\n")
         transcript += reply + "\n"

@@ -221,6 +221,13 @@ def evaluate(
         Console().print(metrics_table(rows, text, title=f"quality of {model}"))
 
 
+class Truncate(str, Enum):
+    """--truncate of generate and chat: what to do with a prompt longer than the context."""
+
+    none = "none"  # an error
+    left = "left"  # keep its last tokens, leaving room for --max-new-tokens (at least one prompt token)
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
@@ -234,6 +241,8 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the text before this string; repeatable."),
     seed: Optional[int] = typer.Option(None, help="Same seed, same text."),
     provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+    truncate: Truncate = typer.Option(Truncate.none, help="A prompt longer than the context: none = an error; "
+                                      "left = keep its last tokens, leaving room for --max-new-tokens."),
 ) -> None:
     """Continue PROMPT, streaming the text as it is generated."""
     with user_errors():
@@ -242,13 +251,18 @@ def generate(
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
         pieces = generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                  stop=stop or None, seed=seed)
+                                  stop=stop or None, seed=seed,
+                                  truncate=None if truncate is Truncate.none else truncate.value)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if pieces.finish_reason == "max_length":
+            sys.stdout.flush()
+            print(f"edgegpt: the model's context ({generator.max_length} tokens) is full; "
+                  "generation stopped before --max-new-tokens", file=sys.stderr)
 
 
 @app.command()
@@ -260,6 +274,8 @@ def chat(
     repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Same seed, same replies."),
     provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+    truncate: Truncate = typer.Option(Truncate.left, help="A conversation longer than the context: left = drop "
+                                      "its oldest tokens, leaving room for --max-new-tokens; none = an error."),
 ) -> None:
     """Talk to a model: each line you type is added to the conversation and the reply streams back.
     /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
@@ -269,7 +285,8 @@ def chat(
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       repetition_penalty=repetition_penalty, seed=seed)
+                       repetition_penalty=repetition_penalty, seed=seed,
+                       truncate=None if truncate is Truncate.none else truncate.value)
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)

@@ -8,8 +8,8 @@ Imports numpy, onnxruntime, tokenizers and edgegpt.errors only, so a desktop app
 """
 
 from edgegpt.errors import EdgeGPTError
-from edgegpt.runtime.generator import Generator
+from edgegpt.runtime.generator import Generator, Stream
 from edgegpt.runtime.options import GenerateOptions
 from edgegpt.runtime.package import ModelPackage
 
-__all__ = ["EdgeGPTError", "GenerateOptions", "Generator", "ModelPackage"]
+__all__ = ["EdgeGPTError", "GenerateOptions", "Generator", "ModelPackage", "Stream"]

@@ -5,7 +5,8 @@
                         ▼
     Sampler.choose(logits) ─► yield token ─► decode_step(token, cache) ─► logits, cache ─► choose ...
     stops at eos_token_id (not yielded; stop_at_eos=False to go on), after max_new_tokens, when the
-    context (max_length) is full, at a stop string (text level), or when `cancel` is set.
+    context (max_length) is full, at a stop string (text level), or when `cancel` is set; the Stream
+    that stream() / stream_tokens() return says which, as its finish_reason.
 
 How the cache is kept depends on the package's kv_layout (runtime/kv_cache.py): `static` (the fused
 graph) preallocates max_length positions and a step writes one in place; `concat` (the plain graph)
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 from numbers import Integral
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence, Unpack
+import typing
+from typing import Generic, Protocol, Sequence, TypeVar, Unpack
 
 import numpy as np
 
@@ -29,7 +31,11 @@ from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.sampling import Sampler
 from edgegpt.runtime.session import PROVIDERS, cuda_available, create_session
 
-__all__ = ["Generator", "GenerateOptions", "KVCache"]
+__all__ = ["Generator", "GenerateOptions", "KVCache", "Stream"]
+
+T = TypeVar("T")
+# Why a stream ended (Stream.finish_reason).
+FINISH_REASONS = ("eos", "stop", "length", "max_length", "cancelled")
 
 
 class Cancel(Protocol):
@@ -42,14 +48,56 @@ def cancelled(cancel: Cancel | None) -> bool:
     return cancel is not None and cancel.is_set()
 
 
+class Stream(Generic[T]):
+    """What stream() and stream_tokens() return: an iterator of text pieces (or token ids) that also says
+    why it ended, so `generate` and every existing loop over a stream keep working unchanged.
+
+        stream = g.stream(prompt); text = "".join(stream); stream.finish_reason
+
+    finish_reason, None until the iteration ends (and after an exception):
+        "eos"         the model produced the end-of-text token (not included; stop_at_eos=True)
+        "stop"        a stop string ended the text (stream() only)
+        "length"      max_new_tokens tokens were generated
+        "max_length"  the context is full: prompt + generated tokens reached max_length
+        "cancelled"   `cancel` was set, or close() was called before the end
+    """
+
+    def __init__(self, source: typing.Generator[T, None, str]) -> None:
+        self._source = source
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> "Stream[T]":
+        return self
+
+    def __next__(self) -> T:
+        try:
+            return next(self._source)
+        except StopIteration as end:
+            if self.finish_reason is None:  # an exhausted generator stops again with no value
+                self.finish_reason = end.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """End the generation now, releasing its cache (as setting `cancel` does)."""
+        self._source.close()
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+
 class Generator:
     """Text generation from a model package.
 
         g = Generator.load("edgegpt-out/model", provider="auto", threads=None, max_length=None)
-        g.generate(prompt, **options) -> str          g.stream(prompt, cancel=event, **options) -> pieces
-        g.generate_batch(prompts, **options) -> [str] g.generate_ids / stream_tokens -> token ids
+        g.generate(prompt, **options) -> str          g.stream(prompt, cancel=event, **options) -> Stream of pieces
+        g.generate_batch(prompts, **options) -> [str] g.generate_ids -> [ids]; stream_tokens -> Stream of ids
         options (GenerateOptions): max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-        seed, stop, stop_at_eos; None means the package's generation_config.json.
+        seed, stop, stop_at_eos, truncate; None means the package's generation_config.json.
+        A Stream's finish_reason says why it ended: "eos", "stop", "length", "max_length" or "cancelled".
+
+    Context: a prompt longer than max_length is an EdgeGPTError, unless truncate="left", which keeps its
+    last max(1, max_length - max_new_tokens) tokens so the requested tokens fit. Generation otherwise
+    stops at max_length tokens in all (finish_reason "max_length"): the last token is sampled from a full
+    context and never fed.
 
     Thread safety: one Generator may serve several threads at once.
       shared, read-only after `load`: the onnxruntime session (its run() is thread-safe), the package
@@ -72,6 +120,10 @@ class Generator:
         self.max_length = check_max_length(max_length, self.config.max_len)
         self._session = session
         self._runner = RUNNERS[package.graph.kv_layout](session, package, provider, self.max_length)
+        # No token covers more characters than its vocabulary entry is long (byte-level entries count bytes,
+        # and a character is at least one byte): max_length tokens hold at most max_length times this many.
+        added = [token.content for token in package.tokenizer.get_added_tokens_decoder().values()]
+        self._max_token_chars = max(map(len, [*package.tokenizer.get_vocab(), *added]), default=1)
         self._check_session_matches_contract()
 
     @classmethod
@@ -141,31 +193,55 @@ class Generator:
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids, checked against the context; "" becomes [eos_token_id] (see class doc)."""
-        if not isinstance(prompt, str):
-            raise EdgeGPTError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids = self.package.tokenizer.encode(prompt).ids or [self.package.generation.eos_token_id]
+        ids, cut = self._token_ids(prompt, self.max_length * self._max_token_chars)
         if len(ids) > self.max_length:
             larger = ""
             if self.max_length < self.config.max_len:
-                larger = f" or load with a larger max_length (up to {self.config.max_len})"
+                larger = f", load with a larger max_length (up to {self.config.max_len})"
             raise EdgeGPTError(
-                f"the prompt is {len(ids)} tokens but the model's context is {self.max_length} tokens; "
-                f"shorten the prompt{larger}"
+                f"the prompt is {'over ' if cut else ''}{len(ids):,} tokens but the "
+                f"model's context is {self.max_length} tokens; shorten the prompt{larger} or keep its last tokens "
+                "with truncate='left' (--truncate left)"
             )
         return ids
 
+    def _prompt_ids(self, prompt: str, options: GenerationOptions) -> list[int]:
+        """encode(prompt), or with truncate="left" its last max(1, max_length - max_new_tokens) tokens, so the
+        requested tokens fit the context (at least one prompt token is kept; the same rule as `edgegpt chat`)."""
+        if options.truncate is None:
+            return self.encode(prompt)
+        # Twice the characters the context can hold: the cut lands well before the tokens that are kept.
+        ids, _ = self._token_ids(prompt, 2 * self.max_length * self._max_token_chars)
+        keep = max(1, self.max_length - options.max_new_tokens)
+        return ids[-keep:]
+
+    def _token_ids(self, prompt: str, max_chars: int) -> tuple[list[int], bool]:
+        """Token ids of the prompt's last `max_chars` characters (all of it when shorter), and whether it was
+        cut. A prompt longer than the context can hold is never tokenized whole: a 50 MB paste would need
+        ~10 GB."""
+        if not isinstance(prompt, str):
+            raise EdgeGPTError(f"prompt must be a string, got {type(prompt).__name__}")
+        tail = prompt[-max_chars:] if len(prompt) > max_chars else prompt
+        try:
+            tail.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: what Python makes of argv bytes that are not UTF-8
+            raise EdgeGPTError(f"the prompt is not valid UTF-8 text (character {e.start}: {tail[e.start]!r}); "
+                               "pass text decoded as UTF-8") from None
+        return self.package.tokenizer.encode(tail).ids or [self.package.generation.eos_token_id], tail is not prompt
+
     def stream_tokens(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
-    ) -> Iterator[int]:
+    ) -> Stream[int]:
         """New token ids, one at a time (eos not included unless stop_at_eos=False). Options: GenerateOptions
         (None: the package's generation_config.json); `stop` is refused here: stop strings are text.
 
-        Options and prompt length are checked now, before the first token is asked for.
+        Options and prompt length are checked now, before the first token is asked for. The Stream's
+        finish_reason says why it ended.
         """
         resolved = self._resolve(options)
         if resolved.stop:
             raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
-        return self._tokens(self.encode(prompt), resolved, cancel)
+        return Stream(self._tokens(self._prompt_ids(prompt, resolved), resolved, cancel))
 
     def generate_ids(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -175,16 +251,17 @@ class Generator:
 
     def stream(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
-    ) -> Iterator[str]:
+    ) -> Stream[str]:
         """Text pieces as they are ready: never half a UTF-8 character, never any part of a stop string
         (text that could begin one is held back until it is clear). Options: GenerateOptions.
 
         Cancelling: set `cancel` (a threading.Event, or anything with is_set()) from any thread; the
         stream ends before the next forward pass, so at most the step in flight still yields, and the
         cache is released when it ends. From the consuming thread, `close()` on the iterator does the same.
+        When it has ended, its finish_reason says why (Stream).
         """
         resolved = self._resolve(options)
-        return self._pieces(self._tokens(self.encode(prompt), resolved, cancel), resolved.stop)
+        return Stream(self._pieces(self._tokens(self._prompt_ids(prompt, resolved), resolved, cancel), resolved.stop))
 
     def generate(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -209,7 +286,7 @@ class Generator:
         else:
             seeds = [seeds] * len(prompts)
         per_row = [self._resolve({**options, "seed": seed}) for seed in seeds]
-        ids = [self.encode(prompt) for prompt in prompts]
+        ids = [self._prompt_ids(prompt, row) for prompt, row in zip(prompts, per_row)]
         if not prompts:
             return []
         if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
@@ -218,41 +295,61 @@ class Generator:
         generate_rows(self._runner, rows, ids, self._checked)
         return [row.result() for row in rows]
 
-    def _tokens(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Iterator[int]:
-        """The decode loop (the stopping rules mirror runtime/batch.py's Row.accept)."""
-        if options.max_new_tokens == 0 or cancelled(cancel):
-            return
+    def _tokens(
+        self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None
+    ) -> typing.Generator[int, None, str]:
+        """The decode loop; returns the finish reason (the stopping rules mirror runtime/batch.py's Row.accept)."""
+        if cancelled(cancel):
+            return "cancelled"
+        if options.max_new_tokens == 0:
+            return "length"
         sampler = Sampler(options.sampling, options.seed, prompt_ids, self.package.tokenizer.get_vocab_size())
         eos = self.package.generation.eos_token_id
         logits, cache = self.prefill(prompt_ids)
         for produced in range(1, options.max_new_tokens + 1):
             token = sampler.choose(self._checked(logits))
             if token == eos and options.stop_at_eos:
-                return
+                return "eos"
             yield token
+            if produced == options.max_new_tokens:
+                return "length"
             # Feeding this token would need one more position than the context has: stop here.
-            if produced == options.max_new_tokens or cache.length >= self.max_length or cancelled(cancel):
-                return
+            if cache.length >= self.max_length:
+                return "max_length"
+            if cancelled(cancel):
+                return "cancelled"
             logits, cache = self.decode_step(token, cache)
+        raise AssertionError("unreachable: the loop returns at max_new_tokens")
 
-    def _pieces(self, tokens: Iterator[int], stop: tuple[str, ...]) -> Iterator[str]:
+    def _pieces(
+        self, tokens: typing.Generator[int, None, str], stop: tuple[str, ...]
+    ) -> typing.Generator[str, None, str]:
         text = TextStream(self.package.tokenizer, stop)
         try:
-            for token in tokens:
+            while True:
+                try:
+                    token = next(tokens)
+                except StopIteration as end:  # a `for` loop would drop the finish reason it carries
+                    reason = end.value
+                    break
                 if piece := text.push(token):
                     yield piece
                 if text.stopped:
-                    return
+                    return "stop"
             if tail := text.flush():
                 yield tail
+            return reason
         finally:
             tokens.close()  # ends the decode loop now, releasing its cache, whoever stops iterating
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
-        """logits [vocab], refused when not finite (the sampler drops ids the tokenizer cannot decode)."""
+        """logits [vocab], refused when not finite. The sampler has an answer for any logits (runtime/sampling.py),
+        but a model of ours never computes NaN or infinity: it says the package is damaged, so say that."""
         if not np.isfinite(logits).all():
+            kind = "NaN" if np.isnan(logits).any() else "infinite"
             raise EdgeGPTError(
-                f"{self.package.model_path} produced non-finite logits; the package is corrupt, re-run `edgegpt export`"
+                f"the model produced {kind} logits ({self.package.model_path}); the package is corrupt, "
+                "re-run `edgegpt export`"
             )
         return logits
 

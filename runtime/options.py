@@ -31,6 +31,7 @@ class GenerateOptions(TypedDict, total=False):
     seed: int | None  # same seed, same text; None: fresh randomness
     stop: str | Sequence[str] | None  # text generation ends before the first of these; never included
     stop_at_eos: bool  # False: the end-of-text token does not end generation (benchmarks: exactly N tokens)
+    truncate: str | None  # None: a prompt longer than the context is an error; "left": keep its last tokens
 
 
 OPTION_NAMES = tuple(GenerateOptions.__annotations__)
@@ -43,6 +44,7 @@ class GenerationOptions:
     seed: int | None
     stop: tuple[str, ...]
     stop_at_eos: bool
+    truncate: str | None = None
 
 
 def resolve_options(defaults, options: Mapping[str, Any]) -> GenerationOptions:
@@ -68,7 +70,12 @@ def resolve_options(defaults, options: Mapping[str, Any]) -> GenerationOptions:
     stop_at_eos = options.get("stop_at_eos", True)
     if not isinstance(stop_at_eos, bool):
         raise EdgeGPTError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
-    return GenerationOptions(int(max_new_tokens), sampling, seed, check_stop(options.get("stop")), stop_at_eos)
+    truncate = options.get("truncate")
+    if truncate is not None and not (isinstance(truncate, str) and truncate == "left"):
+        raise EdgeGPTError(f"truncate must be None (a too-long prompt is an error) or 'left', got {truncate!r:.80}")
+    return GenerationOptions(
+        int(max_new_tokens), sampling, seed, check_stop(options.get("stop")), stop_at_eos, truncate
+    )
 
 
 def is_int(value) -> bool:

@@ -5,10 +5,13 @@
       config.json              model hyperparameters + the graph's input/output contract
       tokenizer.json           Hugging Face tokenizers, byte-level BPE
       generation_config.json   sampling and stopping defaults
-      manifest.json            provenance and checksums (not needed to run, so not required here)
+      manifest.json            provenance and the sha256 of every file: verified when present
 
 Every field the runtime relies on is checked here, once, so a damaged or hand-edited package fails at
 load with a message naming the file and the field, never later with a shape error inside onnxruntime.
+Before anything is parsed, the files are checked against manifest.json's sha256s and model.onnx's
+operator domains and external-data locations are checked (runtime/integrity.py): a package may come
+from anywhere. Malformed JSON of any shape gives an EdgeGPTError, never another exception.
 The config is parsed here rather than with `edgegpt.config` so the runtime stays independent of the
 training code. Only files inside the package directory are read.
 """
@@ -23,6 +26,7 @@ from typing import Any, Mapping
 from tokenizers import Tokenizer
 
 from edgegpt.errors import EdgeGPTError
+from edgegpt.runtime.integrity import MANIFEST_FILE, check_graph, verify_manifest
 from edgegpt.runtime.sampling import check_sampling
 
 MODEL_FILE = "model.onnx"
@@ -32,6 +36,11 @@ GENERATION_FILE = "generation_config.json"
 REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
 
 PACKAGE_FORMAT = "edgegpt-package"
+# Sizes the runtime allocates buffers from (the KV cache, the logits): far above any model this runtime
+# is for (the `base` preset: context 2048, vocabulary 49152), so a larger one is a damaged file that
+# would otherwise end in a MemoryError when the cache is allocated.
+MAX_CONTEXT = 1 << 20
+MAX_VOCAB = 1 << 24
 # Cache dtypes the runtime can allocate an empty past for.
 CACHE_DTYPES = ("float32", "float16")
 # Inputs besides the cache, by kv_layout (docs/FORMATS.md).
@@ -122,14 +131,13 @@ class ModelPackage:
                 raise EdgeGPTError(
                     f"{path} is not a complete model package: {name} is missing; re-run `edgegpt export`"
                 )
-        config = _read_object(path / CONFIG_FILE)
-        source = str(path / CONFIG_FILE)
-        if config.get("format") != PACKAGE_FORMAT:
-            raise EdgeGPTError(f"{source}: format must be {PACKAGE_FORMAT!r}, got {config.get('format')!r}")
-        model = _parse_model(_field(config, "model", dict, source), source)
-        graph = _parse_graph(_field(config, "graph", dict, source), model, source)
+        listed = None  # no manifest (a hand-built package): nothing to verify the files against
+        if (path / MANIFEST_FILE).is_file():
+            listed = verify_manifest(path, _read_object(path / MANIFEST_FILE), REQUIRED_FILES)
+        check_graph(path / MODEL_FILE, listed)
+        model, graph = parse_config(_read_object(path / CONFIG_FILE), str(path / CONFIG_FILE))
         tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
-        generation = _parse_generation(_read_object(path / GENERATION_FILE), str(path / GENERATION_FILE))
+        generation = parse_generation(_read_object(path / GENERATION_FILE), str(path / GENERATION_FILE))
         if tokenizer.get_vocab_size() > model.vocab_size:
             raise EdgeGPTError(
                 f"{path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
@@ -142,11 +150,25 @@ class ModelPackage:
         return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer)
 
 
+def parse_config(config: Any, source: str) -> tuple[ModelSpec, GraphContract]:
+    """config.json's parsed content -> (model, graph contract); any other shape raises EdgeGPTError."""
+    if not isinstance(config, dict):
+        raise EdgeGPTError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != PACKAGE_FORMAT:
+        raise EdgeGPTError(f"{source}: format must be {PACKAGE_FORMAT!r}, got {config.get('format')!r:.80}")
+    model = _parse_model(_field(config, "model", dict, source), source)
+    graph = _parse_graph(_field(config, "graph", dict, source), model, source)
+    return model, graph
+
+
 def _read_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeGPTError(f"{path} is not valid JSON ({e}); re-run `edgegpt export`") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise EdgeGPTError(f"{path} is not valid JSON ({detail}); re-run `edgegpt export`") from None
+    except RecursionError:
+        raise EdgeGPTError(f"{path} is not valid JSON (nested too deeply); re-run `edgegpt export`") from None
     if not isinstance(data, dict):
         raise EdgeGPTError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -160,8 +182,16 @@ def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], sou
     numeric = kind in (int, float) or (isinstance(kind, tuple) and int in kind)
     if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
         expected = {dict: "an object", str: "a string", int: "an integer", (int, float): "a number"}.get(kind, kind)
-        raise EdgeGPTError(f"{source}: {key} must be {expected}, got {value!r}")
+        raise EdgeGPTError(f"{source}: {key} must be {expected}, got {value!r:.80}")
     return value
+
+
+def _number(data: Mapping[str, Any], key: str, source: str) -> float:
+    value = _field(data, key, (int, float), source)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        raise EdgeGPTError(f"{source}: {key} is out of range, got {value!r:.80}") from None
 
 
 def _positive_int(data: Mapping[str, Any], key: str, source: str) -> int:
@@ -175,6 +205,9 @@ def _parse_model(data: Mapping[str, Any], source: str) -> ModelSpec:
     source = f"{source} (model)"
     names = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_len")
     spec = ModelSpec(**{name: _positive_int(data, name, source) for name in names})
+    for name, limit in (("max_len", MAX_CONTEXT), ("vocab_size", MAX_VOCAB)):
+        if getattr(spec, name) > limit:
+            raise EdgeGPTError(f"{source}: {name} {getattr(spec, name)} is beyond this runtime's limit of {limit}")
     if spec.dim % spec.n_heads or spec.n_heads % spec.n_kv_heads:
         raise EdgeGPTError(
             f"{source}: dim {spec.dim}, n_heads {spec.n_heads} and n_kv_heads {spec.n_kv_heads} are inconsistent"
@@ -196,8 +229,12 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
     templates = {}
     for key in ("past_key", "past_value", "present_key", "present_value"):
         templates[key] = _field(data, key, str, source)
-        if "{layer}" not in templates[key]:
-            raise EdgeGPTError(f"{source}: {key} must contain '{{layer}}', got {templates[key]!r}")
+        # Exactly one kind of placeholder: any other brace would make str.format fail, or (a width like
+        # "{layer:>999999999}") allocate without bound.
+        if "{layer}" not in templates[key] or set("{}") & set(templates[key].replace("{layer}", "")):
+            raise EdgeGPTError(
+                f"{source}: {key} must contain '{{layer}}' and no other braces, got {templates[key]!r:.80}"
+            )
     graph = GraphContract(
         kv_layout=kv_layout,
         dtype=dtype,
@@ -205,6 +242,13 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
         outputs=_field(data, "outputs", dict, source),
         **templates,
     )
+    for kind, declared in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        # Checked before the loop below, whose length a damaged n_layers would otherwise set.
+        if len(declared) < 2 * model.n_layers:
+            raise EdgeGPTError(
+                f"{source}: {kind} declares {len(declared)} names, fewer than the cache of "
+                f"{model.n_layers} layers needs"
+            )
     needed_inputs = list(LAYOUT_INPUTS[kv_layout])
     needed_outputs = ["logits"]
     for layer in range(model.n_layers):
@@ -228,14 +272,17 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
     return graph
 
 
-def _parse_generation(data: Mapping[str, Any], source: str) -> GenerationDefaults:
+def parse_generation(data: Any, source: str) -> GenerationDefaults:
+    """generation_config.json's parsed content -> the defaults; any other shape raises EdgeGPTError."""
+    if not isinstance(data, dict):
+        raise EdgeGPTError(f"{source}: expected a JSON object, got {type(data).__name__}")
     max_new_tokens = _field(data, "max_new_tokens", int, source)
-    temperature = float(_field(data, "temperature", (int, float), source))
+    temperature = _number(data, "temperature", source)
     top_k = _field(data, "top_k", int, source)
-    top_p = float(_field(data, "top_p", (int, float), source))
+    top_p = _number(data, "top_p", source)
     eos_token_id = _field(data, "eos_token_id", int, source)
-    min_p = float(_field(data, "min_p", (int, float), source)) if "min_p" in data else 0.0
-    penalty = float(_field(data, "repetition_penalty", (int, float), source)) if "repetition_penalty" in data else 1.0
+    min_p = _number(data, "min_p", source) if "min_p" in data else 0.0
+    penalty = _number(data, "repetition_penalty", source) if "repetition_penalty" in data else 1.0
     if max_new_tokens < 0:
         raise EdgeGPTError(f"{source}: max_new_tokens must be >= 0, got {max_new_tokens}")
     try:

@@ -11,6 +11,14 @@ owns: the same seed gives the same tokens.
 
 This module is the one sampler of edgegpt: the runtime and the PyTorch reference
 (edgegpt/reference.py) both feed it numpy logits, so seeded they choose the same tokens.
+
+Any logits get an answer (tests/test_properties.py), in the limit softmax itself tends to:
+    NaN anywhere      EdgeGPTError "the model produced NaN logits": nothing sensible can be sampled
+    +inf              the +inf tokens share all the probability (one of them is chosen; greedy: the first)
+    all -inf          EdgeGPTError: every token has probability 0 (also when the repetition penalty
+                      pushes every remaining logit past the float range)
+    huge finite       computed in float64, shifted by the maximum before the temperature divides them,
+                      so no temperature overflows the favourite (the distribution is shift-invariant)
 """
 
 from __future__ import annotations
@@ -123,6 +131,19 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return min(index, len(probs) - 1)  # guards float round-off in the last bucket
 
 
+def _limit(logits: np.ndarray) -> np.ndarray:
+    """logits (float64) as the sampler can use them: +inf ones as the only candidates (softmax's limit),
+    NaN or nothing but -inf refused (module doc)."""
+    if np.isnan(logits).any():
+        raise EdgeGPTError("the model produced NaN logits; no token can be sampled (the model is damaged)")
+    top = logits.max()
+    if top == np.inf:
+        return np.where(logits == np.inf, 0.0, -np.inf)
+    if top == -np.inf:
+        raise EdgeGPTError("every logit is -inf, so every token has probability 0; no token can be sampled")
+    return logits
+
+
 def next_token(
     logits: np.ndarray,
     rng: np.random.Generator,
@@ -134,13 +155,16 @@ def next_token(
     seen: np.ndarray | None = None,
 ) -> int:
     """The next token id from logits [vocab]; seen: bool [vocab], ids the penalty applies to.
-    Parameters are assumed checked by `check_sampling`. Greedy draws no random number."""
-    logits = logits.astype(np.float64)
+    Parameters are assumed checked by `check_sampling`. Greedy draws no random number.
+    Raises EdgeGPTError for NaN or all -inf logits (module doc)."""
+    logits = _limit(np.asarray(logits, dtype=np.float64))
     if seen is not None:
-        logits = repetition_penalty_filter(logits, seen, float(repetition_penalty))
+        with np.errstate(over="ignore"):  # a huge logit may leave the float range: _limit handles it
+            logits = _limit(repetition_penalty_filter(logits, seen, float(repetition_penalty)))
     if temperature == 0:
         return int(np.argmax(logits))
-    logits = logits / temperature
+    with np.errstate(over="ignore"):  # only towards -inf: after the shift every logit is <= 0
+        logits = (logits - logits.max()) / temperature
     logits = top_k_filter(logits, int(top_k))
     logits = top_p_filter(logits, float(top_p))
     logits = min_p_filter(logits, float(min_p))

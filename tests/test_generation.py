@@ -42,6 +42,16 @@ def greedy(g: Generator, prompt: str = "The ", n: int = 30) -> list[int]:
     return g.generate_ids(prompt, max_new_tokens=n, temperature=0)
 
 
+def edited_copy(g: Generator, directory, **generation_config):
+    """A copy of g's package with generation_config.json changed, and without manifest.json, whose
+    sha256 of the file would otherwise refuse the edit."""
+    package = shutil.copytree(g.package.path, directory / "model")
+    (package / "manifest.json").unlink()
+    path = package / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **generation_config}))
+    return package
+
+
 # -- every option, each with a test that fails when the option is ignored ------------------------------
 
 
@@ -73,10 +83,7 @@ def test_max_new_tokens_and_stop_at_eos(gen, runtime_provider, tmp_path):
     assert len(gen.generate_ids("The ", max_new_tokens=7, temperature=0)) == 7
     # Make the fifth greedy token the end-of-text token: generation stops before it unless told not to.
     ids = greedy(gen, n=10)
-    package = shutil.copytree(gen.package.path, tmp_path / "model")
-    config = json.loads((package / "generation_config.json").read_text())
-    (package / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": ids[4]}))
-    eos = Generator.load(package, provider=runtime_provider)
+    eos = Generator.load(edited_copy(gen, tmp_path, eos_token_id=ids[4]), provider=runtime_provider)
     assert eos.generate_ids("The ", max_new_tokens=10, temperature=0) == ids[: ids.index(ids[4])]
     assert eos.generate_ids("The ", max_new_tokens=10, temperature=0, stop_at_eos=False) == ids
     assert eos.generate_batch(["The "], max_new_tokens=10, temperature=0) == [eos.generate("The ", max_new_tokens=10,
@@ -152,13 +159,16 @@ def test_batch_with_one_seed_per_row_and_a_row_that_fills_the_context(gen, corpu
 
 
 def test_eight_threads_share_one_generator(gen):
-    jobs = [(prompt, seed) for prompt in PROMPTS[:2] for seed in (1, 2, 3)]
+    """8 threads × 20 seeded generations each, every thread in its own order, equal the sequential ones."""
+    jobs = [(prompt, seed) for prompt in PROMPTS for seed in range(5)]  # 20
     options = dict(temperature=1.0, top_k=40, repetition_penalty=1.1, max_new_tokens=24)
-    expected = [gen.generate(prompt, seed=seed, **options) for prompt, seed in jobs]
-    results: dict[int, list[str]] = {}
+    expected = {job: gen.generate(job[0], seed=job[1], **options) for job in jobs}
+    assert len(set(expected.values())) > 10, "the jobs must differ for a mix-up between threads to show"
+    results: dict[int, dict] = {}
 
     def work(worker: int) -> None:
-        results[worker] = [gen.generate(prompt, seed=seed, **options) for prompt, seed in jobs]
+        order = jobs[worker:] + jobs[:worker]  # threads run different jobs at the same moment
+        results[worker] = {job: gen.generate(job[0], seed=job[1], **options) for job in order}
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
@@ -166,6 +176,48 @@ def test_eight_threads_share_one_generator(gen):
     for t in threads:
         t.join()
     assert results == {i: expected for i in range(8)}
+
+
+def test_a_stream_cancelled_from_another_thread_leaves_the_generator_as_fresh(gen, runtime_package, runtime_provider):
+    """Cancel a stream mid-way from another thread while other threads generate: it ends as cancelled,
+    the others are untouched, and the next generation (no lock left held) equals a fresh Generator's."""
+    options = dict(temperature=1.0, seed=3, max_new_tokens=60, stop_at_eos=False)
+    expected = gen.generate("The ", **options)
+    cancel, three_pieces = threading.Event(), threading.Event()
+    cancelled: dict = {}
+    others: list[str] = []
+
+    def consume() -> None:
+        stream = gen.stream("The ", cancel=cancel, **options)
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                three_pieces.set()
+                cancel.wait()  # the cancel lands while this stream is half done
+        cancelled.update(text="".join(pieces), reason=stream.finish_reason)
+
+    threads = [threading.Thread(target=consume)] + [
+        threading.Thread(target=lambda: others.append(gen.generate("The ", **options))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    assert three_pieces.wait(timeout=60)
+    cancel.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert cancelled["reason"] == "cancelled"
+    assert expected.startswith(cancelled["text"]) and len(cancelled["text"]) < len(expected)
+    assert others == [expected] * 3
+    # Usable again at once, from any thread, and the same as a Generator that never saw a cancel.
+    after: list[str] = []
+    worker = threading.Thread(target=lambda: after.append(gen.generate("The ", **options)))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the generator hangs after a cancel"
+    fresh = Generator.load(runtime_package, provider=runtime_provider)
+    assert after == [fresh.generate("The ", **options)] == [expected]
 
 
 def test_cancelling_from_another_thread_stops_within_one_step(gen, monkeypatch):
@@ -259,11 +311,10 @@ def test_token_methods_refuse_stop_strings(gen):
 
 @pytest.mark.skipif(RUNTIME_PROVIDER != "cpu", reason="generation_config defaults: checked once, on the CPU")
 def test_generation_config_may_set_min_p_and_repetition_penalty(gen, tmp_path):
-    package = shutil.copytree(gen.package.path, tmp_path / "model")
-    config = json.loads((package / "generation_config.json").read_text())
-    (package / "generation_config.json").write_text(json.dumps({**config, "temperature": 0, "repetition_penalty": 1e6}))
+    package = edited_copy(gen, tmp_path, temperature=0, repetition_penalty=1e6)
     assert Generator.load(package).generate_ids("The ", max_new_tokens=20) == gen.generate_ids(
         "The ", max_new_tokens=20, temperature=0, repetition_penalty=1e6)
+    config = json.loads((package / "generation_config.json").read_text())
     (package / "generation_config.json").write_text(json.dumps({**config, "min_p": 2}))
     with pytest.raises(EdgeGPTError, match=r"generation_config\.json: min_p must be in"):
         Generator.load(package)
