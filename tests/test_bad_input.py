@@ -168,11 +168,6 @@ def api(name: str, *words: str, xfail: str | None = None):
     return register
 
 
-USAGE_ERRORS = ("needs fix in edgegpt/cli.py (the Typer app, shared by every command): click's usage errors "
-                "(an option value of the wrong type, an unknown choice) print a usage block and a boxed error, "
-                "several lines, instead of one `edgegpt: error:` line")
-
-
 # train: data ---------------------------------------------------------------------------------------
 
 cli("train-empty-file", "empty")(lambda s: s.train(data=s.file("empty.txt", b"")))
@@ -366,14 +361,9 @@ cli("generate-unknown-provider", "--provider")(
     lambda s: ["generate", "Hi", "--model", str(s.package), "--provider", "tpu"])
 
 
-NOT_UNICODE_PROMPT = (
-    "needs fix in runtime/generator.py Generator.encode (and _prompt_ids): a str that is not valid Unicode "
-    "(lone surrogates: what Python makes of argv bytes that are not UTF-8) reaches tokenizers, which raises "
-    "TypeError 'TextInputSequence must be str'; check prompt.encode('utf-8') and raise EdgeGPTError('the "
-    "prompt is not valid UTF-8 text ...')")
 # Python hands a program argv bytes that are not UTF-8 as lone surrogates (surrogateescape); run as a
 # real process, "caf\udce9" reaches the command as the Latin-1 bytes b"caf\xe9".
-cli("generate-prompt-not-utf8", "UTF-8", subprocess=True, xfail=NOT_UNICODE_PROMPT)(
+cli("generate-prompt-not-utf8", "UTF-8", subprocess=True)(
     lambda s: ["generate", "caf\udce9 cr\udce8me", "--model", str(s.package)])
 
 
@@ -439,12 +429,6 @@ def _(s):
 
 
 # convert -------------------------------------------------------------------------------------------
-
-CONVERT_DESTINATION = (
-    "needs fix in edgegpt/convert.py convert(): check the destination first, as export's check_destination "
-    "does: refuse out == source (or a parent of it) and an existing non-empty directory ('... already exists "
-    "and is not empty; choose a new directory'); to_huggingface's staged swap deletes whatever was there, "
-    "and from_huggingface should build its checkpoint in staged_directory too instead of save_checkpoint in place")
 
 cli("convert-missing-source", "no/such/model", "neither")(lambda s: ["convert", "no/such/model", str(s.out / "hf")])
 
@@ -568,7 +552,7 @@ api("generate-temperature-a-string", "temperature")(lambda s: generating(s, "Hi"
 api("generate-max-new-tokens-a-float", "max_new_tokens")(lambda s: generating(s, "Hi", max_new_tokens=2.5))
 api("generate-unknown-option", "top_q")(lambda s: generating(s, "Hi", top_q=0.5))
 api("generate-prompt-bytes", "prompt", "string")(lambda s: generating(s, b"Hi"))
-api("generate-prompt-lone-surrogate", "UTF-8", xfail=NOT_UNICODE_PROMPT)(lambda s: generating(s, "caf\udce9"))
+api("generate-prompt-lone-surrogate", "UTF-8")(lambda s: generating(s, "caf\udce9"))
 api("generate-prompt-longer-than-context", "context")(lambda s: generating(s, LONG_PROMPT))
 api("export-bits-3", "--bits")(lambda s: exporting(s, quantize=True, bits=3))
 api("export-precision-int2", "--precision")(lambda s: exporting(s, precision="int2"))
@@ -663,11 +647,6 @@ def test_long_text_is_tokenized_in_pieces_exactly_as_whole(tiny_checkpoint):
     assert np.array_equal(tokenize(tokenizer, [text]), whole)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in runtime/generator.py Generator.encode (and _prompt_ids for "
-                   "truncate='left'): refuse a prompt of more than max_length * (the longest token's length in "
-                   "bytes) characters before encoding it (each token covers at most that many bytes, so it cannot "
-                   "fit); with truncate='left' encode only that many last characters. Today it tokenizes all "
-                   "50 MB first (~10 GB)")
 def test_huge_prompt_is_refused_without_encoding_it(tiny_package, tmp_path):
     """A 50 MB prompt (from an app: argv cannot carry one) must be refused as longer than the context
     without tokenizing all of it, which takes ~10 GB. Run under a 2 GB address-space limit."""
