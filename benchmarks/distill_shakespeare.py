@@ -15,7 +15,6 @@ distillation closed: (scratch − distilled) / (scratch − teacher).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,10 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from common import SHAKESPEARE, machine  # noqa: E402
+from common import SHAKESPEARE, machine, print_figures  # noqa: E402
 from edgegpt.checkpoint import WEIGHTS, load_checkpoint  # noqa: E402
 from edgegpt.console import TrainProgress, stderr  # noqa: E402
 from edgegpt.corpus import read_corpus, split_documents  # noqa: E402
@@ -97,14 +94,7 @@ def main() -> None:
         "scratch_tokens_per_s": round(scratch.tokens_per_s), "distilled_tokens_per_s": round(distilled.tokens_per_s),
         "work": str(work),
     }
-    report = Table(title="distillation on tinyshakespeare, whole validation split")
-    report.add_column("figure")
-    report.add_column("value", justify="right")
-    for key, value in figures.items():
-        report.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(report)
-    if args.json:
-        print(json.dumps(figures))
+    print_figures("distillation on tinyshakespeare, whole validation split", figures, args.json)
 
 
 if __name__ == "__main__":

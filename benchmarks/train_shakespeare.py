@@ -10,7 +10,6 @@ token scored once, each with at least half a context of history).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,10 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from common import SHAKESPEARE, machine  # noqa: E402
+from common import SHAKESPEARE, machine, print_figures  # noqa: E402
 from edgegpt.checkpoint import load_checkpoint  # noqa: E402
 from edgegpt.console import TrainProgress  # noqa: E402
 from edgegpt.corpus import read_corpus, split_documents  # noqa: E402
@@ -70,14 +67,7 @@ def main() -> None:
         "val_nats_per_token": round(result.nats_per_token, 4), "val_nats_per_char": round(result.nats_per_char, 4),
         "eval_s": round(time.perf_counter() - t0, 1), "checkpoint": str(out),
     }
-    report = Table(title="tinyshakespeare, whole validation split")
-    report.add_column("figure")
-    report.add_column("value", justify="right")
-    for key, value in figures.items():
-        report.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(report)
-    if args.json:
-        print(json.dumps(figures))
+    print_figures("tinyshakespeare, whole validation split", figures, args.json)
 
 
 if __name__ == "__main__":
