@@ -194,7 +194,7 @@ class Generator:
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids, checked against the context; "" becomes [eos_token_id] (see class doc)."""
         ids, cut = self._token_ids(prompt, self.max_length * self._max_token_chars)
-        if len(ids) > self.max_length:
+        if len(ids) > self.max_length or cut:  # cut: longer than max_length tokens could ever cover
             larger = ""
             if self.max_length < self.config.max_len:
                 larger = f", load with a larger max_length (up to {self.config.max_len})"
