@@ -328,8 +328,10 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
         cfg.save(out / CONFIG)
         write_bytes_atomic(out / TOKENIZER, tokens.tokenizer.to_str().encode())
     forward: torch.nn.Module = model
+    no_sync = None  # DDP's "accumulate locally" context for all but the last micro-batch
     if world.distributed:
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        no_sync = forward.no_sync
     if opts.compile:
         forward = torch.compile(forward)
 
@@ -377,7 +379,7 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
             torch.manual_seed(opts.seed * 1_000_003 + step + world.rank * (1 << 40))
             batch = sample_batch(tokens.train, rows_per_rank * world.size, block_size, opts.seed, step)
             batch = distributed.rank_rows(torch.from_numpy(batch), world).to(device)
-            losses = _train_step(forward, teacher, batch, opts, device, world)
+            losses = _train_step(forward, teacher, batch, opts, device, no_sync)
             loss = distributed.mean(world, losses["loss"], device)
             if not math.isfinite(loss):
                 raise EdgeGPTError(
@@ -420,7 +422,7 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
 
 
 def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.Tensor, opts: TrainOptions,
-                device: torch.device, world: distributed.World) -> dict[str, float]:
+                device: torch.device, no_sync: Callable[[], contextlib.AbstractContextManager] | None) -> dict[str, float]:
     """Forward and backward over this rank's rows in --grad-accum micro-batches; returns the mean losses.
     Gradients are averaged across ranks once, on the last micro-batch."""
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
@@ -428,7 +430,7 @@ def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.
     for i, micro in enumerate(chunks):
         inputs, labels = micro[:, :-1], micro[:, 1:]
         last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not world.distributed else forward.no_sync()
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward(inputs)

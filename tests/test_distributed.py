@@ -91,13 +91,18 @@ def assert_same_training(out: Path, summary: dict, reference_out: Path, referenc
             torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, ddp_corpus, single_process_run):
+@pytest.mark.parametrize("batch_size, grad_accum", [(2, 1), (1, 2)])
+def test_two_processes_equal_one_with_the_same_global_batch(batch_size, grad_accum, tmp_path, ddp_corpus,
+                                                            single_process_run):
+    """2 processes × batch × accumulation = the single process's 4 rows; with accumulation, gradients are
+    averaged across ranks once per step (DDP's no_sync on the other micro-batches)."""
     reference_out, reference = single_process_run
     out = tmp_path / "out"
-    result = edgegpt_train(["--data", str(ddp_corpus), "--batch-size", "2", "--out", str(out), *COMMON], 2, tmp_path)
+    result = edgegpt_train(["--data", str(ddp_corpus), "--batch-size", str(batch_size), "--grad-accum",
+                            str(grad_accum), "--out", str(out), *COMMON], 2, tmp_path)
     summary = summary_of(result)
     assert summary["processes"] == 2
-    assert summary["tokens"] == reference["tokens"]  # same global batch: 2 processes × 2 rows = 4 rows
+    assert summary["tokens"] == reference["tokens"]  # the same global batch of 4 rows
     assert_same_training(out, summary, reference_out, reference)
     # Only rank 0 wrote: one checkpoint, no per-rank leftovers.
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference_out.iterdir())
