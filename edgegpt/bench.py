@@ -22,6 +22,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,17 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
         raise EdgeGPTError(f"--positions are numbers of cached tokens, 0 or more; got {min(positions)}")
     args = [sys.executable, "-m", "edgegpt.bench", "--child", str(model), str(prompt_len), str(new_tokens),
             str(threads or 0), provider, str(runs), ",".join(map(str, positions))]
-    start = time.perf_counter()
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = child.stdout.readline()  # the child writes this line right after its first token
-    cold = time.perf_counter() - start
-    rest, err = child.communicate()
+    with tempfile.TemporaryFile(mode="w+") as err_file:
+        start = time.perf_counter()
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        first = child.stdout.readline()  # the child writes this line right after its first token
+        cold = time.perf_counter() - start
+        # Through the same reader: readline may already have buffered what follows the line, which
+        # communicate() (reading the raw pipe) would lose; a fast child's whole report, at times.
+        rest = child.stdout.read()
+        child.wait()
+        err_file.seek(0)
+        err = err_file.read()
     if child.returncode != 0 or first.strip() != "first-token":
         lines = (err or first).strip().splitlines()
         raise EdgeGPTError(lines[-1] if lines else f"the benchmark process failed ({child.returncode})")
