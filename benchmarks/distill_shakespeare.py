@@ -1,7 +1,7 @@
 """Does distillation help? A `small` teacher trained on tinyshakespeare, then two `micro` students with
 the same steps, data, tokenizer and seed: one from scratch, one distilled from the teacher.
 
-    python benchmarks/distill_shakespeare.py [--teacher-steps 400] [--steps 400] [--work DIR]
+    python benchmarks/distill_shakespeare.py [--teacher-steps 1200] [--steps 400] [--work DIR]
 
 Split and metric as benchmarks/train_shakespeare.py: first 90% of the characters train, last 10%
 validate; nats per character over the whole validation split, every model scored with the students'
@@ -48,7 +48,7 @@ def score(checkpoint: Path, data: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-preset", default="small")
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=1200)
     parser.add_argument("--student-preset", default="micro")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of each student")
     parser.add_argument("--alpha", type=float, default=0.5)
