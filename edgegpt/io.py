@@ -79,8 +79,11 @@ def staged_directory(final: Path) -> Iterator[Path]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    """Streamed in 1 MiB reads into one reused buffer: a package's weights are never held whole."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()

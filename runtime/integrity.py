@@ -19,13 +19,13 @@ headers, not over the bytes. Field numbers are those of onnx.proto.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator, Mapping
 
 from edgegpt.errors import EdgeGPTError
+from edgegpt.io import sha256_file  # stdlib only: the runtime stays light
 
 MANIFEST_FILE = "manifest.json"
 # The domains edgegpt's exporter emits: the ONNX default domain ("" or its long name) for standard ops,
@@ -33,18 +33,7 @@ MANIFEST_FILE = "manifest.json"
 # GatherBlockQuantized, DynamicQuantizeMatMul (export/fused.py, export/quantize.py). Any other domain
 # would need a custom-op library this runtime never registers.
 ALLOWED_DOMAINS = ("", "ai.onnx", "com.microsoft")
-CHUNK = 1 << 20  # hashing reads 1 MiB at a time into one reused buffer
 SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb") as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def verify_manifest(directory: Path, manifest: Any, required: tuple[str, ...]) -> frozenset[str]:

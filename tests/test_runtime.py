@@ -266,11 +266,12 @@ def test_bad_tokenizer_json(package_copy):
 # -- the shipping promise ---------------------------------------------------------------------------
 
 
-def test_runtime_never_imports_torch(tiny_package):
+def test_runtime_never_imports_torch_or_onnx(tiny_package):
+    """Loading (the package checks included) and generating import neither torch nor onnx."""
     code = (
         "import sys; from edgegpt.runtime import Generator; "
         f"g = Generator.load({str(tiny_package)!r}); g.generate('hi', max_new_tokens=5); "
-        "assert 'torch' not in sys.modules, 'the runtime imported torch'"
+        "bad = [m for m in ('onnx', 'torch') if m in sys.modules]; assert not bad, bad"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
