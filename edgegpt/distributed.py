@@ -77,13 +77,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def mean(world: World, value: float, device: torch.device) -> float:
-    """A per-rank scalar averaged over the ranks (the loss every rank reports)."""
+def mean(world: World, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-rank scalars averaged over the ranks (the losses every rank reports), in one all-reduce."""
     if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return dict(values)
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return tensor.item() / world.size
+    return dict(zip(values, (tensor / world.size).tolist()))
 
 
 def any_rank(world: World, flag: bool, device: torch.device) -> bool:

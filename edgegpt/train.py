@@ -379,8 +379,8 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
             torch.manual_seed(opts.seed * 1_000_003 + step + world.rank * (1 << 40))
             batch = sample_batch(tokens.train, rows_per_rank * world.size, block_size, opts.seed, step)
             batch = distributed.rank_rows(torch.from_numpy(batch), world).to(device)
-            losses = _train_step(forward, teacher, batch, opts, device, no_sync)
-            loss = distributed.mean(world, losses["loss"], device)
+            losses = distributed.mean(world, _train_step(forward, teacher, batch, opts, device, no_sync), device)
+            loss = losses.pop("loss")
             if not math.isfinite(loss):
                 raise EdgeGPTError(
                     f"the loss became {loss} at step {step + 1}; the last good checkpoint in {out} is kept. "
@@ -392,10 +392,9 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
             step += 1
             last_loss = loss
             run_s = time.perf_counter() - t0
-            parts = {k: distributed.mean(world, v, device) for k, v in losses.items() if k != "loss"}
             reporter.step(step, loss, tokens_per_step * (step - progress_state.get("step", 0)) / max(run_s, 1e-9),
                           max(step / opts.max_steps if opts.max_steps else 0.0,
-                              (elapsed_before + run_s) / budget_s if budget_s else 0.0), parts)
+                              (elapsed_before + run_s) / budget_s if budget_s else 0.0), losses)
             if step % opts.eval_every == 0:
                 evaluate()
             if step % opts.save_every == 0:
