@@ -109,7 +109,7 @@ def export(model, directory: Path, precision: str) -> Path:
 def bench_preset(preset: str, device: str, runs: int, work: Path) -> dict:
     import torch
 
-    from edgegpt.config import preset as make_preset
+    from edgegpt.core.config import preset as make_preset
     from edgegpt.model import GPT
 
     torch.manual_seed(0)

@@ -25,11 +25,11 @@ import torch  # noqa: E402
 
 from common import SHAKESPEARE, machine, print_figures  # noqa: E402
 from edgegpt.checkpoint import WEIGHTS, load_checkpoint  # noqa: E402
-from edgegpt.console import TrainProgress, stderr  # noqa: E402
-from edgegpt.corpus import read_corpus, split_documents  # noqa: E402
-from edgegpt.data import char_starts_table, tokenize  # noqa: E402
-from edgegpt.evaluate import evaluate_split  # noqa: E402
-from edgegpt.train import TrainOptions, train  # noqa: E402
+from edgegpt.cli.console import TrainProgress, stderr  # noqa: E402
+from edgegpt.train.corpus import read_corpus, split_documents  # noqa: E402
+from edgegpt.train.data import char_starts_table, tokenize  # noqa: E402
+from edgegpt.train.validation import evaluate_split  # noqa: E402
+from edgegpt.train.loop import TrainOptions, train  # noqa: E402
 
 STUDENT_CONTEXT = 256
 

@@ -53,7 +53,7 @@ def random_checkpoint(preset: str, directory: Path) -> Path:
     """`preset` with random weights and a byte-level tokenizer: enough to measure size and speed."""
     import torch
 
-    from edgegpt.config import preset as make_preset
+    from edgegpt.core.config import preset as make_preset
     from edgegpt.model import GPT
     from edgegpt.tokenizer import train_tokenizer
 

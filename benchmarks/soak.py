@@ -44,7 +44,7 @@ def build_package(preset: str, directory: Path) -> Path:
     import torch
 
     from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.config import preset as make_preset
+    from edgegpt.core.config import preset as make_preset
     from edgegpt.export import export_package
     from edgegpt.model import GPT
     from edgegpt.tokenizer import train_tokenizer

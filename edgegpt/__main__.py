@@ -1,3 +1,3 @@
-from edgegpt.cli import main
+from edgegpt.cli.app import main
 
 main()

@@ -3,7 +3,7 @@
     model.safetensors   weights (the tied LM head stored once, as the embedding)
     config.json         ModelConfig
     tokenizer.json      Hugging Face tokenizers format
-    train_state.*       optimizer and progress, for --resume (see edgegpt.train)
+    train_state.*       optimizer and progress, for --resume (see edgegpt.train.loop)
 
 safetensors and JSON only: loading a checkpoint never runs code from it.
 """
@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from edgegpt.config import ModelConfig
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import atomic_path, write_bytes_atomic
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import atomic_path, write_bytes_atomic
 from edgegpt.model import GPT, state_dict_for_saving
 from edgegpt.tokenizer import load_tokenizer
 

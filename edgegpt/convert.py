@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, save_checkpoint
-from edgegpt.config import ModelConfig
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
 

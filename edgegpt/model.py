@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgegpt.config import ModelConfig
+from edgegpt.core.config import ModelConfig
 
 # One layer's cache: (key, value), each [batch, n_kv_heads, past_len, head_dim], rotary already applied.
 LayerCache = tuple[Tensor, Tensor]

@@ -23,10 +23,10 @@ import numpy as np
 from rich.table import Table
 from tokenizers import Tokenizer
 
-from edgegpt.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.data import char_starts_table, strided_windows, tokenize
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import read_json
+from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
+from edgegpt.train.data import char_starts_table, strided_windows, tokenize
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import read_json
 
 # Export scores this many tokens by default: with it `edgegpt export --quantize` of `small` (1,024-token
 # context) took 28 s in all on 2 cores (PyTorch 17 s, the int4 package 7 s). Quantization error is
@@ -79,7 +79,7 @@ class EvalText:
     """Held-out tokens, each document preceded by end-of-text as in training."""
 
     tokens: np.ndarray  # int64 [n]
-    char_table: np.ndarray  # characters per token id (edgegpt.data.char_starts_table)
+    char_table: np.ndarray  # characters per token id (edgegpt.train.data.char_starts_table)
     source: str  # where the text came from, for the table
     capped: bool  # True when the text had more tokens than the cap
 

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 END_OF_TEXT = "<|endoftext|>"
 # Text goes to `tokenizers` in pieces of at most this many characters: it pre-tokenizes and encodes a

@@ -29,8 +29,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegpt.config import ModelConfig
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.onnx_export import KV_NAMES, MAX_IR_VERSION, OPSET, check_contract, check_self_contained
 from edgegpt.model import GPT
 

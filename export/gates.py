@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification, greedy_torch, torch_threads
 from edgegpt.model import GPT
 from edgegpt.quality import EvalText, Metrics

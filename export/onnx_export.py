@@ -28,7 +28,7 @@ from onnx.external_data_helper import uses_external_data
 from torch import Tensor, nn
 from torch.export import Dim
 
-from edgegpt.config import ModelConfig
+from edgegpt.core.config import ModelConfig
 from edgegpt.model import GPT
 
 # Pinned rather than torch's default so a torch upgrade cannot silently move the graph to an opset (or

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgegpt.checkpoint import load_checkpoint
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.gates import (
     GateFailed, GateLimits, GateReport, TorchScorer, failure_message, logit_check, perplexity_check,
 )
@@ -26,7 +26,7 @@ from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_o
 from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
 from edgegpt.export.verify import Verification, torch_reference, verify_generator
 from edgegpt.export.writer import MANIFEST, MODEL, generation_config, write_manifest, write_package_metadata
-from edgegpt.io import staged_directory
+from edgegpt.core.io import staged_directory
 from edgegpt.model import GPT
 from edgegpt.quality import (
     DEFAULT_EVAL_TOKENS, EvalText, PackageScorer, evaluate, prepare_eval_text, read_eval_documents,

@@ -50,7 +50,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
     MatMulNBitsQuantizer,
 )
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.onnx_export import MAX_IR_VERSION, quiet
 
 BITS = (8, 4)

@@ -22,8 +22,8 @@ import torch
 from tokenizers import Tokenizer
 
 import edgegpt
-from edgegpt.config import ModelConfig
-from edgegpt.io import sha256_file, write_bytes_atomic, write_json_atomic
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.io import sha256_file, write_bytes_atomic, write_json_atomic
 from edgegpt.tokenizer import end_of_text_id
 
 MODEL = "model.onnx"

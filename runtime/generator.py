@@ -22,7 +22,7 @@ from typing import Generic, Protocol, Sequence, TypeVar, Unpack
 
 import numpy as np
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.batch import Row, generate_rows
 from edgegpt.runtime.detokenizer import TextStream
 from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner

@@ -24,8 +24,8 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator, Mapping
 
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import sha256_file  # stdlib only: the runtime stays light
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import sha256_file  # stdlib only: the runtime stays light
 
 MANIFEST_FILE = "manifest.json"
 # The domains edgegpt's exporter emits: the ONNX default domain ("" or its long name) for standard ops,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Mapping, Sequence, TypedDict
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.sampling import SamplingParams, check_sampling
 
 

@@ -12,7 +12,7 @@ load with a message naming the file and the field, never later with a shape erro
 Before anything is parsed, the files are checked against manifest.json's sha256s and model.onnx's
 operator domains and external-data locations are checked (runtime/integrity.py): a package may come
 from anywhere. Malformed JSON of any shape gives an EdgeGPTError, never another exception.
-The config is parsed here rather than with `edgegpt.config` so the runtime stays independent of the
+The config is parsed here rather than with `edgegpt.core.config` so the runtime stays independent of the
 training code. Only files inside the package directory are read.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from tokenizers import Tokenizer
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.integrity import MANIFEST_FILE, check_graph, verify_manifest
 from edgegpt.runtime.sampling import check_sampling
 

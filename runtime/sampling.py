@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 
 @dataclass(frozen=True)

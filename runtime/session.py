@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"

@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory, corpus_text) -> Path:
     import torch
 
     from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.config import preset
+    from edgegpt.core.config import preset
     from edgegpt.model import GPT
     from edgegpt.tokenizer import train_tokenizer
 

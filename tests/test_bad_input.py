@@ -26,11 +26,11 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.cli import app
-from edgegpt.errors import EdgeGPTError
+from edgegpt.cli.app import app
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export import export_package
 from edgegpt.runtime import Generator
-from edgegpt.train import TrainOptions, train
+from edgegpt.train.loop import TrainOptions, train
 
 runner = CliRunner()
 
@@ -636,7 +636,7 @@ def test_long_text_is_tokenized_in_pieces_exactly_as_whole(tiny_checkpoint):
     """tokenize() encodes long documents piece by piece (bounded memory); the cuts must not change a token."""
     import numpy as np
 
-    from edgegpt.data import tokenize
+    from edgegpt.train.data import tokenize
     from edgegpt.tokenizer import PIECE_CHARS, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_checkpoint / "tokenizer.json")
@@ -653,7 +653,7 @@ def test_huge_prompt_is_refused_without_encoding_it(tiny_package, tmp_path):
     script = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-        "from edgegpt.errors import EdgeGPTError\n"
+        "from edgegpt.core.errors import EdgeGPTError\n"
         "from edgegpt.runtime import Generator\n"
         "g = Generator.load(sys.argv[1], provider='cpu')\n"
         f"try:\n    g.generate('the socket module ' * {HUGE_LINE_CHARS // 18})\n"

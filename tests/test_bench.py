@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.bench import bench_table, run_bench
-from edgegpt.cli import app
-from edgegpt.errors import EdgeGPTError
+from edgegpt.cli.bench import bench_table, run_bench
+from edgegpt.cli.app import app
+from edgegpt.core.errors import EdgeGPTError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.cli import app
+from edgegpt.cli.app import app
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.cli import app
+from edgegpt.cli.app import app
 from edgegpt.runtime import Generator
 
 runner = CliRunner()

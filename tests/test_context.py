@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.chat import chat_loop
-from edgegpt.cli import app
-from edgegpt.errors import EdgeGPTError
+from edgegpt.cli.chat import chat_loop
+from edgegpt.cli.app import app
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator
 
 runner = CliRunner()

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.convert import convert
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [dev] extra")
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from edgegpt.cli import app
-from edgegpt.distill import distillation_loss, init_from_teacher, load_teacher, student_config_from_teacher
-from edgegpt.errors import EdgeGPTError
+from edgegpt.cli.app import app
+from edgegpt.train.distill import distillation_loss, init_from_teacher, load_teacher, student_config_from_teacher
+from edgegpt.core.errors import EdgeGPTError
 
 runner = CliRunner()
 TEACHER_VOCAB = 300
@@ -74,7 +74,7 @@ def test_gradcheck_of_the_loss():
 
 def test_gradcheck_through_a_tiny_model():
     """The KD loss's gradient reaches the student's weights correctly (float64 finite differences)."""
-    from edgegpt.config import ModelConfig
+    from edgegpt.core.config import ModelConfig
     from edgegpt.model import GPT
 
     torch.manual_seed(0)
@@ -172,7 +172,7 @@ def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, t
 
 
 def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
-    from edgegpt.train import Reporter, TrainOptions, train
+    from edgegpt.train.loop import Reporter, TrainOptions, train
 
     class Recorder(Reporter):
         parts: list[dict] = []
@@ -292,7 +292,7 @@ def test_sentencepiece_style_teacher_tokenizer_is_understood():
     characters exactly, so nats/char stays honest with a teacher's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from edgegpt.data import char_starts_table
+    from edgegpt.train.data import char_starts_table
     from edgegpt.tokenizer import end_of_text_id
 
     # As Llama 2's tokenizer.json has it: byte tokens in the model's vocabulary, three special tokens.

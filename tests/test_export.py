@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgegpt.checkpoint import load_checkpoint
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.tokenizer import end_of_text_id
 
 PACKAGE_FILES = {"model.onnx", "config.json", "tokenizer.json", "generation_config.json", "manifest.json"}

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from edgegpt.checkpoint import load_checkpoint
-from edgegpt.cli import app
-from edgegpt.errors import EdgeGPTError
-from edgegpt.train import TrainOptions, train
-from edgegpt.train_state import read_progress
+from edgegpt.cli.app import app
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.train.loop import TrainOptions, train
+from edgegpt.train.state import read_progress
 
 STEPS = 60
 SAVE_EVERY = 4
@@ -100,7 +100,7 @@ TINY = dict(preset="nano", batch_size=4, block_size=32, eval_every=2, save_every
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fault_corpus, monkeypatch):
-    import edgegpt.train as training
+    import edgegpt.train.loop as training
 
     out = tmp_path / "out"
     train([fault_corpus], [], out, TrainOptions(max_steps=4, **TINY), cache_dir=tmp_path / "cache")
@@ -120,7 +120,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fa
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, fault_corpus, monkeypatch):
-    import edgegpt.train_state as train_state
+    import edgegpt.train.state as train_state
 
     out = tmp_path / "out"
     train([fault_corpus], [], out, TrainOptions(max_steps=2, **TINY), cache_dir=tmp_path / "cache")
@@ -144,7 +144,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, fault_co
 
 
 def test_full_disk_is_one_line_on_the_command_line(tmp_path, fault_corpus, monkeypatch):
-    import edgegpt.train_state as train_state
+    import edgegpt.train.state as train_state
 
     def disk_full(tensors, filename, metadata=None):
         raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from edgegpt.checkpoint import load_checkpoint
-from edgegpt.config import preset
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.config import preset
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.fused import build_fused_graph, fused_graph_contract
 from edgegpt.export.onnx_export import export_plain_onnx, graph_contract
 from edgegpt.export.writer import write_package_metadata

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import EVAL_TOKENS
-from edgegpt.cli import app
+from edgegpt.cli.app import app
 from edgegpt.export import GateFailed, GateLimits, export_package
 
 runner = CliRunner()
@@ -150,7 +150,7 @@ def test_eval_checkpoint_and_package_agree(tiny_checkpoint, tiny_package, corpus
 
 def test_eval_of_a_package_works_without_torch(tiny_package, corpus_file):
     code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-            "from edgegpt.cli import main\n"
+            "from edgegpt.cli.app import main\n"
             f"sys.argv = ['edgegpt', 'eval', {str(tiny_package)!r}, '--data', {str(corpus_file)!r}, "
             "'--eval-tokens', '256', '--json']\nmain()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

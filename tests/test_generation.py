@@ -13,7 +13,7 @@ import weakref
 import pytest
 
 from conftest import RUNTIME_PROVIDER, same_tokens
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator
 from edgegpt.runtime.sampling import SamplingParams
 

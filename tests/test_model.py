@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgegpt.config import ModelConfig, preset
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.config import ModelConfig, preset
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
 
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edgegpt.config import ModelConfig
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.detokenizer import StreamDecoder, TextStream
 from edgegpt.runtime.integrity import scan_model
 from edgegpt.runtime.package import _read_object, parse_config, parse_generation

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EVAL_TOKENS
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.quantize import BLOCK_SIZE, TABLE_BITS, quantize_graph, resolve_method
 
 FORMATS = [(8, "nbits"), (8, "dynamic"), (4, "nbits")]

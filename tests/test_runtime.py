@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import RUNTIME_ATOL, same_tokens
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator, ModelPackage
 
 PROMPTS = ["The ", "def f(x):\n\treturn", ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.detokenizer import StopStrings, partial_match
 from edgegpt.runtime.sampling import (
     Sampler,

@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 from edgegpt.checkpoint import load_checkpoint
-from edgegpt.corpus import read_corpus, split_documents
-from edgegpt.data import char_starts_table, sample_batch
-from edgegpt.errors import EdgeGPTError
-from edgegpt.evaluate import strided_windows
-from edgegpt.train import TrainOptions, learning_rate, train
+from edgegpt.train.corpus import read_corpus, split_documents
+from edgegpt.train.data import char_starts_table, sample_batch
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.train.validation import strided_windows
+from edgegpt.train.loop import TrainOptions, learning_rate, train
 
 TINY = dict(preset="nano", batch_size=4, block_size=64, eval_every=10, eval_windows=4, device="cpu")
 

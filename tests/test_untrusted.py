@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator, ModelPackage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,19 +19,19 @@ import torch
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
-from edgegpt import distributed
+from edgegpt.train import distributed
 from edgegpt.checkpoint import CONFIG, TOKENIZER, save_weights, WEIGHTS
-from edgegpt.config import ModelConfig, preset
-from edgegpt.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.data import TokenData, char_starts_table, prepare_data, sample_batch
-from edgegpt.distill import (Teacher, check_student_tokenizer, distillation_loss, init_from_teacher, open_teacher,
+from edgegpt.core.config import ModelConfig, preset
+from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
+from edgegpt.train.data import TokenData, char_starts_table, prepare_data, sample_batch
+from edgegpt.train.distill import (Teacher, check_student_tokenizer, distillation_loss, init_from_teacher, open_teacher,
                              student_config_from_teacher)
-from edgegpt.errors import EdgeGPTError
-from edgegpt.evaluate import EvalResult, evaluate_sample
-from edgegpt.io import write_bytes_atomic
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.train.validation import EvalResult, evaluate_sample
+from edgegpt.core.io import write_bytes_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import load_tokenizer
-from edgegpt.train_state import STATE_JSON, load_train_state, read_progress, save_train_state
+from edgegpt.train.state import STATE_JSON, load_train_state, read_progress, save_train_state
 
 
 # With neither --max-steps nor --time-budget: long enough for `micro` to reach its best on a laptop.
@@ -64,7 +64,7 @@ class TrainOptions:
     save_every: int = 100  # resume state every N steps: a crash loses at most this many
     layers: int | None = None  # None: the preset's (or, from a teacher, half the teacher's)
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one
-    # Distillation (edgegpt.distill): a teacher checkpoint or Hugging Face directory, the weight of the
+    # Distillation (edgegpt.train.distill): a teacher checkpoint or Hugging Face directory, the weight of the
     # label loss, the softening temperature, and whether to start from the teacher's layers.
     teacher: str | None = None
     alpha: float = 0.5
@@ -256,7 +256,7 @@ def train(
 ) -> TrainSummary:
     """Train (or resume) into `out`. Ctrl-C and a spent time budget both end with a saved checkpoint.
 
-    Under torchrun every process runs this; rank 0 alone writes and reports (edgegpt.distributed)."""
+    Under torchrun every process runs this; rank 0 alone writes and reports (edgegpt.train.distributed)."""
     world = distributed.world_from_env()
     reporter = reporter if reporter is not None and world.is_main else Reporter()
     try:
@@ -323,7 +323,7 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
         best_val = progress_state["best_val"]
     if world.is_main:  # config and tokenizer first: a resume needs them even before the first best weights
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # a write a crash interrupted (edgegpt.io.atomic_path)
+        for stale in out.glob(".*.tmp"):  # a write a crash interrupted (edgegpt.core.io.atomic_path)
             stale.unlink(missing_ok=True)
         cfg.save(out / CONFIG)
         write_bytes_atomic(out / TOKENIZER, tokens.tokenizer.to_str().encode())

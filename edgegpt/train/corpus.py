@@ -10,7 +10,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 TEXT_SUFFIXES = (".txt", ".md")
 DEFAULT_CORPUS_NAME = "python-docs"

@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from edgegpt.evaluate import EvalResult
-from edgegpt.train import Reporter
+from edgegpt.train.validation import EvalResult
+from edgegpt.train.loop import Reporter
 
 stderr = Console(stderr=True, highlight=False)
 

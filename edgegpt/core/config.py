@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,13 @@ class ModelConfig:
             raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
     def save(self, path: Path) -> None:
-        from edgegpt.io import write_json_atomic
+        from edgegpt.core.io import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> "ModelConfig":
-        from edgegpt.io import read_json
+        from edgegpt.core.io import read_json
 
         return cls.from_dict(read_json(path), source=str(path))
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import atomic_path, write_json_atomic
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import atomic_path, write_json_atomic
 from edgegpt.model import GPT, state_dict_for_saving
 
 STATE_WEIGHTS = "train_state.safetensors"

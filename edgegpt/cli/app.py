@@ -16,8 +16,8 @@ from typing import Iterator, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from edgegpt import workspace
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core import workspace
+from edgegpt.core.errors import EdgeGPTError
 
 try:  # typer >= 0.20 vendors click and raises its own copy of click's exceptions
     from typer._click.exceptions import UsageError
@@ -118,8 +118,8 @@ def train(
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with user_errors():
-        from edgegpt.console import TrainProgress
-        from edgegpt.train import TrainOptions, train as run_training
+        from edgegpt.cli.console import TrainProgress
+        from edgegpt.train.loop import TrainOptions, train as run_training
 
         opts = TrainOptions(
             preset=preset, vocab_size=vocab_size, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
@@ -138,7 +138,7 @@ def train(
     if as_json:
         print(json.dumps(summary.to_dict()))
     else:
-        from edgegpt.console import stderr
+        from edgegpt.cli.console import stderr
 
         stderr.print(
             f"{summary.stopped.replace('_', ' ')}: {summary.steps} steps, {summary.tokens:,} tokens, "
@@ -180,7 +180,7 @@ def export(
             Console().print(render_report(report))
 
     with user_errors():
-        from edgegpt.console import stderr
+        from edgegpt.cli.console import stderr
         from edgegpt.export import GateFailed, export_package
 
         try:
@@ -280,7 +280,7 @@ def chat(
     """Talk to a model: each line you type is added to the conversation and the reply streams back.
     /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
     with user_errors():
-        from edgegpt.chat import chat_loop
+        from edgegpt.cli.chat import chat_loop
         from edgegpt.runtime import Generator
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
@@ -318,7 +318,7 @@ def bench(
 ) -> None:
     """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process."""
     with user_errors():
-        from edgegpt.bench import bench_table, run_bench
+        from edgegpt.cli.bench import bench_table, run_bench
 
         try:
             at = tuple(int(p) for p in positions.split(",") if p.strip()) if positions else ()
@@ -340,7 +340,7 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint or a model pac
     with user_errors():
         from rich.console import Console
 
-        from edgegpt.inspect import describe
+        from edgegpt.cli.inspect import describe
 
         Console().print(describe(directory))
 

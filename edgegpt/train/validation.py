@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgegpt.data import strided_windows  # lives in data.py: the torch-free package evaluation shares it
+from edgegpt.train.data import strided_windows  # lives in data.py: the torch-free package evaluation shares it
 from edgegpt.model import GPT
 
 

@@ -25,9 +25,9 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
-from edgegpt.config import ModelConfig
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import read_json
+from edgegpt.core.config import ModelConfig
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import read_json
 from edgegpt.tokenizer import load_tokenizer
 
 

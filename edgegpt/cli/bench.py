@@ -1,6 +1,6 @@
 """`edgegpt bench`: how fast a model package runs here (load, first token, decode, memory).
 
-Everything is measured in one fresh child process (`python -m edgegpt.bench --child ...`), so that
+Everything is measured in one fresh child process (`python -m edgegpt.cli.bench --child ...`), so that
     cold start   = the parent starting that process -> the child's first token (imports, load, prefill
                    included: what `edgegpt generate` costs before it prints anything)
     peak RSS     = the child's resource.getrusage high-water mark after load + TTFT + decode runs, not
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgegpt.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError
 
 FLAT_STEPS = 32  # decode steps timed at each flatness position
 
@@ -42,7 +42,7 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
         raise EdgeGPTError(f"--threads must be at least 1, got {threads}")
     if any(p < 0 for p in positions):
         raise EdgeGPTError(f"--positions are numbers of cached tokens, 0 or more; got {min(positions)}")
-    args = [sys.executable, "-m", "edgegpt.bench", "--child", str(model), str(prompt_len), str(new_tokens),
+    args = [sys.executable, "-m", "edgegpt.cli.bench", "--child", str(model), str(prompt_len), str(new_tokens),
             str(threads or 0), provider, str(runs), ",".join(map(str, positions))]
     with tempfile.TemporaryFile(mode="w+") as err_file:
         start = time.perf_counter()
@@ -171,7 +171,7 @@ def bench_table(report: dict[str, Any]):
 
 
 def main() -> None:
-    """Child entry point (internal): python -m edgegpt.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS"""
+    """Child entry point (internal): python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS"""
     argv = sys.argv[1:]
     if len(argv) != 8 or argv[0] != "--child":
         raise SystemExit("internal entry point; use `edgegpt bench`")

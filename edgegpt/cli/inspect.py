@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import read_json
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import read_json
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:

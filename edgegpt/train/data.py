@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgegpt.errors import EdgeGPTError
-from edgegpt.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from edgegpt.tokenizer import (
     PIECE_CHARS, check_vocab_size, end_of_text_id, load_tokenizer, text_pieces, train_tokenizer,
 )
