@@ -27,11 +27,8 @@ from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
 from edgegpt.train.data import char_starts_table, strided_windows, tokenize
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import read_json
+from edgegpt.scoring import DEFAULT_EVAL_TOKENS
 
-# Export scores this many tokens by default: with it `edgegpt export --quantize` of `small` (1,024-token
-# context) took 28 s in all on 2 cores (PyTorch 17 s, the int4 package 7 s). Quantization error is
-# systematic (both models score the same text), so this many tokens resolve a change far below 1%.
-DEFAULT_EVAL_TOKENS = 16384
 GREEDY_PROMPTS = 16
 GREEDY_TOKENS = 32
 PROMPT_TOKENS = 32

@@ -1,0 +1,106 @@
+"""Training options: every knob of `edgegpt train`, with defaults and checks, torch-free so the CLI can
+declare its options from these defaults without importing torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from edgegpt.core.errors import EdgeGPTError
+
+# With neither --max-steps nor --time-budget: long enough for `micro` to reach its best on a laptop.
+DEFAULT_TIME_BUDGET_MIN = 10.0
+
+
+@dataclass
+class TrainOptions:
+    """Defaults measured on 2 CPU cores with `micro` on tinyshakespeare (see the README)."""
+
+    preset: str | None = None  # None: micro, or the teacher's shape with --init-from-teacher
+    vocab_size: int | None = None  # None: the preset's
+    batch_size: int = 8
+    block_size: int | None = None  # None: the model's max_len
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of lr, not 0: the last steps still learn
+    warmup: float = 0.03  # fraction of the run
+    weight_decay: float = 0.1
+    beta2: float = 0.99  # 0.99 rather than 0.999: small batches, noisy gradients
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    max_steps: int | None = None
+    time_budget: float | None = None  # minutes
+    eval_every: int = 100
+    eval_windows: int = 32
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    save_every: int = 100  # resume state every N steps: a crash loses at most this many
+    layers: int | None = None  # None: the preset's (or, from a teacher, half the teacher's)
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training one
+    # Distillation (edgegpt.train.distill): a teacher checkpoint or Hugging Face directory, the weight of the
+    # label loss, the softening temperature, and whether to start from the teacher's layers.
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    init_from_teacher: bool = False
+
+    def validate(self) -> None:
+        self._check_types()
+        positive = ("batch_size", "grad_accum", "eval_every", "eval_windows", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise EdgeGPTError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise EdgeGPTError(f"--seed must be 0 or more, got {self.seed}")
+        if self.vocab_size is not None and not 258 <= self.vocab_size <= MAX_VOCAB:
+            raise EdgeGPTError(f"--vocab-size must be between 258 (byte-level BPE) and {MAX_VOCAB:,}, got {self.vocab_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise EdgeGPTError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise EdgeGPTError(f"--time-budget must be a positive number of minutes, got {self.time_budget}")
+        if self.block_size is not None and self.block_size < 2:
+            raise EdgeGPTError(f"--block-size must be at least 2, got {self.block_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise EdgeGPTError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise EdgeGPTError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise EdgeGPTError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.layers is not None and self.layers < 1:
+            raise EdgeGPTError(f"--layers must be at least 1, got {self.layers}")
+        if not 0 <= self.alpha <= 1:
+            raise EdgeGPTError(f"--alpha must be in [0, 1] (the weight of the label loss), got {self.alpha}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise EdgeGPTError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.teacher is None and (self.init_from_teacher or self.alpha != 0.5 or self.temperature != 2.0):
+            raise EdgeGPTError("--alpha, --temperature and --init-from-teacher need --teacher")
+        if self.teacher is not None and self.vocab_size is not None:
+            raise EdgeGPTError("--vocab-size cannot be combined with --teacher: the student takes the teacher's")
+
+
+    def _check_types(self) -> None:
+        """Options arrive from Python callers too: '8' < 1 must be a clear error, not a TypeError."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and "None" in str(f.type):
+                continue
+            if "int" in str(f.type) and "float" not in str(f.type):
+                wanted, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+            elif "float" in str(f.type):
+                wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif "bool" in str(f.type):
+                wanted, ok = "true or false", isinstance(value, bool)
+            else:
+                wanted, ok = "a string", isinstance(value, str)
+            if not ok:
+                raise EdgeGPTError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# The embedding of a larger vocabulary would dwarf any model edgegpt trains.
+MAX_VOCAB = 1 << 20
