@@ -13,6 +13,7 @@ Runs from a checkout without installing edgegpt (the GPU host has torch, onnx an
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import statistics
@@ -21,27 +22,34 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import random_model
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, NEW = 32, 128
 
 
-def import_edgegpt() -> None:
-    """edgegpt.export / edgegpt.runtime live in export/ and runtime/ (pyproject's package-dir): map them."""
-    sys.path.insert(0, str(ROOT))
-    import edgegpt
+def load_package(name: str, folder: Path):
+    """Import the package in `folder` as `name` (its subpackages resolve through its own __path__)."""
+    init = folder / "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    for name in ("export", "runtime"):
+
+def import_edgegpt() -> None:
+    """This checkout's edgegpt, installed or not: edgegpt.export / edgegpt.runtime live in export/ and
+    runtime/ (pyproject's package-dir), so they are mapped too. Loaded by file location rather than by
+    putting the checkout on sys.path, which would also expose its other top-level folders as modules."""
+    edgegpt = sys.modules.get("edgegpt") or load_package("edgegpt", ROOT / "edgegpt")
+    for name in ("runtime", "export"):  # the runtime first: the exporter imports it, never the other way round
         if f"edgegpt.{name}" in sys.modules:
             continue
         try:
             importlib.import_module(f"edgegpt.{name}")
         except ImportError:
-            spec = importlib.util.spec_from_file_location(
-                f"edgegpt.{name}", ROOT / name / "__init__.py", submodule_search_locations=[str(ROOT / name)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            setattr(edgegpt, name, module)
-            spec.loader.exec_module(module)
+            setattr(edgegpt, name, load_package(f"edgegpt.{name}", ROOT / name))
 
 
 def torch_decode(model, device: str, dtype, runs: int) -> float:
@@ -93,15 +101,13 @@ def edgegpt_decode(package: Path, provider: str, runs: int) -> float:
     return statistics.median(once() for _ in range(runs))
 
 
-def export(model, directory: Path, precision: str) -> Path:
+def export(model, tokenizer, directory: Path, precision: str) -> Path:
     """The fused graph in `precision` with the package files the Generator reads (no gates, no scoring)."""
     from edgegpt.export.package import build_graph
     from edgegpt.export.writer import MODEL, write_package_metadata
-    from edgegpt.tokenizer import train_tokenizer
 
     directory.mkdir(parents=True)
     contract = build_graph(model.float().cpu(), directory / MODEL, True, precision)
-    tokenizer = train_tokenizer(["edgegpt benchmark text " * 100], 300)
     write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
     return directory
 
@@ -109,13 +115,9 @@ def export(model, directory: Path, precision: str) -> Path:
 def bench_preset(preset: str, device: str, runs: int, work: Path) -> dict:
     import torch
 
-    from edgegpt.core.config import preset as make_preset
-    from edgegpt.model import GPT
-
-    torch.manual_seed(0)
-    model = GPT(make_preset(preset)).eval()
+    model, tokenizer = random_model(preset)
     precision = "float16" if device == "cuda" else "float32"  # the CPU provider refuses float16 packages
-    package = export(model, work / preset, precision)
+    package = export(model, tokenizer, work / preset, precision)
     row = {"preset": preset, "device": device, "parameters": model.num_parameters()}
     try:
         row[f"edgegpt {precision}"] = edgegpt_decode(package, device, runs)

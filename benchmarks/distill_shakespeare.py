@@ -19,17 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from common import SHAKESPEARE, machine, print_figures  # noqa: E402
-from edgegpt.checkpoint import WEIGHTS, load_checkpoint  # noqa: E402
-from edgegpt.cli.console import TrainProgress, stderr  # noqa: E402
-from edgegpt.train.corpus import read_corpus, split_documents  # noqa: E402
-from edgegpt.train.data import char_starts_table, tokenize  # noqa: E402
-from edgegpt.train.validation import evaluate_split  # noqa: E402
-from edgegpt.train.loop import TrainOptions, train  # noqa: E402
+from common import SHAKESPEARE, machine, print_figures
+from edgegpt.checkpoint import WEIGHTS, load_checkpoint
+from edgegpt.cli.console import TrainProgress, stderr
+from edgegpt.train.corpus import read_corpus, split_documents
+from edgegpt.train.data import char_starts_table, tokenize
+from edgegpt.train.loop import train
+from edgegpt.train.options import TrainOptions
+from edgegpt.train.validation import evaluate_split
 
 STUDENT_CONTEXT = 256
 

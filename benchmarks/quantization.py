@@ -23,22 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from common import machine  # noqa: E402
-from edgegpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from edgegpt.export.gates import PERPLEXITY_LIMITS  # noqa: E402
-from edgegpt.export.package import build_graph  # noqa: E402
-from edgegpt.export.quantize import quantize_graph  # noqa: E402
-from edgegpt.export.writer import MODEL, write_package_metadata  # noqa: E402
-from edgegpt.quality import (  # noqa: E402
-    PackageScorer, evaluate, prepare_eval_text, read_eval_documents, validation_documents,
-)
-from edgegpt.runtime import Generator  # noqa: E402
+from common import machine, random_checkpoint
+from edgegpt.checkpoint import load_checkpoint
+from edgegpt.export.gates import PERPLEXITY_LIMITS
+from edgegpt.export.package import build_graph
+from edgegpt.export.quantize import quantize_graph
+from edgegpt.export.writer import MODEL, write_package_metadata
+from edgegpt.quality import PackageScorer, evaluate, prepare_eval_text, read_eval_documents, validation_documents
+from edgegpt.runtime import Generator
 
 FORMATS = (  # name, bits, method (None = float32)
     ("fp32", None, None),
@@ -47,21 +43,6 @@ FORMATS = (  # name, bits, method (None = float32)
     ("int4 nbits", 4, "nbits"),
 )
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
-
-
-def random_checkpoint(preset: str, directory: Path) -> Path:
-    """`preset` with random weights and a byte-level tokenizer: enough to measure size and speed."""
-    import torch
-
-    from edgegpt.core.config import preset as make_preset
-    from edgegpt.model import GPT
-    from edgegpt.tokenizer import train_tokenizer
-
-    torch.manual_seed(0)
-    cfg = make_preset(preset)
-    tokenizer = train_tokenizer(["edgegpt benchmark text " * 100], 300)
-    save_checkpoint(directory, GPT(cfg).eval(), tokenizer)
-    return directory
 
 
 def build_packages(checkpoint: Path, work: Path, fuse: bool) -> dict[str, Path]:

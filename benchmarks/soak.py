@@ -24,9 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine  # noqa: E402
+from common import machine, random_checkpoint
 
 WARMUP = 100
 MAX_GROWTH_MB = 20.0
@@ -41,18 +39,10 @@ def source_text() -> str:
 
 
 def build_package(preset: str, directory: Path) -> Path:
-    import torch
-
-    from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.core.config import preset as make_preset
     from edgegpt.export import export_package
-    from edgegpt.model import GPT
-    from edgegpt.tokenizer import train_tokenizer
 
-    torch.manual_seed(0)
-    cfg = make_preset(preset)
-    tokenizer = train_tokenizer([source_text()], cfg.vocab_size)
-    save_checkpoint(directory / "checkpoint", GPT(cfg).eval(), tokenizer)
+    # the tokenizer learns the text the prompts are cut from, at the preset's full vocabulary
+    random_checkpoint(preset, directory / "checkpoint", [source_text()], vocab_size=None)
     export_package(directory / "checkpoint", directory / "model", quantize=True, gate=False)
     return directory / "model"
 

@@ -15,17 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from common import SHAKESPEARE, machine, print_figures  # noqa: E402
-from edgegpt.checkpoint import load_checkpoint  # noqa: E402
-from edgegpt.cli.console import TrainProgress  # noqa: E402
-from edgegpt.train.corpus import read_corpus, split_documents  # noqa: E402
-from edgegpt.train.data import char_starts_table, tokenize  # noqa: E402
-from edgegpt.train.validation import evaluate_split  # noqa: E402
-from edgegpt.train.loop import TrainOptions, train  # noqa: E402
+from common import SHAKESPEARE, machine, print_figures
+from edgegpt.checkpoint import load_checkpoint
+from edgegpt.cli.console import TrainProgress
+from edgegpt.train.corpus import read_corpus, split_documents
+from edgegpt.train.data import char_starts_table, tokenize
+from edgegpt.train.loop import train
+from edgegpt.train.options import TrainOptions
+from edgegpt.train.validation import evaluate_split
 
 
 def main() -> None:

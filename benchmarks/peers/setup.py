@@ -1,0 +1,61 @@
+"""Peer setup: what lives where under WORK (the two venvs, the llama.cpp source and build) and `setup`,
+which makes it. See compare_runtimes.py's header for the commands it runs and why there are two venvs."""
+
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+
+from .processes import log, run_logged
+
+REPO = Path(__file__).resolve().parents[2]
+TORCH = "torch==2.13.0"  # pinned in both venvs: an unpinned torch pulls a CUDA build of several GB
+VENVS = {
+    # the peers through edgegpt's [bench] extra (edgegpt itself is measured with the calling interpreter)
+    "venv-peers": [TORCH, f"{REPO}[bench]"],
+    # onnxruntime-genai's model builder needs transformers 5.x and onnx_ir, which it does not declare
+    "venv-builder": [TORCH, "transformers>=5", "onnx_ir", "onnx", "onnxruntime", "onnxruntime-genai"],
+}
+
+
+def peers_python(work: Path) -> Path:
+    return work / "venv-peers" / "bin" / "python"
+
+
+def builder_python(work: Path) -> Path:
+    return work / "venv-builder" / "bin" / "python"
+
+
+def llama_bin(work: Path) -> Path:
+    """Where the llama-bench and llama-quantize binaries of the build land."""
+    return work / "llama.cpp-build" / "bin"
+
+
+def llama_source(work: Path) -> Path | None:
+    found = sorted(glob.glob(str(work / "src" / "llama_cpp_python-*" / "vendor" / "llama.cpp")))
+    return Path(found[-1]) if found else None
+
+
+def setup(work: Path) -> None:
+    """Create both venvs and build llama.cpp under `work`; what is already there is reused."""
+    work.mkdir(parents=True, exist_ok=True)
+    constraints = work / "constraints.txt"
+    constraints.write_text(TORCH + "\n")
+    for name, packages in VENVS.items():
+        if not (work / name / "bin" / "python").exists():
+            run_logged([sys.executable, "-m", "venv", work / name])
+        run_logged([work / name / "bin" / "pip", "install", "-c", constraints, *packages])
+    src = work / "src"
+    src.mkdir(exist_ok=True)
+    if llama_source(work) is None:
+        if not glob.glob(str(src / "llama_cpp_python-*.tar.gz")):
+            run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "llama-cpp-python", "-d", src])
+        archive = sorted(glob.glob(str(src / "llama_cpp_python-*.tar.gz")))[-1]
+        run_logged(["tar", "xzf", archive, "-C", src])
+    build = work / "llama.cpp-build"
+    run_logged(["cmake", "-S", llama_source(work), "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
+    run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", "2"])
+    log(f"setup done under {work}")
