@@ -13,7 +13,6 @@ side (export/gates.py) plugs in through the same two methods, `logits` and `gree
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +23,11 @@ from rich.table import Table
 from tokenizers import Tokenizer
 
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.train.data import char_starts_table, strided_windows, tokenize
+from edgegpt.runtime.decoding import greedy
+from edgegpt.scoring import DEFAULT_EVAL_TOKENS, char_starts_table, score, strided_windows
+from edgegpt.train.data import tokenize
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import read_json
-from edgegpt.scoring import DEFAULT_EVAL_TOKENS
 
 GREEDY_PROMPTS = 16
 GREEDY_TOKENS = 32
@@ -38,12 +38,13 @@ CHARS_PER_TOKEN_BOUND = 16
 
 
 class Scorable(Protocol):
-    """What an evaluated model offers: a PyTorch model (export/gates.py) or a package (PackageScorer)."""
+    """What an evaluated model offers: the PyTorch reference (edgegpt.reference.TorchReference) or a
+    package (PackageScorer)."""
 
     max_len: int
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(token_ids), vocab]: the next-token logits at every position, from an empty past."""
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """float32 [B, L, vocab]: the next-token logits at every position of each window, from an empty past."""
 
     def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
         """The greedy continuation of `prompt`, n_tokens long (never stopping at end-of-text)."""
@@ -56,19 +57,23 @@ class PackageScorer:
         self.generator = generator
         self.max_len = generator.config.max_len
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        return self.generator.score(list(token_ids))
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        return np.stack([self.generator.score(window.tolist()) for window in windows])
 
     def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
-        tokens: list[int] = []
-        if n_tokens <= 0:
-            return tokens
-        logits, cache = self.generator.prefill(list(prompt))
-        while True:
-            tokens.append(int(np.argmax(logits)))
-            if len(tokens) == n_tokens:
-                return tokens
-            logits, cache = self.generator.decode_step(tokens[-1], cache)
+        cache = None
+
+        def prefill() -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.generator.prefill(list(prompt))
+            return logits
+
+        def feed(token: int) -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.generator.decode_step(token, cache)
+            return logits
+
+        return greedy(prefill, feed, len(prompt), n_tokens)
 
 
 @dataclass(frozen=True)
@@ -153,13 +158,6 @@ class Metrics:
         return d
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log p(target) per row, computed stably in float64 sums."""
-    top = logits.max(axis=-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
-    return lse - logits[np.arange(len(targets)), targets]
-
-
 def greedy_prompts(tokens: np.ndarray, max_len: int) -> tuple[list[list[int]], int]:
     """16 prompts spread evenly over the text, and how many tokens to continue each (fits the context)."""
     n_new = min(GREEDY_TOKENS, max_len // 2)
@@ -171,18 +169,11 @@ def greedy_prompts(tokens: np.ndarray, max_len: int) -> tuple[list[list[int]], i
 def evaluate(name: str, model: Scorable, text: EvalText, reference: Predictions | None = None) -> Metrics:
     """Score `text` with `model`; agreement figures when a reference's predictions are given."""
     start = time.perf_counter()
-    tokens, nats, chars, scored, top1 = text.tokens, 0.0, 0, 0, []
-    for begin, length, first in strided_windows(len(tokens), model.max_len):
-        logits = np.asarray(model.logits(tokens[begin : begin + length].tolist()), dtype=np.float32)[first:]
-        targets = tokens[begin + 1 + first : begin + 1 + length]
-        nats += float(_log_softmax_at(logits, targets).sum())
-        chars += int(text.char_table[targets].sum())
-        scored += len(targets)
-        top1.append(logits.argmax(axis=-1))
-    prompts, n_new = greedy_prompts(tokens, model.max_len)
-    predictions = Predictions(top1=np.concatenate(top1), greedy=[model.greedy(p, n_new) for p in prompts])
-    metrics = Metrics(name=name, nats_per_token=nats / scored, nats_per_char=nats / max(chars, 1),
-                      perplexity=math.exp(nats / scored), tokens=scored, chars=chars, predictions=predictions)
+    scored = score(model.logits, text.tokens, strided_windows(len(text.tokens), model.max_len), text.char_table)
+    prompts, n_new = greedy_prompts(text.tokens, model.max_len)
+    predictions = Predictions(top1=scored.top1, greedy=[model.greedy(p, n_new) for p in prompts])
+    metrics = Metrics(name=name, nats_per_token=scored.nats_per_token, nats_per_char=scored.nats_per_char,
+                      perplexity=scored.perplexity, tokens=scored.tokens, chars=scored.chars, predictions=predictions)
     if reference is not None:
         metrics.top1_agreement = float(np.mean(predictions.top1 == reference.top1))
         pairs = list(zip(predictions.greedy, reference.greedy))
@@ -239,10 +230,10 @@ def open_scorer(path: Path, threads: int | None = None) -> tuple[Scorable, Token
         return PackageScorer(generator), generator.package.tokenizer, spec.vocab_size, spec.max_len
     if (path / "model.safetensors").is_file():
         from edgegpt.checkpoint import load_checkpoint
-        from edgegpt.export.gates import TorchScorer
+        from edgegpt.reference import TorchReference
 
         model, tokenizer = load_checkpoint(path)
-        return TorchScorer(model), tokenizer, model.cfg.vocab_size, model.cfg.max_len
+        return TorchReference(model), tokenizer, model.cfg.vocab_size, model.cfg.max_len
     raise EdgeGPTError(f"{path} is neither a model package (model.onnx) nor a checkpoint (model.safetensors)")
 
 

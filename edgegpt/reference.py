@@ -1,36 +1,95 @@
-"""The PyTorch reference generator: the checkpoint's own cached forward pass and the runtime's sampler.
+"""The PyTorch reference: a checkpoint's model as the runtime-side code sees it, numpy logits in and out.
 
-    prompt ids ─► prefill ─► logits [vocab] ─► Sampler.choose (edgegpt.runtime.sampling, numpy) ─► token
-                                 ▲                                                                 │
-                                 └────────────── decode_step(token, past) ◄────────────────────────┘
+    TorchReference(model)
+      .logits(windows [B, L] int64)  ─► float32 [B, L, vocab]       what edgegpt.scoring scores
+      .generate(prompt ids, ...)     ─► the runtime's decode loop (runtime/decoding.py) and Sampler
+      .greedy(prompt ids, n)         ─► the quality gates' greedy continuation
 
-The sampler is the runtime's own, fed numpy float32 logits exactly as the runtime feeds it, so with the
-same seed and options both choose the same tokens wherever their logits agree (float32 packages agree
-to ~1e-5, far below what moves a draw in practice). This is what the runtime is tested against, and
-what `edgegpt eval`-style comparisons can use without an export.
+The decode loop and the sampler are the runtime's own, fed numpy float32 logits exactly as the runtime
+feeds them, so with the same seed and options both choose the same tokens wherever their logits agree
+(float32 packages agree to ~1e-5, far below what moves a draw in practice). This is what the runtime,
+the export gates and `edgegpt eval CHECKPOINT` are measured against.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from edgegpt.model import GPT, LayerCache
+from edgegpt.runtime.decoding import Decoding, greedy
 from edgegpt.runtime.sampling import Sampler, SamplingParams, check_sampling
 
 
-@torch.no_grad()
-def prefill(model: GPT, prompt_ids: list[int]) -> tuple[np.ndarray, list[LayerCache]]:
-    """The prompt with an empty past: logits [vocab] float32 for the next token, and the cache."""
-    logits, past = model.forward_cached(torch.tensor([prompt_ids]), model.empty_cache())
-    return logits[0, -1].float().numpy(), past
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run PyTorch on `n` threads for a while. Batch-1 decode steps of a small model are too short to
+    share between threads: on a busy 2-core machine two threads made them ~50x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-@torch.no_grad()
-def decode_step(model: GPT, token: int, past: list[LayerCache]) -> tuple[np.ndarray, list[LayerCache]]:
-    """One token after `past`: logits [vocab] float32 for the token after it, and the cache grown by 1."""
-    logits, past = model.forward_cached(torch.tensor([[token]]), past)
-    return logits[0, -1].float().numpy(), past
+class TorchReference:
+    """A GPT in eval mode behind numpy: scoring windows and the one decode loop."""
+
+    def __init__(self, model: GPT, device: torch.device | str = "cpu") -> None:
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.max_len = model.cfg.max_len
+
+    @torch.no_grad()
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """float32 [B, L, vocab]: the next-token logits at every position of each window (empty past).
+        On CUDA under bfloat16 autocast, as training runs."""
+        x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64)).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(x).float().cpu().numpy()
+
+    def _loop(self, prompt_ids: Sequence[int]):
+        """prefill and feed closures over one sequence's PyTorch cache (numpy float32 logits [vocab])."""
+        past: list[LayerCache] = self.model.empty_cache()
+
+        @torch.no_grad()
+        def run(ids: list[int]) -> np.ndarray:
+            nonlocal past
+            logits, past = self.model.forward_cached(torch.tensor([ids], device=self.device), past)
+            return logits[0, -1].float().cpu().numpy()
+
+        return (lambda: run(list(prompt_ids))), (lambda token: run([token]))
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        vocab_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[int]:
+        """New token ids after prompt_ids, by the runtime's rules (eos_token_id None: never stops there;
+        max_length: default the model's context; vocab_size: ids the tokenizer can decode)."""
+        check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                       sampling.repetition_penalty)
+        sampler = Sampler(sampling, seed, prompt_ids, vocab_size or self.model.cfg.vocab_size)
+        eos = () if eos_token_id is None else (eos_token_id,)
+        decoding = Decoding(len(prompt_ids), max_new_tokens, max_length or self.max_len, eos)
+        prefill, feed = self._loop(prompt_ids)
+        with torch_threads(1):
+            return list(decoding.run(prefill, feed, sampler.choose))
+
+    def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
+        """The greedy continuation of `prompt`, n_tokens long (end-of-text does not stop it)."""
+        prefill, feed = self._loop(prompt)
+        with torch_threads(1):
+            return greedy(prefill, feed, len(prompt), n_tokens)
 
 
 def generate_tokens(
@@ -43,24 +102,6 @@ def generate_tokens(
     vocab_size: int | None = None,
     max_length: int | None = None,
 ) -> list[int]:
-    """New token ids after prompt_ids, by the runtime's rules: stop at eos_token_id (not included; None:
-    never), after max_new_tokens, or when the context (max_length, default the model's) is full.
-    vocab_size: ids the tokenizer can decode (default: the model's vocab)."""
-    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.repetition_penalty)
-    model.eval()
-    max_length = max_length or model.cfg.max_len
-    sampler = Sampler(sampling, seed, prompt_ids, vocab_size or model.cfg.vocab_size)
-    out: list[int] = []
-    if max_new_tokens == 0:
-        return out
-    logits, past = prefill(model, prompt_ids)
-    length = len(prompt_ids)
-    while True:
-        token = sampler.choose(logits)
-        if token == eos_token_id:
-            return out
-        out.append(token)
-        if len(out) == max_new_tokens or length >= max_length:
-            return out
-        logits, past = decode_step(model, token, past)
-        length += 1
+    """TorchReference(model).generate(...): the reference's generation as one call."""
+    return TorchReference(model).generate(prompt_ids, max_new_tokens, sampling, seed, eos_token_id, vocab_size,
+                                          max_length)

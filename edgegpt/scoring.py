@@ -1,12 +1,147 @@
-"""The one scoring path: held-out tokens in strided windows -> nats per token and per character.
+"""The one scoring path: held-out tokens in windows -> nats per token, nats per character, perplexity.
 
-Numpy only; the model plugs in as a function from a batch of windows to logits.
+    tokens ─► strided_windows (a window of context, stride half a window: every target scored once,
+              each after the first window with at least half a window of history)
+           ─► logits(windows [B, L]) ─► -log p(target) ─► Score: nats/token, nats/char, perplexity, top-1
+
+Training's validation (PyTorch), `edgegpt eval` and the export gates (packages through the runtime, and
+the PyTorch reference), and the benchmarks all score through `score`. Numpy only: the model is any
+function from a batch of windows to float32 logits [B, L, vocab].
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
 
 # `edgegpt eval` and the export's gates score this many held-out tokens by default: with it `edgegpt
 # export --quantize` of `small` (1,024-token context) took 28 s in all on 2 cores (PyTorch 17 s, the int4
 # package 7 s). Quantization error is systematic (both models score the same text), so this many tokens
 # resolve a change far below 1%.
 DEFAULT_EVAL_TOKENS = 16384
+
+Window = tuple[int, int, int]  # (start, length, first): inputs tokens[start : start + length], targets
+#                                shifted by one, only targets at offsets >= first counted
+
+
+@dataclass
+class Score:
+    """Nats summed over the scored targets, how many, the characters they cover, and each argmax."""
+
+    nats: float
+    tokens: int
+    chars: int
+    top1: np.ndarray  # the argmax at every scored position, in window order
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nats / max(self.tokens, 1)
+
+    @property
+    def nats_per_char(self) -> float:
+        return self.nats / max(self.chars, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+
+def score(
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    tokens: np.ndarray,
+    windows: Sequence[Window],
+    char_table: np.ndarray,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> Score:
+    """Score `windows` of `tokens`, `batch_size` windows per call of logits_of (windows of one length);
+    progress(done, total) after each batch."""
+    nats, scored, chars, top1 = 0.0, 0, 0, []
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        length = chunk[0][1]
+        batch = np.stack([np.asarray(tokens[start : start + length + 1], dtype=np.int64) for start, _, _ in chunk])
+        logits = logits_of(batch[:, :-1])
+        for row, (_, _, first) in enumerate(chunk):
+            targets = batch[row, 1 + first :]
+            nats += float(target_nats(logits[row, first:], targets).sum())
+            chars += int(char_table[targets].sum())
+            scored += len(targets)
+            top1.append(logits[row, first:].argmax(axis=-1))
+        if progress:
+            progress(min(i + batch_size, len(windows)), len(windows))
+    return Score(nats, scored, chars, np.concatenate(top1) if top1 else np.zeros(0, np.int64))
+
+
+def target_nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row of logits [n, vocab], in float64 from the max-shifted exps."""
+    top = logits.max(axis=-1, keepdims=True)
+    lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+    return lse - logits[np.arange(len(targets)), targets]
+
+
+def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
+    """Windows of the model's context with a stride of half a context: every target token is scored
+    exactly once, each (after the first window) with at least half a context of history."""
+    length = min(block_size, n_tokens - 1)
+    stride = max(length // 2, 1)
+    windows, scored_until = [], 0  # targets are token indices 1..n_tokens-1
+    start = 0
+    while scored_until < n_tokens - 1:
+        start = min(start, n_tokens - 1 - length)
+        last_target = start + length
+        first = scored_until - start  # offset of the first target not yet scored
+        windows.append((start, length, first))
+        scored_until = last_target
+        start += stride
+    return windows
+
+
+
+def sample_windows(n_tokens: int, block_size: int, n_windows: int) -> list[Window]:
+    """n evenly spaced full windows, every target scored: a quick estimate for training's progress."""
+    length = min(block_size, n_tokens - 1)
+    starts = np.linspace(0, n_tokens - length - 1, num=n_windows).astype(int)
+    return [(int(start), length, 0) for start in sorted(set(starts.tolist()))]
+
+
+def char_starts_table(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """For each token id, how many UTF-8 characters begin inside its bytes.
+
+    Summed over any contiguous run of tokens this counts exactly the characters the run covers, even
+    when byte-level tokens split a character, which is what nats-per-character needs.
+    """
+    byte_of = {ch: i for i, ch in enumerate(_byte_level_alphabet_order())}
+    table = np.zeros(vocab_size, dtype=np.int64)
+    special = set(tokenizer.get_added_tokens_decoder())  # <|endoftext|> stands for no text: 0 characters
+    vocab = tokenizer.get_vocab()
+    sentencepiece_style = any("\u2581" in token for token in vocab)  # a teacher's (Llama 2, Mistral, ...)
+    for token, token_id in vocab.items():
+        if token_id < vocab_size and token_id not in special:
+            raw = _sentencepiece_bytes(token) if sentencepiece_style else bytes(byte_of[ch] for ch in token)
+            table[token_id] = sum(1 for b in raw if b & 0xC0 != 0x80)
+    return table
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    """A byte-fallback token <0xNN> is one byte; other entries are text with ▁ for a space."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:5], 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def _byte_level_alphabet_order() -> list[str]:
+    """GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to U+0100 onwards."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]

@@ -14,14 +14,11 @@ written; --no-gate writes it anyway and the manifest records that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
-import torch
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification, greedy_torch, torch_threads
-from edgegpt.model import GPT
+from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification
 from edgegpt.quality import EvalText, Metrics
 
 PERPLEXITY_LIMITS: Mapping[str, float] = {"int8": 0.015, "int4": 0.05, "float16": 0.005}
@@ -33,22 +30,6 @@ class GateLimits:
 
     perplexity_increase: Mapping[str, float] = field(default_factory=lambda: dict(PERPLEXITY_LIMITS))
     logit_tolerance: float = FLOAT32_TOLERANCE
-
-
-class TorchScorer:
-    """The PyTorch float32 model as edgegpt.quality scores it (the reference of every gate)."""
-
-    def __init__(self, model: GPT) -> None:
-        self.model = model.eval()
-        self.max_len = model.cfg.max_len
-
-    @torch.no_grad()
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        return self.model(torch.tensor([list(token_ids)]))[0].float().numpy()
-
-    def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
-        with torch_threads(1):
-            return greedy_torch(self.model, prompt, n_tokens)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.gates import (
-    GateFailed, GateLimits, GateReport, TorchScorer, failure_message, logit_check, perplexity_check,
+    GateFailed, GateLimits, GateReport, failure_message, logit_check, perplexity_check,
 )
 from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_onnx, graph_contract
 from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
@@ -28,6 +28,7 @@ from edgegpt.export.verify import Verification, torch_reference, verify_generato
 from edgegpt.export.writer import MANIFEST, MODEL, generation_config, write_manifest, write_package_metadata
 from edgegpt.core.io import staged_directory
 from edgegpt.model import GPT
+from edgegpt.reference import TorchReference
 from edgegpt.quality import (
     DEFAULT_EVAL_TOKENS, EvalText, PackageScorer, evaluate, prepare_eval_text, read_eval_documents,
     validation_documents,
@@ -245,7 +246,7 @@ def export_package(
         rows = []
         if text is not None:
             say(f"scoring held-out text with PyTorch and the {label} package")
-            reference = evaluate("PyTorch float32", TorchScorer(model), text)
+            reference = evaluate("PyTorch float32", TorchReference(model), text)
             package = evaluate(f"package ({kind}, {label})", PackageScorer(open_package(final_dir, precision)),
                                text, reference.predictions)
             rows = [reference, package]

@@ -11,15 +11,15 @@ of quantized and float16 graphs is judged on real text instead (edgegpt/quality.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
+from edgegpt.reference import torch_threads
 
 PAST_LENGTHS = (0, 1, 37)
 NEW_TOKENS = 8  # tokens run on top of each past
@@ -27,32 +27,6 @@ NEW_TOKENS = 8  # tokens run on top of each past
 # layer (measured 2e-6 to 1e-5 on nano, micro and small), so 1e-4 leaves room for deep models and still
 # catches any real mistake (which shows up as differences of order 1).
 FLOAT32_TOLERANCE = 1e-4
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run PyTorch on `n` threads for a while. Batch-1 decode steps of a small model are too short to
-    share between threads: on a busy 2-core machine two threads made them ~50x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def greedy_torch(model: GPT, prompt: Sequence[int], n_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt` with PyTorch's KV cache: prefill, then one token per step."""
-    tokens: list[int] = []
-    if n_tokens <= 0:
-        return tokens
-    logits, past = model.forward_cached(torch.tensor([list(prompt)]), model.empty_cache())
-    while True:
-        tokens.append(int(logits[0, -1].argmax()))
-        if len(tokens) == n_tokens:
-            return tokens
-        logits, past = model.forward_cached(torch.tensor([[tokens[-1]]]), past)
 
 
 @dataclass

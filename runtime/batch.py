@@ -10,7 +10,7 @@
              over its own last position, which nothing reads again, and its logits are ignored
 
 The weights are read once per step for all rows, which is where a batch gains on a CPU. Each row keeps
-its own Sampler and TextStream, and the stopping rules are the one-by-one rules (`Row.accept`), so a row's
+its own Sampler and Decoding, the one-by-one stop rules (runtime/decoding.py), so a row's
 text equals what `Generator.generate` gives for that prompt alone with the same options.
 """
 
@@ -20,42 +20,30 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgegpt.runtime.detokenizer import TextStream
+from edgegpt.runtime.decoding import Decoding
 from edgegpt.runtime.options import GenerationOptions
 from edgegpt.runtime.sampling import Sampler
 
 
 class Row:
-    """One sequence's state: sampler, text, tokens so far; `accept` applies the stopping rules."""
+    """One sequence of the batch: its sampler and its Decoding (the one-by-one stop rules and text)."""
 
-    def __init__(self, prompt_ids: list[int], options: GenerationOptions, package, max_length: int) -> None:
-        vocab = package.tokenizer.get_vocab_size()
-        self.sampler = Sampler(options.sampling, options.seed, prompt_ids, vocab)
-        self.text = TextStream(package.tokenizer, options.stop)
-        self.options, self.eos, self.max_length = options, package.generation.eos_token_id, max_length
+    def __init__(self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding, package) -> None:
+        self.sampler = Sampler(options.sampling, options.seed, prompt_ids, package.tokenizer.get_vocab_size())
+        self.decoding = decoding
         self.length = len(prompt_ids)  # tokens in the cache
-        self.tokens: list[int] = []
         self.pieces: list[str] = []
-        self.done = options.max_new_tokens == 0
+
+    @property
+    def done(self) -> bool:
+        return self.decoding.done
 
     def accept(self, logits: np.ndarray) -> int | None:
         """Choose the next token from logits [vocab]; return it if it must be fed, None once finished."""
         token = self.sampler.choose(logits)
-        if token == self.eos and self.options.stop_at_eos:
-            return self.finish()
-        self.tokens.append(token)
-        self.pieces.append(self.text.push(token))
-        if self.text.stopped:
-            return self.finish()
-        # Feeding it would need one more position than the context has, or the budget is spent.
-        if len(self.tokens) == self.options.max_new_tokens or self.length >= self.max_length:
-            return self.finish()
-        return token
-
-    def finish(self) -> None:
-        self.pieces.append(self.text.flush())
-        self.done = True
-        return None
+        self.decoding.accept([token])
+        self.pieces.append(self.decoding.take_text())
+        return None if self.decoding.done else token
 
     def result(self) -> str:
         return "".join(self.pieces)

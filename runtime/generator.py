@@ -3,10 +3,11 @@
     prompt ─► encode ─► prefill(prompt ids, empty past) ─► logits, cache
                         ┌───────────────────────────────────────┘
                         ▼
-    Sampler.choose(logits) ─► yield token ─► decode_step(token, cache) ─► logits, cache ─► choose ...
-    stops at eos_token_id (not yielded; stop_at_eos=False to go on), after max_new_tokens, when the
-    context (max_length) is full, at a stop string (text level), or when `cancel` is set; the Stream
-    that stream() / stream_tokens() return says which, as its finish_reason.
+    Sampler.choose(logits) ─► Decoding.accept ─► yield token ─► decode_step(token, cache) ─► choose ...
+
+The loop and its stop rules (eos, max_new_tokens, a full context, stop strings, cancel) are
+runtime/decoding.py's, shared with batch rows, the PyTorch reference and the gates; the Stream that
+stream() / stream_tokens() return says why it ended, as its finish_reason.
 
 How the cache is kept depends on the package's kv_layout (runtime/kv_cache.py): `static` (the fused
 graph) preallocates max_length positions and a step writes one in place; `concat` (the plain graph)
@@ -18,12 +19,13 @@ from __future__ import annotations
 from numbers import Integral
 from pathlib import Path
 import typing
-from typing import Generic, Protocol, Sequence, TypeVar, Unpack
+from typing import TYPE_CHECKING, Generic, Sequence, TypeVar
 
 import numpy as np
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.batch import Row, generate_rows
+from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
 from edgegpt.runtime.detokenizer import TextStream
 from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner
 from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_options
@@ -31,21 +33,12 @@ from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.sampling import Sampler
 from edgegpt.runtime.session import PROVIDERS, cuda_available, create_session
 
-__all__ = ["Generator", "GenerateOptions", "KVCache", "Stream"]
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
+    from typing_extensions import Unpack
+
+__all__ = ["FINISH_REASONS", "Cancel", "Generator", "GenerateOptions", "KVCache", "Stream"]
 
 T = TypeVar("T")
-# Why a stream ended (Stream.finish_reason).
-FINISH_REASONS = ("eos", "stop", "length", "max_length", "cancelled")
-
-
-class Cancel(Protocol):
-    """What `cancel=` takes: a threading.Event, or anything with is_set()."""
-
-    def is_set(self) -> bool: ...
-
-
-def cancelled(cancel: Cancel | None) -> bool:
-    return cancel is not None and cancel.is_set()
 
 
 class Stream(Generic[T]):
@@ -205,15 +198,31 @@ class Generator:
             )
         return ids
 
-    def _prompt_ids(self, prompt: str, options: GenerationOptions) -> list[int]:
+    def _prompt_ids(self, prompt: str | Sequence[int], options: GenerationOptions) -> list[int]:
         """encode(prompt), or with truncate="left" its last max(1, max_length - max_new_tokens) tokens, so the
-        requested tokens fit the context (at least one prompt token is kept; the same rule as `edgegpt chat`)."""
+        requested tokens fit the context (at least one prompt token is kept; the same rule as `edgegpt chat`).
+        A prompt given as token ids is checked against the vocabulary and the context the same way."""
+        if not isinstance(prompt, str) and isinstance(prompt, Sequence):
+            return self._checked_ids(prompt, options)
         if options.truncate is None:
             return self.encode(prompt)
         # Twice the characters the context can hold: the cut lands well before the tokens that are kept.
         ids, _ = self._token_ids(prompt, 2 * self.max_length * self._max_token_chars)
         keep = max(1, self.max_length - options.max_new_tokens)
         return ids[-keep:]
+
+    def _checked_ids(self, prompt: Sequence[int], options: GenerationOptions) -> list[int]:
+        vocab = self.package.tokenizer.get_vocab_size()
+        if not prompt or not all(isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt):
+            raise EdgeGPTError(f"a prompt of token ids must be a non-empty list of integers in [0, {vocab}), "
+                               f"got {list(prompt)[:8]!r:.80}")
+        ids = [int(i) for i in prompt]
+        if options.truncate is not None:
+            return ids[-max(1, self.max_length - options.max_new_tokens):]
+        if len(ids) > self.max_length:
+            raise EdgeGPTError(f"the prompt is {len(ids):,} tokens but the model's context is {self.max_length} "
+                               "tokens; shorten it or keep its last tokens with truncate='left'")
+        return ids
 
     def _token_ids(self, prompt: str, max_chars: int) -> tuple[list[int], bool]:
         """Token ids of the prompt's last `max_chars` characters (all of it when shorter), and whether it was
@@ -230,10 +239,11 @@ class Generator:
         return self.package.tokenizer.encode(tail).ids or [self.package.generation.eos_token_id], tail is not prompt
 
     def stream_tokens(
-        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
+        self, prompt: str | Sequence[int], *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> Stream[int]:
-        """New token ids, one at a time (eos not included unless stop_at_eos=False). Options: GenerateOptions
-        (None: the package's generation_config.json); `stop` is refused here: stop strings are text.
+        """New token ids, one at a time (eos not included unless stop_at_eos=False). The prompt is text or
+        token ids. Options: GenerateOptions (None: the package's generation_config.json); `stop` is refused
+        here: stop strings are text.
 
         Options and prompt length are checked now, before the first token is asked for. The Stream's
         finish_reason says why it ended.
@@ -241,10 +251,11 @@ class Generator:
         resolved = self._resolve(options)
         if resolved.stop:
             raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
-        return Stream(self._tokens(self._prompt_ids(prompt, resolved), resolved, cancel))
+        prompt_ids = self._prompt_ids(prompt, resolved)
+        return Stream(self._tokens(prompt_ids, resolved, self._decoding(prompt_ids, resolved, cancel)))
 
     def generate_ids(
-        self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
+        self, prompt: str | Sequence[int], *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
     ) -> list[int]:
         """All new token ids. Options as `stream_tokens`."""
         return list(self.stream_tokens(prompt, cancel=cancel, **options))
@@ -261,7 +272,7 @@ class Generator:
         When it has ended, its finish_reason says why (Stream).
         """
         resolved = self._resolve(options)
-        return Stream(self._pieces(self._tokens(self._prompt_ids(prompt, resolved), resolved, cancel), resolved.stop))
+        return Stream(self._pieces(self._prompt_ids(prompt, resolved), resolved, cancel))
 
     def generate(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -290,55 +301,51 @@ class Generator:
         if not prompts:
             return []
         if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
-            return ["".join(self._pieces(self._tokens(i, o, None), o.stop)) for i, o in zip(ids, per_row)]
-        rows = [Row(i, o, self.package, self.max_length) for i, o in zip(ids, per_row)]
+            return ["".join(self._pieces(i, o, None)) for i, o in zip(ids, per_row)]
+        rows = [Row(i, o, self._decoding(i, o, None, text=True), self.package) for i, o in zip(ids, per_row)]
         generate_rows(self._runner, rows, ids, self._checked)
         return [row.result() for row in rows]
 
+    def _decoding(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None,
+                  text: bool = False) -> Decoding:
+        """The stop rules of one generation (runtime/decoding.py); text: detokenize, with stop strings."""
+        return Decoding(
+            len(prompt_ids), options.max_new_tokens, self.max_length, (self.package.generation.eos_token_id,),
+            options.stop_at_eos, TextStream(self.package.tokenizer, options.stop) if text else None, cancel,
+        )
+
     def _tokens(
-        self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None
+        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding
     ) -> typing.Generator[int, None, str]:
-        """The decode loop; returns the finish reason (the stopping rules mirror runtime/batch.py's Row.accept)."""
-        if cancelled(cancel):
-            return "cancelled"
-        if options.max_new_tokens == 0:
-            return "length"
+        """The one decode loop (Decoding.run) on this Generator's session; returns the finish reason."""
         sampler = Sampler(options.sampling, options.seed, prompt_ids, self.package.tokenizer.get_vocab_size())
-        eos = self.package.generation.eos_token_id
-        logits, cache = self.prefill(prompt_ids)
-        for produced in range(1, options.max_new_tokens + 1):
-            token = sampler.choose(self._checked(logits))
-            if token == eos and options.stop_at_eos:
-                return "eos"
-            yield token
-            if produced == options.max_new_tokens:
-                return "length"
-            # Feeding this token would need one more position than the context has: stop here.
-            if cache.length >= self.max_length:
-                return "max_length"
-            if cancelled(cancel):
-                return "cancelled"
+        cache: KVCache | None = None
+
+        def prefill() -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.prefill(prompt_ids)
+            return self._checked(logits)
+
+        def feed(token: int) -> np.ndarray:
+            nonlocal cache
             logits, cache = self.decode_step(token, cache)
-        raise AssertionError("unreachable: the loop returns at max_new_tokens")
+            return self._checked(logits)
+
+        return (yield from decoding.run(prefill, feed, sampler.choose))
 
     def _pieces(
-        self, tokens: typing.Generator[int, None, str], stop: tuple[str, ...]
+        self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None
     ) -> typing.Generator[str, None, str]:
-        text = TextStream(self.package.tokenizer, stop)
+        """Text pieces of the decode loop, stop strings held back; returns the finish reason."""
+        decoding = self._decoding(prompt_ids, options, cancel, text=True)
+        tokens = self._tokens(prompt_ids, options, decoding)
         try:
-            while True:
-                try:
-                    token = next(tokens)
-                except StopIteration as end:  # a `for` loop would drop the finish reason it carries
-                    reason = end.value
-                    break
-                if piece := text.push(token):
+            for _ in tokens:
+                if piece := decoding.take_text():
                     yield piece
-                if text.stopped:
-                    return "stop"
-            if tail := text.flush():
+            if tail := decoding.take_text():
                 yield tail
-            return reason
+            return decoding.finish_reason
         finally:
             tokens.close()  # ends the decode loop now, releasing its cache, whoever stops iterating
 

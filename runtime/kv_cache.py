@@ -42,6 +42,18 @@ class KVCache:
     binding: Any = field(default=None, repr=False)  # static: the onnxruntime IOBinding
     step: Any = field(default=None, repr=False)  # static: the decode-step buffers (StepBuffers)
 
+    def truncated(self, length: int) -> "KVCache":
+        """This cache holding only its first `length` tokens (0 <= length <= self.length): how rejected
+        tokens are rolled back. static: the length is set back, nothing moves; GroupQueryAttention reads
+        only positions below seqlens_k and the next step overwrites the rest in place (checked against a
+        fresh prefill in tests/test_runtime.py). concat: the arrays are cut to `length` positions."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
+            raise EdgeGPTError(f"a cache of {self.length} tokens can be truncated to 0..{self.length}, got {length!r}")
+        if self.binding is not None:
+            return replace(self, length=length)
+        return replace(self, tensors={n: np.ascontiguousarray(a[:, :, :length]) for n, a in self.tensors.items()},
+                       length=length)
+
 
 class ConcatRunner:
     """The plain graph: attention_mask covers past and new tokens; the cache grows by concatenation."""

@@ -83,12 +83,11 @@ def test_left_padded_batch_equals_unpadded_rows(plain_package, model):
 
 
 def test_greedy_continuation_is_identical(plain_package, model, tiny_checkpoint):
-    from edgegpt.export.verify import greedy_torch, torch_threads
+    from edgegpt.reference import TorchReference
 
     cfg, sess = model.cfg, session(plain_package)
     prompt = load_checkpoint(tiny_checkpoint)[1].encode("The value of").ids
-    with torch_threads(1):
-        expected = greedy_torch(model, prompt, 64)
+    expected = TorchReference(model).greedy(prompt, 64)
     logits, past = run(sess, cfg, np.array([prompt]))
     got = []
     for _ in range(64):

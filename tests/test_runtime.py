@@ -275,3 +275,40 @@ def test_runtime_never_imports_torch_or_onnx(tiny_package):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- rolling the cache back (speculative decoding keeps part of a verified run) -----------------------
+
+
+def test_a_rolled_back_cache_continues_exactly_as_a_fresh_prefill(generator):
+    prompt, real, bogus = [5, 17, 42, 99, 7], [12, 250, 3], [400, 401, 402, 403]
+    expected = generator.score(prompt + real)[len(prompt):]
+    _, cache = generator.forward(prompt, generator.empty_cache())
+    _, cache = generator.forward(bogus, cache)  # a drafted run the target rejects
+    cache = cache.truncated(len(prompt))
+    assert cache.length == len(prompt)
+    as_chunk, _ = generator.forward(real, cache)
+    np.testing.assert_allclose(as_chunk, expected, atol=RUNTIME_ATOL, rtol=0)
+    # Rejected again, then fed one token at a time, as a decode loop does.
+    cache = cache.truncated(len(prompt))
+    for i, token in enumerate(real):
+        logits, cache = generator.forward([token], cache)
+        np.testing.assert_allclose(logits[-1], expected[i], atol=RUNTIME_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("length", [-1, 6, 2.0, True])
+def test_truncating_past_the_cache_is_refused(generator, length):
+    _, cache = generator.forward([1, 2, 3, 4, 5], generator.empty_cache())
+    with pytest.raises(EdgeGPTError, match="truncated to 0..5"):
+        cache.truncated(length)
+
+
+def test_a_prompt_of_token_ids_generates_what_its_text_does(generator):
+    text = "def f(x):\n\treturn"
+    ids = generator.encode(text)
+    assert generator.generate_ids(ids, max_new_tokens=12, temperature=0) == generator.generate_ids(
+        text, max_new_tokens=12, temperature=0)
+    with pytest.raises(EdgeGPTError, match="token ids"):
+        generator.generate_ids([1, 10**9], max_new_tokens=1)
+    with pytest.raises(EdgeGPTError, match="context"):
+        generator.generate_ids([1] * (generator.max_length + 1), max_new_tokens=1)

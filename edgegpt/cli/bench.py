@@ -76,19 +76,18 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
         raise EdgeGPTError(f"--prompt-len + --new-tokens exceed the model's context of {generator.max_length}")
     vocab = min(generator.config.vocab_size, generator.package.tokenizer.get_vocab_size())
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    logits, cache = generator.prefill(prompt)
-    int(np.argmax(logits))
+    greedy = dict(temperature=0, stop_at_eos=False, truncate=None)
+    next(iter(generator.stream_tokens(prompt, max_new_tokens=1, **greedy)))
     print("first-token", flush=True)  # the parent's cold-start clock stops here
 
     def once() -> tuple[float, float]:
+        """TTFT and decode tokens/s of one greedy generation through the decode loop apps use."""
         t0 = time.perf_counter()
-        logits, cache = generator.prefill(prompt)
-        token = int(np.argmax(logits))
+        tokens = generator.stream_tokens(prompt, max_new_tokens=new_tokens + 1, **greedy)
+        next(tokens)
         t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            logits, cache = generator.decode_step(token, cache)
-            token = int(np.argmax(logits))
-        return t1 - t0, new_tokens / (time.perf_counter() - t1)
+        steps = sum(1 for _ in tokens)
+        return t1 - t0, steps / (time.perf_counter() - t1)
 
     once()  # warm-up: first runs pay for allocations and page faults
     samples = [once() for _ in range(runs)]
@@ -130,21 +129,17 @@ def _manifest(model: Path) -> dict[str, Any]:
 
 
 def _decode_at(generator, position: int, runs: int) -> float:
-    """Median decode tokens/s over FLAT_STEPS steps after `position` cached tokens."""
-    import numpy as np
-
+    """Median decode tokens/s over FLAT_STEPS greedy steps after a prompt of `position` tokens."""
     if position + FLAT_STEPS > generator.max_length:
         raise EdgeGPTError(f"position {position} + {FLAT_STEPS} steps exceed the context of {generator.max_length}")
     rates = []
     for _ in range(runs):
-        cache, token = generator.empty_cache(), 1
-        for start in range(0, position, 256):  # fill the cache in chunks, as a long prompt would
-            _, cache = generator.forward([token] * min(256, position - start), cache)
+        tokens = generator.stream_tokens([1] * max(position, 1), max_new_tokens=FLAT_STEPS + 1, temperature=0,
+                                         stop_at_eos=False)
+        next(tokens)  # the prompt fills the cache
         t0 = time.perf_counter()
-        for _ in range(FLAT_STEPS):
-            logits, cache = generator.decode_step(token, cache)
-            token = int(np.argmax(logits))
-        rates.append(FLAT_STEPS / (time.perf_counter() - t0))
+        steps = sum(1 for _ in tokens)
+        rates.append(steps / (time.perf_counter() - t0))
     return statistics.median(rates)
 
 

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
+from edgegpt.scoring import char_starts_table  # noqa: F401  (moved to scoring; loop.py still imports it here)
 from edgegpt.tokenizer import (
     PIECE_CHARS, check_vocab_size, end_of_text_id, load_tokenizer, text_pieces, train_tokenizer,
 )
@@ -147,58 +148,3 @@ def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int
         )
     starts = np.random.default_rng([seed, step]).integers(0, high, size=batch_size)
     return np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
-
-
-def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Windows of the model's context with a stride of half a context: every target token is scored
-    exactly once, each (after the first window) with at least half a context of history."""
-    length = min(block_size, n_tokens - 1)
-    stride = max(length // 2, 1)
-    windows, scored_until = [], 0  # targets are token indices 1..n_tokens-1
-    start = 0
-    while scored_until < n_tokens - 1:
-        start = min(start, n_tokens - 1 - length)
-        last_target = start + length
-        first = scored_until - start  # offset of the first target not yet scored
-        windows.append((start, length, first))
-        scored_until = last_target
-        start += stride
-    return windows
-
-
-def char_starts_table(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
-    """For each token id, how many UTF-8 characters begin inside its bytes.
-
-    Summed over any contiguous run of tokens this counts exactly the characters the run covers, even
-    when byte-level tokens split a character, which is what nats-per-character needs.
-    """
-    byte_of = {ch: i for i, ch in enumerate(_byte_level_alphabet_order())}
-    table = np.zeros(vocab_size, dtype=np.int64)
-    special = set(tokenizer.get_added_tokens_decoder())  # <|endoftext|> stands for no text: 0 characters
-    vocab = tokenizer.get_vocab()
-    sentencepiece_style = any("\u2581" in token for token in vocab)  # a teacher's (Llama 2, Mistral, ...)
-    for token, token_id in vocab.items():
-        if token_id < vocab_size and token_id not in special:
-            raw = _sentencepiece_bytes(token) if sentencepiece_style else bytes(byte_of[ch] for ch in token)
-            table[token_id] = sum(1 for b in raw if b & 0xC0 != 0x80)
-    return table
-
-
-def _sentencepiece_bytes(token: str) -> bytes:
-    """A byte-fallback token <0xNN> is one byte; other entries are text with ▁ for a space."""
-    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-        return bytes([int(token[3:5], 16)])
-    return token.replace("\u2581", " ").encode("utf-8")
-
-
-def _byte_level_alphabet_order() -> list[str]:
-    """GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to U+0100 onwards."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
