@@ -19,13 +19,11 @@ from tokenizers import Tokenizer
 
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import atomic_path, write_bytes_atomic
 from edgegpt.model import GPT, state_dict_for_saving
 from edgegpt.tokenizer import load_tokenizer
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
 
 
 def save_weights(path: Path, model: GPT) -> None:

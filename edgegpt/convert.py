@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, save_checkpoint
+from edgegpt.checkpoint import load_checkpoint, save_checkpoint
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
@@ -132,11 +133,11 @@ def to_huggingface(checkpoint: Path, out: Path) -> Path:
     if model.cfg.tie_embeddings:
         weights.pop("lm_head.weight")
     with staged_directory(Path(out)) as stage:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(stage / "model.safetensors"),
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(stage / WEIGHTS),
                   metadata={"format": "pt"})
-        write_json_atomic(stage / "config.json", hf_config(model.cfg, eos))
-        write_json_atomic(stage / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos})
-        write_bytes_atomic(stage / "tokenizer.json", tokenizer.to_str().encode())
+        write_json_atomic(stage / CONFIG, hf_config(model.cfg, eos))
+        write_json_atomic(stage / GENERATION_CONFIG, {"bos_token_id": eos, "eos_token_id": eos})
+        write_bytes_atomic(stage / TOKENIZER, tokenizer.to_str().encode())
         special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
         write_json_atomic(stage / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_len,
@@ -148,7 +149,7 @@ def to_huggingface(checkpoint: Path, out: Path) -> Path:
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else [WEIGHTS]
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         path = directory / name
@@ -164,12 +165,12 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 def from_huggingface(directory: Path, out: Path) -> Path:
     """Write a local Hugging Face Llama directory as an edgegpt checkpoint (float32)."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    if not (directory / CONFIG).is_file():
         raise EdgeGPTError(f"{directory} is not a Hugging Face model directory: config.json is missing")
-    if not (directory / "tokenizer.json").is_file():
+    if not (directory / TOKENIZER).is_file():
         raise EdgeGPTError(f"{directory}: tokenizer.json is missing (a fast tokenizer file is required)")
-    cfg = config_from_hf(read_json(directory / "config.json"), directory / "config.json")
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    cfg = config_from_hf(read_json(directory / CONFIG), directory / CONFIG)
+    tokenizer = load_tokenizer(directory / TOKENIZER)
     hf = _read_hf_weights(directory)
     ours = {}
     for name, tensor in hf.items():
@@ -198,7 +199,7 @@ def from_huggingface(directory: Path, out: Path) -> Path:
 
 # Everything to_huggingface writes: a directory holding only these (with a Llama config.json) is a
 # previous conversion, which a new one may replace.
-HF_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+HF_FILES = frozenset({WEIGHTS, CONFIG, GENERATION_CONFIG, TOKENIZER,
                       "tokenizer_config.json", "special_tokens_map.json"})
 
 

@@ -27,6 +27,7 @@ from edgegpt.runtime.decoding import greedy
 from edgegpt.scoring import DEFAULT_EVAL_TOKENS, char_starts_table, score, strided_windows
 from edgegpt.train.data import tokenize
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import TRAIN_STATE, is_checkpoint, is_package
 from edgegpt.core.io import read_json
 
 GREEDY_PROMPTS = 16
@@ -92,7 +93,7 @@ def read_eval_documents(data: Path) -> tuple[list[str], str]:
 
 def validation_documents(checkpoint: Path) -> tuple[list[str], str]:
     """The validation text of the run that made `checkpoint`, as training split it (train_state.json)."""
-    state_path = Path(checkpoint) / "train_state.json"
+    state_path = Path(checkpoint) / TRAIN_STATE
     if not state_path.is_file():
         raise EdgeGPTError(f"{checkpoint} has no train_state.json to find its validation text; pass --eval-data PATH")
     state = read_json(state_path)
@@ -222,13 +223,13 @@ def open_scorer(path: Path, threads: int | None = None) -> tuple[Scorable, Token
     path = Path(path)
     if not path.exists():
         raise EdgeGPTError(f"{path} does not exist; pass a model package or a checkpoint directory")
-    if (path / "model.onnx").is_file():
+    if is_package(path):
         from edgegpt.runtime import Generator
 
         generator = Generator.load(path, provider="auto", threads=threads)  # float16 packages need CUDA
         spec = generator.config
         return PackageScorer(generator), generator.package.tokenizer, spec.vocab_size, spec.max_len
-    if (path / "model.safetensors").is_file():
+    if is_checkpoint(path):
         from edgegpt.checkpoint import load_checkpoint
         from edgegpt.reference import TorchReference
 
@@ -245,7 +246,7 @@ def run_eval(path: Path, data: Path | None, reference: Path | None, max_tokens: 
     scorer, tokenizer, vocab_size, max_len = open_scorer(path, threads)
     if data is not None:
         documents, source = read_eval_documents(data)
-    elif (Path(path) / "model.safetensors").is_file():
+    elif is_checkpoint(path):
         documents, source = validation_documents(path)
     else:
         raise EdgeGPTError(f"{path} is a model package, which holds no text to evaluate on; pass --data PATH")

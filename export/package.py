@@ -25,7 +25,8 @@ from edgegpt.export.gates import (
 from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_onnx, graph_contract
 from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
 from edgegpt.export.verify import Verification, torch_reference, verify_generator
-from edgegpt.export.writer import MANIFEST, MODEL, generation_config, write_manifest, write_package_metadata
+from edgegpt.core.formats import MANIFEST, MODEL
+from edgegpt.export.writer import generation_config, write_manifest, write_package_metadata
 from edgegpt.core.io import staged_directory
 from edgegpt.model import GPT
 from edgegpt.reference import TorchReference

@@ -23,14 +23,10 @@ from tokenizers import Tokenizer
 
 import edgegpt
 from edgegpt.core.config import ModelConfig
+from edgegpt.core.formats import CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
 from edgegpt.core.io import sha256_file, write_bytes_atomic, write_json_atomic
 from edgegpt.tokenizer import end_of_text_id
 
-MODEL = "model.onnx"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-GENERATION_CONFIG = "generation_config.json"
-MANIFEST = "manifest.json"
 PACKAGE_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG, MANIFEST)
 
 PACKAGE_FORMAT = "edgegpt-package"

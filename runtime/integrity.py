@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator, Mapping
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import MANIFEST
 from edgegpt.core.io import sha256_file  # stdlib only: the runtime stays light
 
-MANIFEST_FILE = "manifest.json"
 # The domains edgegpt's exporter emits: the ONNX default domain ("" or its long name) for standard ops,
 # com.microsoft for GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits,
 # GatherBlockQuantized, DynamicQuantizeMatMul (export/fused.py, export/quantize.py). Any other domain
@@ -41,7 +41,7 @@ def verify_manifest(directory: Path, manifest: Any, required: tuple[str, ...]) -
 
     `manifest` is manifest.json's parsed content; `required` are files that must be among those listed.
     """
-    source = directory / MANIFEST_FILE
+    source = directory / MANIFEST
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise EdgeGPTError(f"{source}: 'files' must map file names to sha256 digests; re-run `edgegpt export`")

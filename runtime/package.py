@@ -26,14 +26,11 @@ from typing import Any, Mapping
 from tokenizers import Tokenizer
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.runtime.integrity import MANIFEST_FILE, check_graph, verify_manifest
+from edgegpt.core.formats import CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
+from edgegpt.runtime.integrity import check_graph, verify_manifest
 from edgegpt.runtime.sampling import check_sampling
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-GENERATION_FILE = "generation_config.json"
-REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
+REQUIRED_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG)
 
 PACKAGE_FORMAT = "edgegpt-package"
 # Sizes the runtime allocates buffers from (the KV cache, the logits): far above any model this runtime
@@ -118,7 +115,7 @@ class ModelPackage:
 
     @property
     def model_path(self) -> Path:
-        return self.path / MODEL_FILE
+        return self.path / MODEL
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelPackage":
@@ -132,12 +129,12 @@ class ModelPackage:
                     f"{path} is not a complete model package: {name} is missing; re-run `edgegpt export`"
                 )
         listed = None  # no manifest (a hand-built package): nothing to verify the files against
-        if (path / MANIFEST_FILE).is_file():
-            listed = verify_manifest(path, _read_object(path / MANIFEST_FILE), REQUIRED_FILES)
-        check_graph(path / MODEL_FILE, listed)
-        model, graph = parse_config(_read_object(path / CONFIG_FILE), str(path / CONFIG_FILE))
-        tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
-        generation = parse_generation(_read_object(path / GENERATION_FILE), str(path / GENERATION_FILE))
+        if (path / MANIFEST).is_file():
+            listed = verify_manifest(path, _read_object(path / MANIFEST), REQUIRED_FILES)
+        check_graph(path / MODEL, listed)
+        model, graph = parse_config(_read_object(path / CONFIG), str(path / CONFIG))
+        tokenizer = _load_tokenizer(path / TOKENIZER)
+        generation = parse_generation(_read_object(path / GENERATION_CONFIG), str(path / GENERATION_CONFIG))
         if tokenizer.get_vocab_size() > model.vocab_size:
             raise EdgeGPTError(
                 f"{path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
@@ -145,7 +142,7 @@ class ModelPackage:
             )
         if generation.eos_token_id >= tokenizer.get_vocab_size():
             raise EdgeGPTError(
-                f"{path / GENERATION_FILE}: eos_token_id {generation.eos_token_id} is not a token of tokenizer.json"
+                f"{path / GENERATION_CONFIG}: eos_token_id {generation.eos_token_id} is not a token of tokenizer.json"
             )
         return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import MANIFEST, MODEL
 
 FLAT_STEPS = 32  # decode steps timed at each flatness position
 
@@ -123,7 +124,7 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
 
 def _manifest(model: Path) -> dict[str, Any]:
     try:
-        return json.loads((model / "manifest.json").read_text(encoding="utf-8"))
+        return json.loads((model / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not needed to run (runtime/package.py): an unwritten one is fine
         return {}
 
@@ -159,7 +160,7 @@ def bench_table(report: dict[str, Any]):
     ]
     rows += [(f"decode at position {p}", f"{r:,.0f} tokens/s", f"{FLAT_STEPS} steps") for p, r in report["decode_tokens_per_s_at"].items()]
     rows += [("peak RSS", f"{report['peak_rss_mb']:.0f} MB", "the benchmark process's high-water mark"),
-             ("model.onnx", f"{report['model_bytes'] / 1e6:.1f} MB", "")]
+             (MODEL, f"{report['model_bytes'] / 1e6:.1f} MB", "")]
     for row in rows:
         table.add_row(*row)
     return table

@@ -1,0 +1,33 @@
+"""The file names of edgegpt's formats, in one place (docs/FORMATS.md describes what each holds).
+
+A checkpoint directory and a model package share config.json and tokenizer.json; the names are Hugging
+Face's too, so a checkpoint converts to and from a transformers directory file for file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Both: the model's hyperparameters and the Hugging Face tokenizer.
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+# A checkpoint directory (`edgegpt train`).
+WEIGHTS = "model.safetensors"
+TRAIN_STATE_WEIGHTS = "train_state.safetensors"  # optimizer and RNG tensors, for --resume
+TRAIN_STATE = "train_state.json"  # step, options, data position
+
+# A model package directory (`edgegpt export`).
+MODEL = "model.onnx"
+GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "manifest.json"
+
+
+def is_package(directory: str | Path) -> bool:
+    """Whether a directory holds a model package (it has model.onnx)."""
+    return (Path(directory) / MODEL).is_file()
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether a directory holds a checkpoint (it has model.safetensors)."""
+    return (Path(directory) / WEIGHTS).is_file()
