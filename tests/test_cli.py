@@ -3,6 +3,7 @@ is one line on stderr, exit code 2, no traceback, nothing half-written."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -10,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from edgegpt.cli.app import app
+from edgegpt.scoring import DEFAULT_EVAL_TOKENS
+from edgegpt.train.options import TrainOptions
 
 runner = CliRunner()
 
@@ -119,3 +123,15 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_option_defaults_are_the_librarys():
+    """train's defaults are TrainOptions' and --eval-tokens' is the scorer's: one place to change each."""
+    commands = get_command(app).commands
+    train = {p.name: p.default for p in commands["train"].params}
+    shared = [f.name for f in dataclasses.fields(TrainOptions) if f.name in train]
+    assert len(shared) >= 20, shared
+    assert {name: train[name] for name in shared} == {name: getattr(TrainOptions(), name) for name in shared}
+    for command in ("export", "eval"):
+        (eval_tokens,) = [p for p in commands[command].params if p.name == "eval_tokens"]
+        assert eval_tokens.default == DEFAULT_EVAL_TOKENS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from edgegpt.cli.app import app
@@ -81,3 +82,42 @@ def test_convert_bad_input_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgegpt: error: ") and "neither" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_chat_takes_every_option_generate_takes():
+    commands = get_command(app).commands
+    chat = {p.name: (p.opts, p.help) for p in commands["chat"].params}
+    generate = {p.name: (p.opts, p.help) for p in commands["generate"].params if p.name != "prompt"}
+    assert chat == generate
+
+
+def test_chat_sampling_flags_reach_the_sampler(tiny_package, gen):
+    sampled = ["chat", "--model", str(tiny_package), "--max-new-tokens", "12", "--temperature", "1.5", "--seed", "3"]
+    greedy = reply(gen, "def f\n")
+    assert gen.generate("def f\n", max_new_tokens=12, temperature=1.5, seed=3, stop="\n\n") != greedy, \
+        "the test cannot tell sampling from greedy decoding"
+    for narrowed in (["--top-k", "1"], ["--min-p", "1"]):  # each leaves only the most likely token
+        result = runner.invoke(app, [*sampled, *narrowed], input="def f\n")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == greedy + "\n", narrowed
+    bad = runner.invoke(app, ["chat", "--model", str(tiny_package), "--top-k", "-1"], input="def f\n")
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1].startswith("edgegpt: error: top_k")
+
+
+def test_chat_stop_adds_to_the_blank_line(tiny_package, gen, corpus_text):
+    """--stop ends a reply at its string, and a blank line still ends it too."""
+    for line in corpus_text.splitlines()[:200]:
+        continuation = gen.generate(line + "\n", max_new_tokens=30, temperature=0)
+        if continuation.find("\n\n") >= 4:
+            break
+    else:
+        pytest.fail("no line of the corpus is continued with a blank line: the test cannot tell add from replace")
+    before_blank = continuation[: continuation.index("\n\n")]
+    stop = before_blank[-3:]
+    chat = ["chat", "--model", str(tiny_package), "--max-new-tokens", "30", "--temperature", "0"]
+    added = runner.invoke(app, [*chat, "--stop", "never in this text"], input=line + "\n")
+    assert added.exit_code == 0, added.output
+    assert added.stdout == before_blank + "\n"
+    cut = runner.invoke(app, [*chat, "--stop", "never in this text", "--stop", stop], input=line + "\n")
+    assert cut.exit_code == 0, cut.output
+    assert cut.stdout == continuation[: continuation.index(stop)] + "\n"

@@ -1,54 +1,29 @@
-"""The `edgegpt` command line: train, export, eval, generate, chat, convert, info.
+"""The `edgegpt` command line: train, export, eval, generate, chat, convert, bench, info.
 
 Heavy modules (torch, onnx) are imported inside the commands that need them, so `edgegpt generate`
-starts as fast as the runtime does.
+starts as fast as the runtime does, and a base install (no torch) runs generate, chat, bench, info and
+`eval PACKAGE`; the other commands then say in one line which extra to install (cli/errors.py).
+Options shared between commands are declared once in cli/options.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
 
+from edgegpt.cli.errors import OneLineUsageErrors, user_errors
+from edgegpt.cli.options import (
+    MaxNewTokensOption, MinPOption, ModelOption, Provider, ProviderOption, RepetitionPenaltyOption, SeedOption,
+    StopOption, TemperatureOption, TopKOption, TopPOption, Truncate, TruncateOption,
+)
 from edgegpt.core import workspace
 from edgegpt.core.errors import EdgeGPTError
-
-try:  # typer >= 0.20 vendors click and raises its own copy of click's exceptions
-    from typer._click.exceptions import UsageError
-except ImportError:  # pragma: no cover - older typer, on click itself
-    from click.exceptions import UsageError
-
-
-class OneLineUsageErrors(TyperGroup):
-    """click's usage errors (an option value of the wrong type, an unknown choice or command, a missing
-    argument) as the project's one line, `edgegpt: error: ...`, exit code 2, instead of a usage block
-    and a boxed message. Bare `edgegpt` still shows the help (click raises that as a usage error too)."""
-
-    @staticmethod
-    @contextmanager
-    def _one_line() -> Iterator[None]:
-        try:
-            yield
-        except UsageError as e:
-            if type(e).__name__ == "NoArgsIsHelpError":  # `edgegpt` with no arguments: the help, as before
-                raise
-            print(f"edgegpt: error: {' '.join(e.format_message().split())}", file=sys.stderr)
-            raise typer.Exit(2) from None
-
-    def make_context(self, *args, **kwargs):  # the group's own options and arguments
-        with self._one_line():
-            return super().make_context(*args, **kwargs)
-
-    def invoke(self, ctx):  # the command name, then the command's options and arguments
-        with self._one_line():
-            return super().invoke(ctx)
-
+from edgegpt.scoring import DEFAULT_EVAL_TOKENS
+from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -58,21 +33,12 @@ app = typer.Typer(
     help="Train a compact GPT, export it as one ONNX package, and generate with it.",
 )
 
+# The optional modules (cli/errors.py) that train, convert and export import, checked before they start.
+TRAINING_NEEDS = ("torch", "safetensors")
+EXPORT_NEEDS = ("torch", "onnx", "onnxscript", "safetensors")
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A user mistake is one line on stderr and exit code 2; a bug keeps its traceback."""
-    try:
-        yield
-    except EdgeGPTError as e:
-        print(f"edgegpt: error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
-
-
-class Provider(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+# `train`'s defaults are TrainOptions' own: the Python API and the command line cannot drift apart.
+TRAIN = TrainOptions()
 
 
 @app.command()
@@ -81,33 +47,44 @@ def train(
         None, "--data", help="Text files, directories (*.txt, *.md, recursively) or .jsonl files with a "
         "'text' field; repeatable. Default: the documentation that ships inside Python (pydoc topics and "
         "standard-library docstrings), so training needs no download."),
-    val_data: Optional[List[Path]] = typer.Option(None, "--val-data", help="Validation text; default: the last 10% of --data."),
-    preset: Optional[str] = typer.Option(None, help="Model size: nano, micro (default), small or base."),
-    layers: Optional[int] = typer.Option(None, help="Override the preset's number of layers."),
-    out: Optional[Path] = typer.Option(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint (./edgegpt-out)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    time_budget: Optional[float] = typer.Option(None, help="Stop after this many minutes (default 10 when --max-steps is not given)."),
+    val_data: Optional[List[Path]] = typer.Option(
+        None, "--val-data", help="Validation text; default: the last 10% of --data."),
+    preset: Optional[str] = typer.Option(TRAIN.preset, help="Model size: nano, micro (default), small or base."),
+    layers: Optional[int] = typer.Option(TRAIN.layers, help="Override the preset's number of layers."),
+    out: Optional[Path] = typer.Option(
+        None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint (./edgegpt-out)."),
+    max_steps: Optional[int] = typer.Option(TRAIN.max_steps, help="Stop after this many optimizer steps."),
+    time_budget: Optional[float] = typer.Option(
+        TRAIN.time_budget,
+        help=f"Stop after this many minutes (default {DEFAULT_TIME_BUDGET_MIN:g} when --max-steps is not given)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out exactly where it stopped."),
-    save_every: int = typer.Option(100, help="Save the resume state every N steps (a crash loses at most N)."),
-    device: str = typer.Option("auto", help="auto (cuda > mps > cpu), cpu, cuda or mps. Under torchrun: one device per process."),
-    seed: int = typer.Option(0, help="Seed for initialisation, batches and dropout (reproducible on the CPU)."),
-    batch_size: int = typer.Option(8, help="Sequences per micro-batch, per process."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    block_size: Optional[int] = typer.Option(None, help="Training sequence length (default: the model's context)."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate."),
-    dropout: float = typer.Option(0.1, help="Residual and embedding dropout."),
-    vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default: the preset's)."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json instead of training one."),
+    save_every: int = typer.Option(
+        TRAIN.save_every, help="Save the resume state every N steps (a crash loses at most N)."),
+    device: str = typer.Option(
+        TRAIN.device, help="auto (cuda > mps > cpu), cpu, cuda or mps. Under torchrun: one device per process."),
+    seed: int = typer.Option(
+        TRAIN.seed, help="Seed for initialisation, batches and dropout (reproducible on the CPU)."),
+    batch_size: int = typer.Option(TRAIN.batch_size, help="Sequences per micro-batch, per process."),
+    grad_accum: int = typer.Option(TRAIN.grad_accum, help="Micro-batches per optimizer step."),
+    block_size: Optional[int] = typer.Option(
+        TRAIN.block_size, help="Training sequence length (default: the model's context)."),
+    lr: float = typer.Option(TRAIN.lr, help="Peak learning rate."),
+    dropout: float = typer.Option(TRAIN.dropout, help="Residual and embedding dropout."),
+    vocab_size: Optional[int] = typer.Option(TRAIN.vocab_size, help="BPE vocabulary size (default: the preset's)."),
+    tokenizer: Optional[Path] = typer.Option(TRAIN.tokenizer, help="Use this tokenizer.json instead of training one."),
     teacher: Optional[Path] = typer.Option(
-        None, help="Distil from this teacher: an edgegpt checkpoint or a local Hugging Face causal-LM directory "
-        "(safetensors and tokenizer.json; nothing is downloaded). The student takes its tokenizer."),
-    alpha: float = typer.Option(0.5, help="With --teacher: weight of the label loss; 1 - alpha weighs the teacher's."),
-    temperature: float = typer.Option(2.0, help="With --teacher: softening temperature of both distributions."),
+        TRAIN.teacher, help="Distil from this teacher: an edgegpt checkpoint or a local Hugging Face causal-LM "
+        "directory (safetensors and tokenizer.json; nothing is downloaded). The student takes its tokenizer."),
+    alpha: float = typer.Option(
+        TRAIN.alpha, help="With --teacher: weight of the label loss; 1 - alpha weighs the teacher's."),
+    temperature: float = typer.Option(
+        TRAIN.temperature, help="With --teacher: softening temperature of both distributions."),
     init_from_teacher: bool = typer.Option(
-        False, "--init-from-teacher", help="With --teacher: start from every k-th teacher layer (the student "
-        "takes the teacher's width; --layers sets its depth, default half)."),
-    eval_every: int = typer.Option(100, help="Validate (and keep the best weights) every N steps."),
-    compile: bool = typer.Option(False, "--compile", help="Use torch.compile (helps on GPUs, not on laptop CPUs)."),
+        TRAIN.init_from_teacher, "--init-from-teacher", help="With --teacher: start from every k-th teacher "
+        "layer (the student takes the teacher's width; --layers sets its depth, default half)."),
+    eval_every: int = typer.Option(TRAIN.eval_every, help="Validate (and keep the best weights) every N steps."),
+    compile: bool = typer.Option(
+        TRAIN.compile, "--compile", help="Use torch.compile (helps on GPUs, not on laptop CPUs)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Tokenized-data cache. Default: $EDGEGPT_HOME/cache."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line at the end."),
 ) -> None:
@@ -117,9 +94,9 @@ def train(
     import os
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
-    with user_errors():
+    with user_errors("train", needs=TRAINING_NEEDS):
         from edgegpt.cli.console import TrainProgress
-        from edgegpt.train.loop import TrainOptions, train as run_training
+        from edgegpt.train.loop import train as run_training
 
         opts = TrainOptions(
             preset=preset, vocab_size=vocab_size, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
@@ -154,7 +131,8 @@ def train(
 def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint."),
     out: Optional[Path] = typer.Option(None, help="Package directory. Default: $EDGEGPT_HOME/model."),
-    quantize: bool = typer.Option(False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs."),
+    quantize: bool = typer.Option(
+        False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs."),
     bits: int = typer.Option(8, help="With --quantize: 8 (int8, the default) or 4 (int4, smallest)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 for CUDA packages (the CPU runtime refuses fp16)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the plain torch.onnx graph (portable reference) "
@@ -163,8 +141,8 @@ def export(
                                  "(the manifest records it)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the quality gates. "
                                              "Default: the checkpoint's validation split."),
-    # 16384 = edgegpt.quality.DEFAULT_EVAL_TOKENS (not imported here: the CLI module stays light to import).
-    eval_tokens: int = typer.Option(16384, help="Score at most this many held-out tokens (keeps export fast)."),
+    eval_tokens: int = typer.Option(
+        DEFAULT_EVAL_TOKENS, help="Score at most this many held-out tokens (keeps export fast)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line."),
 ) -> None:
     """Export a checkpoint to an ONNX model package, checked against PyTorch by quality gates."""
@@ -179,7 +157,7 @@ def export(
 
             Console().print(render_report(report))
 
-    with user_errors():
+    with user_errors("export", needs=EXPORT_NEEDS):
         from edgegpt.cli.console import stderr
         from edgegpt.export import GateFailed, export_package
 
@@ -202,12 +180,12 @@ def evaluate(
                                         "checkpoint: its validation split; a package needs --data."),
     reference: Optional[Path] = typer.Option(None, help="Compare with this checkpoint or package: top-1 and "
                                              "greedy agreement, Δ perplexity."),
-    eval_tokens: int = typer.Option(16384, help="Score at most this many tokens."),
+    eval_tokens: int = typer.Option(DEFAULT_EVAL_TOKENS, help="Score at most this many tokens."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads for a package (default: physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line."),
 ) -> None:
     """Perplexity, nats per token and per character of a checkpoint (PyTorch) or a package (runtime)."""
-    with user_errors():
+    with user_errors("eval", "of a checkpoint"):  # a package is scored by the runtime, without torch
         from edgegpt.quality import run_eval
 
         rows, text = run_eval(model, data, reference, eval_tokens, threads)
@@ -221,38 +199,29 @@ def evaluate(
         Console().print(metrics_table(rows, text, title=f"quality of {model}"))
 
 
-class Truncate(str, Enum):
-    """--truncate of generate and chat: what to do with a prompt longer than the context."""
-
-    none = "none"  # an error
-    left = "left"  # keep its last tokens, leaving room for --max-new-tokens (at least one prompt token)
-
-
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
-    model: Optional[Path] = typer.Option(None, help="Model package. Default: $EDGEGPT_HOME/model."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Default: the package's generation_config.json."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
-    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens (0 = off)."),
-    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set with this much probability (1 = off)."),
-    min_p: Optional[float] = typer.Option(None, help="Drop tokens less likely than this fraction of the most likely one (0 = off)."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text (1 = off)."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the text before this string; repeatable."),
-    seed: Optional[int] = typer.Option(None, help="Same seed, same text."),
-    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
-    truncate: Truncate = typer.Option(Truncate.none, help="A prompt longer than the context: none = an error; "
-                                      "left = keep its last tokens, leaving room for --max-new-tokens."),
+    model: ModelOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
+    provider: ProviderOption = Provider.auto,
+    truncate: TruncateOption = Truncate.none,
 ) -> None:
     """Continue PROMPT, streaming the text as it is generated."""
-    with user_errors():
+    with user_errors("generate"):
         from edgegpt.runtime import Generator
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
         pieces = generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                  stop=stop or None, seed=seed,
-                                  truncate=None if truncate is Truncate.none else truncate.value)
+                                  stop=stop or None, seed=seed, truncate=truncate.option)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in pieces:
@@ -267,26 +236,31 @@ def generate(
 
 @app.command()
 def chat(
-    model: Optional[Path] = typer.Option(None, help="Model package. Default: $EDGEGPT_HOME/model."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest reply. Default: the package's generation_config.json."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
-    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set with this much probability (1 = off)."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Same seed, same replies."),
-    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
-    truncate: Truncate = typer.Option(Truncate.left, help="A conversation longer than the context: left = drop "
-                                      "its oldest tokens, leaving room for --max-new-tokens; none = an error."),
+    model: ModelOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
+    provider: ProviderOption = Provider.auto,
+    truncate: TruncateOption = Truncate.left,
 ) -> None:
-    """Talk to a model: each line you type is added to the conversation and the reply streams back.
-    /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
-    with user_errors():
-        from edgegpt.cli.chat import chat_loop
+    """Talk to a model: each line you type is added to the conversation and the reply streams back,
+    ending at a blank line (or at a --stop string). /reset forgets the conversation; /quit, Ctrl-D or
+    Ctrl-C leaves."""
+    with user_errors("chat"):
+        from edgegpt.cli.chat import DEFAULT_STOP, chat_loop
         from edgegpt.runtime import Generator
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       repetition_penalty=repetition_penalty, seed=seed,
-                       truncate=None if truncate is Truncate.none else truncate.value)
+        # --stop adds to the blank line rather than replacing it: without that stop a reply would run on
+        # into the next turns of the conversation.
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty,
+                       stop=[*DEFAULT_STOP, *stop] if stop else None, seed=seed, truncate=truncate.option)
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)
@@ -298,7 +272,7 @@ def convert(
     out: Path = typer.Argument(..., help="Where to write the other format (a new directory)."),
 ) -> None:
     """Convert a checkpoint to a Hugging Face LlamaForCausalLM directory, or back; lossless both ways."""
-    with user_errors():
+    with user_errors("convert", needs=TRAINING_NEEDS):
         from edgegpt.convert import convert as run_convert
 
         direction, written = run_convert(source, out)
@@ -311,13 +285,14 @@ def bench(
     prompt_len: int = typer.Option(32, help="Prompt tokens before the first token (random ids)."),
     new_tokens: int = typer.Option(128, help="Greedy decode steps timed."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads. Default: the physical cores."),
-    provider: Provider = typer.Option(Provider.auto, help="auto picks CUDA when onnxruntime-gpu and a GPU are present."),
+    provider: ProviderOption = Provider.auto,
     runs: int = typer.Option(5, help="Timed runs; medians are reported."),
-    positions: Optional[str] = typer.Option(None, help="Also decode tokens/s after this many cached tokens, e.g. 64,900."),
+    positions: Optional[str] = typer.Option(
+        None, help="Also decode tokens/s after this many cached tokens, e.g. 64,900."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process."""
-    with user_errors():
+    with user_errors("bench"):
         from edgegpt.cli.bench import bench_table, run_bench
 
         try:
@@ -337,7 +312,7 @@ def bench(
 @app.command()
 def info(directory: Path = typer.Argument(..., help="A checkpoint or a model package directory.")) -> None:
     """Show what a checkpoint or a model package holds."""
-    with user_errors():
+    with user_errors("info"):
         from rich.console import Console
 
         from edgegpt.cli.inspect import describe

@@ -6,7 +6,9 @@
 
 A base language model has no chat template, so the transcript is plain text, one turn per line; the
 reply ends at the first blank line ("\\n\\n", the default stop string), at max_new_tokens or at the end of
-text. When the transcript no longer fits, its oldest tokens are dropped so the prompt plus
+text. options["stop"] replaces that default (a caller may want replies with blank lines in them);
+`edgegpt chat --stop` adds to it instead: a reply that runs past a blank line goes on to invent the next
+turns. When the transcript no longer fits, its oldest tokens are dropped so the prompt plus
 max_new_tokens fit max_length (options["truncate"] None instead: a conversation that no longer fits is
 an error). Commands: /reset forgets the transcript, /quit (or EOF, Ctrl-D) leaves.
 Ctrl-C during a reply stops that reply; Ctrl-C at the prompt leaves.

@@ -1,0 +1,65 @@
+"""Options that more than one command takes, each declared once as a `typing.Annotated` type, so the flag
+name, its help and its type stay the same in `generate`, `chat` and `bench` (and any later command):
+
+    @app.command()
+    def serve(model: ModelOption = None, temperature: TemperatureOption = None,
+              provider: ProviderOption = Provider.auto) -> None: ...
+
+The parameter name gives the flag (`temperature` -> `--temperature`), so a command names its parameter as
+the type does (`TemperatureOption` -> `temperature`). The default is the parameter's, so commands may
+differ in it (`--truncate`: none for generate, left for chat).
+
+The sampling options default to None: the model package's generation_config.json decides (the runtime
+fills them in, see edgegpt/runtime/options.py). Stdlib and typer only: `edgegpt --help` imports this.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Truncate(str, Enum):
+    """What to do with a prompt longer than the context."""
+
+    none = "none"  # an error
+    left = "left"  # keep its last tokens, leaving room for --max-new-tokens (at least one prompt token)
+
+    @property
+    def option(self) -> str | None:
+        """The runtime's `truncate` option: None is its "an error"."""
+        return None if self is Truncate.none else self.value
+
+
+ModelOption = Annotated[Optional[Path], typer.Option(help="Model package. Default: $EDGEGPT_HOME/model.")]
+ProviderOption = Annotated[
+    Provider, typer.Option(help="auto picks CUDA when onnxruntime-gpu and a GPU are present.")]
+TruncateOption = Annotated[Truncate, typer.Option(
+    help="A prompt (in chat: the conversation) longer than the context: none = an error; left = drop its "
+    "oldest tokens, leaving room for --max-new-tokens.")]
+
+# -- sampling: each None means the package's generation_config.json -------------------------------------
+
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(
+    help="Most new tokens (in chat: per reply). Default: the package's generation_config.json.")]
+TemperatureOption = Annotated[Optional[float], typer.Option(help="0 = greedy.")]
+TopKOption = Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens (0 = off).")]
+TopPOption = Annotated[Optional[float], typer.Option(
+    help="Sample from the smallest set with this much probability (1 = off).")]
+MinPOption = Annotated[Optional[float], typer.Option(
+    help="Drop tokens less likely than this fraction of the most likely one (0 = off).")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
+    help="> 1 discourages tokens already in the text (1 = off).")]
+StopOption = Annotated[Optional[List[str]], typer.Option(
+    help="End the text before this string; repeatable. In chat these add to the blank line that always "
+    "ends a reply.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Same seed, same text.")]
