@@ -202,7 +202,7 @@ class Generator:
         """encode(prompt), or with truncate="left" its last max(1, max_length - max_new_tokens) tokens, so the
         requested tokens fit the context (at least one prompt token is kept; the same rule as `edgegpt chat`).
         A prompt given as token ids is checked against the vocabulary and the context the same way."""
-        if not isinstance(prompt, str) and isinstance(prompt, Sequence):
+        if isinstance(prompt, (list, tuple)):  # token ids (bytes and other sequences are refused as text)
             return self._checked_ids(prompt, options)
         if options.truncate is None:
             return self.encode(prompt)

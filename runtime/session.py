@@ -107,7 +107,11 @@ def create_session(
 
 
 class _LoadFailed(Exception):
-    """onnxruntime refused the model with these providers; the message is its first line."""
+    """onnxruntime refused the model with these providers; the message is its first line, `full` all of it."""
+
+    def __init__(self, detail: str, full: str = "") -> None:
+        super().__init__(detail)
+        self.full = full
 
 
 def _open(model_path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -118,7 +122,7 @@ def _open(model_path: Path, options: ort.SessionOptions, providers: list[str]) -
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
             raise  # a bug, not a bad model
-        raise _LoadFailed(ort_error_detail(e)) from None
+        raise _LoadFailed(ort_error_detail(e), str(e)) from None
     session.disable_fallback()
     return session
 
@@ -140,7 +144,9 @@ def _open_or_raise(model_path: Path, options: ort.SessionOptions, providers: lis
         return _open(model_path, options, providers)
     except _LoadFailed as e:
         detail = str(e)
-        if "opset" in detail.lower() or "ir version" in detail.lower():
+        # What an older onnxruntime says of a graph a newer one wrote: an unknown opset or IR version, or an
+        # operator attribute it does not know yet (seen: 1.23 loading a package exported with 1.32).
+        if any(sign in e.full.lower() for sign in ("opset", "ir version", "unrecognized attribute")):
             raise EdgeGPTError(
                 f"{model_path} needs a newer onnxruntime than {ort.__version__} ({detail}); "
                 "upgrade onnxruntime or re-run `edgegpt export` with this version"
