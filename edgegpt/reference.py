@@ -91,17 +91,3 @@ class TorchReference:
         with torch_threads(1):
             return greedy(prefill, feed, len(prompt), n_tokens)
 
-
-def generate_tokens(
-    model: GPT,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int | None = None,
-    eos_token_id: int | None = None,
-    vocab_size: int | None = None,
-    max_length: int | None = None,
-) -> list[int]:
-    """TorchReference(model).generate(...): the reference's generation as one call."""
-    return TorchReference(model).generate(prompt_ids, max_new_tokens, sampling, seed, eos_token_id, vocab_size,
-                                          max_length)

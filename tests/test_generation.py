@@ -278,12 +278,12 @@ def test_seeded_reference_and_runtime_sample_the_same_tokens(gen, model, params,
         # temperature ~1 (seen on an H200: seed 2 diverged at the second token); the shared-sampler
         # identity is what this test is for, and it holds exactly in float32 on the CPU.
         pytest.skip("seeded sampling identity is checked in float32 on the CPU")
-    from edgegpt.reference import generate_tokens
+    from edgegpt.reference import TorchReference
 
     prompt = "The import statement"
     vocab = gen.package.tokenizer.get_vocab_size()
-    expected = generate_tokens(model, gen.encode(prompt), 48, params, seed, gen.package.generation.eos_token_id,
-                               vocab_size=vocab)
+    expected = TorchReference(model).generate(gen.encode(prompt), 48, params, seed,
+                                              gen.package.generation.eos_token_id, vocab_size=vocab)
     got = gen.generate_ids(prompt, max_new_tokens=48, seed=seed, **params.__dict__)
     assert len(expected) > 8 and same_tokens(got, expected)
 
