@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from edgegpt.cli.app import app
-from edgegpt.train.distill import distillation_loss, init_from_teacher, load_teacher, student_config_from_teacher
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.train.distill import distillation_loss, init_from_teacher, load_teacher, student_config_from_teacher
 
 runner = CliRunner()
 TEACHER_VOCAB = 300
@@ -172,7 +172,8 @@ def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, t
 
 
 def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
-    from edgegpt.train.loop import Reporter, TrainOptions, train
+    from edgegpt.train.loop import Reporter, train
+    from edgegpt.train.options import TrainOptions
 
     class Recorder(Reporter):
         parts: list[dict] = []
@@ -292,8 +293,8 @@ def test_sentencepiece_style_teacher_tokenizer_is_understood():
     characters exactly, so nats/char stays honest with a teacher's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from edgegpt.train.data import char_starts_table
     from edgegpt.tokenizer import end_of_text_id
+    from edgegpt.train.data import char_starts_table
 
     # As Llama 2's tokenizer.json has it: byte tokens in the model's vocabulary, three special tokens.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.cli.app import app
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.train.loop import TrainOptions, train
+from edgegpt.train.loop import train
+from edgegpt.train.options import TrainOptions
 from edgegpt.train.state import read_progress
 
 STEPS = 60

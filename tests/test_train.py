@@ -9,11 +9,12 @@ import pytest
 from safetensors.torch import load_file
 
 from edgegpt.checkpoint import load_checkpoint
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.train.corpus import read_corpus, split_documents
 from edgegpt.train.data import char_starts_table, sample_batch
-from edgegpt.core.errors import EdgeGPTError
+from edgegpt.train.loop import learning_rate, train
+from edgegpt.train.options import TrainOptions
 from edgegpt.train.validation import strided_windows
-from edgegpt.train.loop import TrainOptions, learning_rate, train
 
 TINY = dict(preset="nano", batch_size=4, block_size=64, eval_every=10, eval_windows=4, device="cpu")
 
@@ -116,3 +117,24 @@ def test_block_size_longer_than_context_is_refused(tmp_path, corpus_file):
         train([corpus_file], [], tmp_path / "x", TrainOptions(max_steps=1, **{**TINY, "block_size": 4096}),
               cache_dir=tmp_path / "c")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("batch_size", "8", "--batch-size must be an integer, got '8'"),
+    ("batch_size", True, "--batch-size must be an integer, got True"),
+    ("dropout", True, "--dropout must be a number, got True"),
+    ("lr", "0.1", "--lr must be a number, got '0.1'"),
+    ("compile", 1, "--compile must be true or false, got 1"),
+    ("device", 3, "--device must be a string, got 3"),
+    ("max_steps", 2.5, "--max-steps must be an integer, got 2.5"),
+    ("time_budget", "5", "--time-budget must be a number, got '5'"),
+    ("tokenizer", 3, "--tokenizer must be a string, got 3"),
+])
+def test_option_of_the_wrong_type_is_one_line_naming_the_flag(option, value, message):
+    with pytest.raises(EdgeGPTError) as raised:
+        TrainOptions(**{option: value}).validate()
+    assert str(raised.value) == message
+
+
+def test_options_accept_their_types_an_int_for_a_float_and_none_where_optional():
+    TrainOptions(lr=1, time_budget=5, max_steps=None, vocab_size=None, tokenizer=None, compile=True).validate()

@@ -3,6 +3,23 @@
 The checkpoint directory always holds the weights with the best validation loss (what export reads)
 and the latest state for resuming. Batches and dropout are drawn from (seed, step) alone, so a
 resumed run is the run that was interrupted.
+
+One run, as every process under torchrun does it (rank 0 alone writes and reports)::
+
+    train ─► _train
+               ├─ prepare_run        options (a resumed run's own), device and process group, teacher,
+               │                     tokenizer, model shape, block size; the teacher's weights last
+               ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), checked
+               ├─ build_training     seeded model, optimizer; a resumed run's weights, moments, progress
+               ├─ write_run_files    config.json, tokenizer.json
+               ├─ wrap_model         DistributedDataParallel under torchrun, torch.compile with --compile
+               ├─ report_start
+               ├─ run_steps ◄─────┐  until --max-steps, the time budget (any rank) or Ctrl-C: stop_reason
+               │   optimizer_step │  lr, dropout seed, this rank's rows, _train_step, clip, update
+               │   validate       │  every --eval-every: a new best loss ─► model.safetensors
+               │   save_state ────┘  every --save-every: train_state.*
+               ├─ finish             a last validation if due, the final state, ranks wait for rank 0
+               └─ summarize          TrainSummary
 """
 
 from __future__ import annotations
@@ -11,28 +28,33 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
-from edgegpt.train import distributed
-from edgegpt.checkpoint import CONFIG, TOKENIZER, save_weights, WEIGHTS
+from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_weights
 from edgegpt.core.config import ModelConfig, preset
-from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.train.data import TokenData, char_starts_table, prepare_data, sample_batch
-from edgegpt.train.distill import (Teacher, check_student_tokenizer, distillation_loss, init_from_teacher, open_teacher,
-                             student_config_from_teacher)
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.train.validation import EvalResult, evaluate_sample
 from edgegpt.core.io import write_bytes_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import load_tokenizer
+from edgegpt.train import distributed
+from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
+from edgegpt.train.data import TokenData, char_starts_table, prepare_data, sample_batch
+from edgegpt.train.distill import (
+    Teacher, check_student_tokenizer, distillation_loss, init_from_teacher, open_teacher, student_config_from_teacher,
+)
 from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
 from edgegpt.train.state import STATE_JSON, load_train_state, read_progress, save_train_state
+from edgegpt.train.validation import EvalResult, evaluate_sample
+
+# DDP's "accumulate locally" context, entered for all but the last micro-batch of a step.
+NoSync = Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -64,6 +86,65 @@ class Reporter:
     def evaluated(self, step: int, result: EvalResult, best: bool) -> None: ...
     def log(self, message: str) -> None: ...
     def stop(self) -> None: ...
+
+
+@dataclass
+class RunPlan:
+    """What the run is, settled before any data is read or any weight exists."""
+
+    out: Path
+    opts: TrainOptions  # a resumed run's own, with a default time budget when nothing else stops it
+    data: list[Path]
+    val_data: list[Path]
+    world: distributed.World
+    device: torch.device
+    teacher: Teacher | None
+    tokenizer: Tokenizer | None  # None: train one on the data
+    cfg: ModelConfig
+    block_size: int
+    resume: bool
+    saved: dict[str, Any]  # the progress of the run being resumed; empty for a fresh run
+
+    @property
+    def budget_s(self) -> float | None:
+        return self.opts.time_budget * 60 if self.opts.time_budget else None
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.opts.batch_size * self.opts.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows_per_rank * self.world.size * self.block_size
+
+    @property
+    def first_step(self) -> int:
+        """The step this process started from: throughput counts only the steps it trained."""
+        return self.saved.get("step", 0)
+
+    def fraction_done(self, step: int, elapsed_s: float) -> float:
+        """How far through the run, by steps or by the time budget, whichever is further."""
+        return max(step / self.opts.max_steps if self.opts.max_steps else 0.0,
+                   elapsed_s / self.budget_s if self.budget_s else 0.0)
+
+
+@dataclass
+class Training:
+    """A run in progress: its plan, data, model and optimizer, and how far it has got."""
+
+    plan: RunPlan
+    tokens: TokenData
+    char_table: np.ndarray
+    model: GPT
+    optimizer: torch.optim.AdamW
+    forward: torch.nn.Module  # the model as the step calls it: wrapped by DDP and torch.compile when asked
+    no_sync: NoSync | None = None
+    step: int = 0
+    elapsed_before: float = 0.0  # seconds earlier processes of this run trained
+    best_val: dict[str, float] = field(default_factory=lambda: {"loss": math.inf, "nats_per_char": math.inf})
+    started: float = 0.0  # perf_counter() when this process began stepping
+    last_loss: float = math.nan
+    stopped: str = "max_steps"
 
 
 def pick_device(name: str) -> torch.device:
@@ -123,7 +204,8 @@ def student_config(opts: TrainOptions, teacher: Teacher | None, tokenizer: Token
         cfg = student_config_from_teacher(teacher, opts.layers)
         if opts.preset is not None:
             wanted = preset(opts.preset)
-            if (wanted.dim, wanted.n_heads, wanted.n_kv_heads, wanted.ffn_dim) != (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim):
+            shape = (wanted.dim, wanted.n_heads, wanted.n_kv_heads, wanted.ffn_dim)
+            if shape != (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim):
                 raise EdgeGPTError(
                     f"--init-from-teacher needs the student as wide as the teacher: preset {opts.preset} has dim "
                     f"{wanted.dim}, the teacher {cfg.dim}; drop --preset to take the teacher's shape"
@@ -135,7 +217,9 @@ def student_config(opts: TrainOptions, teacher: Teacher | None, tokenizer: Token
         vocab = opts.vocab_size or (tokenizer.get_vocab_size() if tokenizer else None)
     cfg = preset(opts.preset or "micro", vocab_size=vocab, n_layers=opts.layers)
     if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise EdgeGPTError(f"--tokenizer has {tokenizer.get_vocab_size()} tokens, more than --vocab-size {cfg.vocab_size}")
+        raise EdgeGPTError(
+            f"--tokenizer has {tokenizer.get_vocab_size()} tokens, more than --vocab-size {cfg.vocab_size}"
+        )
     return cfg
 
 
@@ -144,7 +228,8 @@ def resumed_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:
     stopping rule, the device and how often to save may change on resume."""
     known = {f.name for f in dataclasses.fields(TrainOptions)}
     merged = {**{k: v for k, v in saved.items() if k in known}, "device": given.device, "save_every": given.save_every,
-              "max_steps": given.max_steps or saved.get("max_steps"), "time_budget": given.time_budget or saved.get("time_budget")}
+              "max_steps": given.max_steps or saved.get("max_steps"),
+              "time_budget": given.time_budget or saved.get("time_budget")}
     return TrainOptions(**merged)
 
 
@@ -171,161 +256,189 @@ def train(
 
 def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions, cache_dir: Path, resume: bool,
            reporter: Reporter, on_step: Callable[[int], None] | None, world: distributed.World) -> TrainSummary:
-    progress_state: dict[str, Any] = {}
+    plan = prepare_run(data, val_data, out, opts, resume, world, reporter)
+    tokens = load_run_data(plan, cache_dir, reporter)
+    run = build_training(plan, tokens, char_starts_table(tokens.tokenizer, plan.cfg.vocab_size), reporter)
+    write_run_files(plan, tokens)
+    run.forward, run.no_sync = wrap_model(run.model, plan)
+    report_start(run, reporter)
+    run_steps(run, reporter, on_step)
+    finish(run, reporter)
+    return summarize(run)
+
+
+def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions, resume: bool,
+                world: distributed.World, reporter: Reporter) -> RunPlan:
+    """Settle what the run is: a resumed run's options and data, the device (joining torchrun's group),
+    the teacher, the tokenizer and the model's shape. The teacher's weights load last, once nothing
+    left here can refuse the run."""
+    saved: dict[str, Any] = {}
     if resume:
-        progress_state = read_progress(out)
-        opts = resumed_options(opts, progress_state["options"])
-        data = data or [Path(p) for p in progress_state["data"]]
-        val_data = val_data or [Path(p) for p in progress_state["val_data"]]
+        saved = read_progress(out)
+        opts = resumed_options(opts, saved["options"])
+        data = data or [Path(p) for p in saved["data"]]
+        val_data = val_data or [Path(p) for p in saved["val_data"]]
     if opts.max_steps is None and opts.time_budget is None:
         opts = dataclasses.replace(opts, time_budget=DEFAULT_TIME_BUDGET_MIN)
     opts.validate()
     device = distributed.start(world, opts.device) if world.distributed else pick_device(opts.device)
-
-    teacher = None
-    if opts.teacher:
-        teacher = open_teacher(Path(opts.teacher), device, world.local_size)
+    teacher = open_teacher(Path(opts.teacher), device, world.local_size) if opts.teacher else None
     tokenizer = load_tokenizer(out / TOKENIZER) if resume else choose_tokenizer(opts, teacher)
-    if "config" in progress_state:
-        cfg = ModelConfig.from_dict(progress_state["config"], source=str(out / STATE_JSON))
+    if "config" in saved:
+        cfg = ModelConfig.from_dict(saved["config"], source=str(out / STATE_JSON))
     else:
         cfg = student_config(opts, teacher, tokenizer)
+    block_size = training_block_size(opts, cfg, teacher)
+    if teacher is not None:
+        teacher.load(device, log=reporter.log)
+    return RunPlan(out, opts, data, val_data, world, device, teacher, tokenizer, cfg, block_size, resume, saved)
+
+
+def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher | None) -> int:
+    """--block-size, else the longest window both the student and the teacher can take."""
     block_size = opts.block_size or min(cfg.max_len, teacher.max_len if teacher else cfg.max_len)
     if block_size > cfg.max_len:
         raise EdgeGPTError(f"--block-size {block_size} exceeds the model's context of {cfg.max_len} tokens")
     if teacher is not None and block_size > teacher.max_len:
         raise EdgeGPTError(f"--block-size {block_size} exceeds the teacher's context of {teacher.max_len} tokens")
-    if teacher is not None:
-        teacher.load(device, log=reporter.log)  # every check that can refuse it has passed
+    return block_size
 
+
+def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenData:
+    """The run's tokens, refused when they are not the resumed run's or too few to train and validate on."""
+    world = plan.world
     if not world.is_main:
         distributed.barrier(world)  # rank 0 trains the tokenizer and fills the token cache, once
-    tokens = load_data(data, val_data, cfg.vocab_size, cache_dir, tokenizer, reporter)
+    tokens = load_data(plan.data, plan.val_data, plan.cfg.vocab_size, cache_dir, plan.tokenizer, reporter)
     if world.is_main:
         distributed.barrier(world)
-    if resume and progress_state.get("data_key") != tokens.key:
+    if plan.resume and plan.saved.get("data_key") != tokens.key:
         raise EdgeGPTError("cannot resume: the training data differs from the run being resumed; pass the same --data")
-    if len(tokens.train) < block_size + 2:
+    if len(tokens.train) < plan.block_size + 2:
         raise EdgeGPTError(
-            f"the training split has only {len(tokens.train)} tokens, fewer than one window of {block_size + 1}; "
+            f"the training split has only {len(tokens.train)} tokens, fewer than one window of {plan.block_size + 1}; "
             "add data or lower --block-size"
         )
     if len(tokens.val) < 2:
         raise EdgeGPTError("the validation split is empty after tokenization; add data or pass --val-data")
-    char_table = char_starts_table(tokens.tokenizer, cfg.vocab_size)
+    return tokens
 
+
+def build_training(plan: RunPlan, tokens: TokenData, char_table: np.ndarray, reporter: Reporter) -> Training:
+    """The model from the seed (or the teacher's layers), its optimizer, and, when resuming, the saved
+    weights, moments and progress."""
+    opts = plan.opts
     torch.manual_seed(opts.seed)
-    model = GPT(cfg, dropout=opts.dropout).to(device)
-    if teacher is not None and opts.init_from_teacher and not resume:
-        reporter.log(f"initialising the student from the teacher's layers {init_from_teacher(model, teacher)}")
-    optimizer = make_optimizer(model, opts, device)
-    step, elapsed_before = 0, 0.0
-    best_val = {"loss": math.inf, "nats_per_char": math.inf}
-    if resume:
-        load_train_state(out, model, optimizer)
-        step, elapsed_before = progress_state["step"], progress_state["elapsed_s"]
-        best_val = progress_state["best_val"]
-    if world.is_main:  # config and tokenizer first: a resume needs them even before the first best weights
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # a write a crash interrupted (edgegpt.core.io.atomic_path)
-            stale.unlink(missing_ok=True)
-        cfg.save(out / CONFIG)
-        write_bytes_atomic(out / TOKENIZER, tokens.tokenizer.to_str().encode())
+    model = GPT(plan.cfg, dropout=opts.dropout).to(plan.device)
+    if plan.teacher is not None and opts.init_from_teacher and not plan.resume:
+        reporter.log(f"initialising the student from the teacher's layers {init_from_teacher(model, plan.teacher)}")
+    optimizer = make_optimizer(model, opts, plan.device)
+    run = Training(plan, tokens, char_table, model, optimizer, forward=model)
+    if plan.resume:
+        load_train_state(plan.out, model, optimizer)
+        run.step, run.elapsed_before = plan.saved["step"], plan.saved["elapsed_s"]
+        run.best_val = plan.saved["best_val"]
+    return run
+
+
+def write_run_files(plan: RunPlan, tokens: TokenData) -> None:
+    """config.json and tokenizer.json first: a resume needs them even before the first best weights."""
+    if not plan.world.is_main:
+        return
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for stale in plan.out.glob(".*.tmp"):  # a write a crash interrupted (edgegpt.core.io.atomic_path)
+        stale.unlink(missing_ok=True)
+    plan.cfg.save(plan.out / CONFIG)
+    write_bytes_atomic(plan.out / TOKENIZER, tokens.tokenizer.to_str().encode())
+
+
+def wrap_model(model: GPT, plan: RunPlan) -> tuple[torch.nn.Module, NoSync | None]:
+    """The module the step calls (DDP- and compile-wrapped when asked), and DDP's no_sync."""
     forward: torch.nn.Module = model
-    no_sync = None  # DDP's "accumulate locally" context for all but the last micro-batch
-    if world.distributed:
-        forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    no_sync = None
+    if plan.world.distributed:
+        forward = DistributedDataParallel(model, device_ids=[plan.device] if plan.device.type == "cuda" else None)
         no_sync = forward.no_sync
-    if opts.compile:
+    if plan.opts.compile:
         forward = torch.compile(forward)
+    return forward, no_sync
 
-    def save_state(stopped: str) -> None:
-        if world.is_main:
-            save_train_state(out, model, optimizer, {
-                "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - t0), "best_val": best_val,
-                "options": dataclasses.asdict(opts), "config": cfg.to_dict(),
-                "data": [str(Path(p).resolve()) for p in data], "val_data": [str(Path(p).resolve()) for p in val_data],
-                "data_key": tokens.key, "stopped": stopped,
-            })
 
-    def save_best() -> None:
-        save_weights(out / WEIGHTS, model)  # a checkpoint is complete once its weights exist
-
-    def evaluate() -> None:
-        if world.is_main:
-            _evaluate(model, tokens, char_table, block_size, opts, device, step, best_val, reporter, save_best)
-
-    budget_s = opts.time_budget * 60 if opts.time_budget else None
-    rows_per_rank = opts.batch_size * opts.grad_accum
-    tokens_per_step = rows_per_rank * world.size * block_size
-    reporter.start(opts.max_steps, budget_s, {
-        "parameters": model.num_parameters(), "device": str(device), "train_tokens": len(tokens.train),
-        "val_tokens": len(tokens.val), "tokens_per_step": tokens_per_step, "resumed_at": step,
-        "processes": world.size, "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, "
+def report_start(run: Training, reporter: Reporter) -> None:
+    plan, opts, teacher = run.plan, run.plan.opts, run.plan.teacher
+    reporter.start(opts.max_steps, plan.budget_s, {
+        "parameters": run.model.num_parameters(), "device": str(plan.device), "train_tokens": len(run.tokens.train),
+        "val_tokens": len(run.tokens.val), "tokens_per_step": plan.tokens_per_step, "resumed_at": run.step,
+        "processes": plan.world.size, "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, "
         f"alpha {opts.alpha}, temperature {opts.temperature})" if teacher else None,
     })
-    t0 = time.perf_counter()
-    last_loss, stopped = math.nan, "max_steps"
-    model.train()
+
+
+def run_steps(run: Training, reporter: Reporter, on_step: Callable[[int], None] | None) -> None:
+    """Step until --max-steps, the time budget or Ctrl-C (run.stopped says which), validating and saving
+    the resume state on their schedules."""
+    plan, opts = run.plan, run.plan.opts
+    run.started = time.perf_counter()
+    run.model.train()
     try:
         while True:
-            elapsed = elapsed_before + time.perf_counter() - t0
-            if opts.max_steps is not None and step >= opts.max_steps:
-                stopped = "max_steps"
+            elapsed = run.elapsed_before + time.perf_counter() - run.started
+            stop = stop_reason(plan, run.step, elapsed)
+            if stop is not None:
+                run.stopped = stop
                 break
-            if distributed.any_rank(world, budget_s is not None and elapsed >= budget_s, device):
-                stopped = "time_budget"
-                break
-            progress = max(step / opts.max_steps if opts.max_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(progress, opts)
-            # Dropout masks depend on (seed, step, rank) only; rank 0's are a single process's.
-            torch.manual_seed(opts.seed * 1_000_003 + step + world.rank * (1 << 40))
-            batch = sample_batch(tokens.train, rows_per_rank * world.size, block_size, opts.seed, step)
-            batch = distributed.rank_rows(torch.from_numpy(batch), world).to(device)
-            losses = distributed.mean(world, _train_step(forward, teacher, batch, opts, device, no_sync), device)
-            loss = losses.pop("loss")
-            if not math.isfinite(loss):
-                raise EdgeGPTError(
-                    f"the loss became {loss} at step {step + 1}; the last good checkpoint in {out} is kept. "
-                    "Lower --lr or check the data"
-                )
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss
-            run_s = time.perf_counter() - t0
-            reporter.step(step, loss, tokens_per_step * (step - progress_state.get("step", 0)) / max(run_s, 1e-9),
-                          max(step / opts.max_steps if opts.max_steps else 0.0,
-                              (elapsed_before + run_s) / budget_s if budget_s else 0.0), losses)
-            if step % opts.eval_every == 0:
-                evaluate()
-            if step % opts.save_every == 0:
-                save_state("running")
+            loss, parts = optimizer_step(run, elapsed)
+            run.step += 1
+            run.last_loss = loss
+            run_s = time.perf_counter() - run.started
+            reporter.step(run.step, loss, plan.tokens_per_step * (run.step - plan.first_step) / max(run_s, 1e-9),
+                          plan.fraction_done(run.step, run.elapsed_before + run_s), parts)
+            if run.step % opts.eval_every == 0:
+                validate(run, reporter)
+            if run.step % opts.save_every == 0:
+                save_state(run, "running")
             if on_step:
-                on_step(step)
+                on_step(run.step)
     except KeyboardInterrupt:
-        stopped = "interrupted"
+        run.stopped = "interrupted"
     finally:
         reporter.stop()
-    if world.is_main and (step % opts.eval_every or not (out / WEIGHTS).exists()):
-        evaluate()
-    save_state(stopped)
-    distributed.barrier(world)  # no rank leaves (and tears down the group) while rank 0 still writes
-    run_s = time.perf_counter() - t0
-    trained_steps = step - progress_state.get("step", 0)
-    return TrainSummary(
-        steps=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=best_val["loss"],
-        val_nats_per_char=best_val["nats_per_char"], tokens_per_s=trained_steps * tokens_per_step / max(run_s, 1e-9),
-        checkpoint=str(out), elapsed_s=elapsed_before + run_s, stopped=stopped,
-        parameters=model.num_parameters(), device=str(device), processes=world.size,
-        teacher=str(teacher.path) if teacher else None,
-    )
+
+
+def stop_reason(plan: RunPlan, step: int, elapsed: float) -> str | None:
+    """Why the run ends before `step + 1`, or None; every rank gets the same answer."""
+    if plan.opts.max_steps is not None and step >= plan.opts.max_steps:
+        return "max_steps"
+    if distributed.any_rank(plan.world, plan.budget_s is not None and elapsed >= plan.budget_s, plan.device):
+        return "time_budget"
+    return None
+
+
+def optimizer_step(run: Training, elapsed: float) -> tuple[float, dict[str, float]]:
+    """One update at run.step; returns the loss and its parts (distillation), averaged across ranks."""
+    plan, opts, world = run.plan, run.plan.opts, run.plan.world
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(plan.fraction_done(run.step, elapsed), opts)
+    # Dropout masks depend on (seed, step, rank) only; rank 0's are a single process's.
+    torch.manual_seed(opts.seed * 1_000_003 + run.step + world.rank * (1 << 40))
+    batch = sample_batch(run.tokens.train, plan.rows_per_rank * world.size, plan.block_size, opts.seed, run.step)
+    batch = distributed.rank_rows(torch.from_numpy(batch), world).to(plan.device)
+    losses = _train_step(run.forward, plan.teacher, batch, opts, plan.device, run.no_sync)
+    losses = distributed.mean(world, losses, plan.device)
+    loss = losses.pop("loss")
+    if not math.isfinite(loss):
+        raise EdgeGPTError(
+            f"the loss became {loss} at step {run.step + 1}; the last good checkpoint in {plan.out} is kept. "
+            "Lower --lr or check the data"
+        )
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), opts.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, losses
 
 
 def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.Tensor, opts: TrainOptions,
-                device: torch.device, no_sync: Callable[[], contextlib.AbstractContextManager] | None) -> dict[str, float]:
+                device: torch.device, no_sync: NoSync | None) -> dict[str, float]:
     """Forward and backward over this rank's rows in --grad-accum micro-batches; returns the mean losses.
     Gradients are averaged across ranks once, on the last micro-batch."""
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
@@ -347,10 +460,52 @@ def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.
     return sums
 
 
-def _evaluate(model, tokens, char_table, block_size, opts, device, step, best_val, reporter, save_best) -> None:
-    result = evaluate_sample(model, tokens.val, char_table, block_size, opts.eval_windows, device)
-    is_best = result.nats_per_token < best_val["loss"]
+def validate(run: Training, reporter: Reporter) -> None:
+    """Score the validation sample on rank 0; weights better than any before become the checkpoint's."""
+    plan = run.plan
+    if not plan.world.is_main:
+        return
+    result = evaluate_sample(run.model, run.tokens.val, run.char_table, plan.block_size, plan.opts.eval_windows,
+                             plan.device)
+    is_best = result.nats_per_token < run.best_val["loss"]
     if is_best:
-        best_val.update(loss=result.nats_per_token, nats_per_char=result.nats_per_char, step=step)
-        save_best()
-    reporter.evaluated(step, result, is_best)
+        run.best_val.update(loss=result.nats_per_token, nats_per_char=result.nats_per_char, step=run.step)
+        save_weights(plan.out / WEIGHTS, run.model)  # a checkpoint is complete once its weights exist
+    reporter.evaluated(run.step, result, is_best)
+
+
+def save_state(run: Training, stopped: str) -> None:
+    """The resume state (rank 0): weights, moments and progress in one atomic file."""
+    plan = run.plan
+    if not plan.world.is_main:
+        return
+    save_train_state(plan.out, run.model, run.optimizer, {
+        "step": run.step, "elapsed_s": run.elapsed_before + (time.perf_counter() - run.started),
+        "best_val": run.best_val, "options": dataclasses.asdict(plan.opts), "config": plan.cfg.to_dict(),
+        "data": [str(Path(p).resolve()) for p in plan.data],
+        "val_data": [str(Path(p).resolve()) for p in plan.val_data],
+        "data_key": run.tokens.key, "stopped": stopped,
+    })
+
+
+def finish(run: Training, reporter: Reporter) -> None:
+    """Validate the last weights unless they just were (or no checkpoint exists yet), save the final state,
+    and keep every rank until rank 0 has written it."""
+    plan = run.plan
+    if plan.world.is_main and (run.step % plan.opts.eval_every or not (plan.out / WEIGHTS).exists()):
+        validate(run, reporter)
+    save_state(run, run.stopped)
+    distributed.barrier(plan.world)  # no rank leaves (and tears down the group) while rank 0 still writes
+
+
+def summarize(run: Training) -> TrainSummary:
+    plan = run.plan
+    run_s = time.perf_counter() - run.started
+    trained_steps = run.step - plan.first_step
+    return TrainSummary(
+        steps=run.step, tokens=run.step * plan.tokens_per_step, train_loss=run.last_loss,
+        val_loss=run.best_val["loss"], val_nats_per_char=run.best_val["nats_per_char"],
+        tokens_per_s=trained_steps * plan.tokens_per_step / max(run_s, 1e-9), checkpoint=str(plan.out),
+        elapsed_s=run.elapsed_before + run_s, stopped=run.stopped, parameters=run.model.num_parameters(),
+        device=str(plan.device), processes=plan.world.size, teacher=str(plan.teacher.path) if plan.teacher else None,
+    )

@@ -4,8 +4,12 @@ declare its options from these defaults without importing torch."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass
+from typing import Callable
 
 from edgegpt.core.errors import EdgeGPTError
 
@@ -55,7 +59,9 @@ class TrainOptions:
         if self.seed < 0:
             raise EdgeGPTError(f"--seed must be 0 or more, got {self.seed}")
         if self.vocab_size is not None and not 258 <= self.vocab_size <= MAX_VOCAB:
-            raise EdgeGPTError(f"--vocab-size must be between 258 (byte-level BPE) and {MAX_VOCAB:,}, got {self.vocab_size}")
+            raise EdgeGPTError(
+                f"--vocab-size must be between 258 (byte-level BPE) and {MAX_VOCAB:,}, got {self.vocab_size}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise EdgeGPTError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -79,23 +85,41 @@ class TrainOptions:
         if self.teacher is not None and self.vocab_size is not None:
             raise EdgeGPTError("--vocab-size cannot be combined with --teacher: the student takes the teacher's")
 
-
     def _check_types(self) -> None:
         """Options arrive from Python callers too: '8' < 1 must be a clear error, not a TypeError."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and "None" in str(f.type):
+            kind, optional = _option_type(f.name)
+            if value is None and optional:
                 continue
-            if "int" in str(f.type) and "float" not in str(f.type):
-                wanted, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
-            elif "float" in str(f.type):
-                wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif "bool" in str(f.type):
-                wanted, ok = "true or false", isinstance(value, bool)
-            else:
-                wanted, ok = "a string", isinstance(value, str)
-            if not ok:
+            wanted, accepts = _ACCEPTED[kind]
+            if not accepts(value):
                 raise EdgeGPTError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
+
+
+# A float option takes an int (`lr=1` means 1.0), but a bool is no number here even though Python counts
+# True as the int 1: `dropout=True` is a mistake, not 1.0.
+_ACCEPTED: dict[type, tuple[str, Callable[[object], bool]]] = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+@functools.cache
+def _option_type(name: str) -> tuple[type, bool]:
+    """The type a TrainOptions field holds, and whether it may be None.
+
+    The annotations are strings (``from __future__ import annotations``); get_type_hints evaluates them."""
+    hint = typing.get_type_hints(TrainOptions)[name]
+    args = typing.get_args(hint)
+    rest = tuple(a for a in args if a is not type(None))
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(rest) < len(args)
+    kind = rest[0] if optional and len(rest) == 1 else hint
+    if kind not in _ACCEPTED:  # a new option of a type this check does not know yet: a bug, not a user error
+        raise TypeError(f"TrainOptions.{name}: no type check for {hint!r}")
+    return kind, optional
 
 
 def _flag(name: str) -> str:
