@@ -103,8 +103,8 @@ def edgegpt_decode(package: Path, provider: str, runs: int) -> float:
 
 def export(model, tokenizer, directory: Path, precision: str) -> Path:
     """The fused graph in `precision` with the package files the Generator reads (no gates, no scoring)."""
-    from edgegpt.export.package import build_graph
     from edgegpt.core.formats import MODEL
+    from edgegpt.export.package import build_graph
     from edgegpt.export.writer import write_package_metadata
 
     directory.mkdir(parents=True)

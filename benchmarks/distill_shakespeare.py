@@ -24,8 +24,8 @@ import torch
 from common import SHAKESPEARE, machine, print_figures
 from edgegpt.checkpoint import WEIGHTS, load_checkpoint
 from edgegpt.cli.console import TrainProgress, stderr
-from edgegpt.train.corpus import read_corpus, split_documents
 from edgegpt.scoring import char_starts_table
+from edgegpt.train.corpus import read_corpus, split_documents
 from edgegpt.train.data import tokenize
 from edgegpt.train.loop import train
 from edgegpt.train.options import TrainOptions

@@ -29,10 +29,10 @@ from rich.table import Table
 
 from common import machine, random_checkpoint
 from edgegpt.checkpoint import load_checkpoint
+from edgegpt.core.formats import MODEL
 from edgegpt.export.gates import PERPLEXITY_LIMITS
 from edgegpt.export.package import build_graph
 from edgegpt.export.quantize import quantize_graph
-from edgegpt.core.formats import MODEL
 from edgegpt.export.writer import write_package_metadata
 from edgegpt.quality import PackageScorer, evaluate, prepare_eval_text, read_eval_documents, validation_documents
 from edgegpt.runtime import Generator

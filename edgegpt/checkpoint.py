@@ -25,7 +25,6 @@ from edgegpt.model import GPT, state_dict_for_saving
 from edgegpt.tokenizer import load_tokenizer
 
 
-
 def save_weights(path: Path, model: GPT) -> None:
     with atomic_path(path) as tmp:
         try:

@@ -138,7 +138,8 @@ def to_huggingface(checkpoint: Path, out: Path) -> Path:
         write_json_atomic(stage / CONFIG, hf_config(model.cfg, eos))
         write_json_atomic(stage / GENERATION_CONFIG, {"bos_token_id": eos, "eos_token_id": eos})
         write_bytes_atomic(stage / TOKENIZER, tokenizer.to_str().encode())
-        special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
+        special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
+        special = special if eos is not None else {}
         write_json_atomic(stage / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.cfg.max_len,
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **special,
@@ -189,7 +190,9 @@ def from_huggingface(directory: Path, out: Path) -> Path:
         raise EdgeGPTError(f"{directory}: weights do not match config.json (missing {missing})")
     for name, tensor in ours.items():
         if tensor.shape != expected[name]:
-            raise EdgeGPTError(f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}")
+            raise EdgeGPTError(
+                f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
+            )
     model.load_state_dict(ours, strict=not cfg.tie_embeddings)
     # Built beside `out` and swapped in whole: a failure (a full disk) leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:

@@ -22,13 +22,13 @@ import numpy as np
 from rich.table import Table
 from tokenizers import Tokenizer
 
-from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.runtime.decoding import greedy
-from edgegpt.scoring import DEFAULT_EVAL_TOKENS, char_starts_table, score, strided_windows
-from edgegpt.train.data import tokenize
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import TRAIN_STATE, is_checkpoint, is_package
 from edgegpt.core.io import read_json
+from edgegpt.runtime.decoding import greedy
+from edgegpt.scoring import DEFAULT_EVAL_TOKENS, char_starts_table, score, strided_windows
+from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
+from edgegpt.train.data import tokenize
 
 GREEDY_PROMPTS = 16
 GREEDY_TOKENS = 32
@@ -102,7 +102,8 @@ def validation_documents(checkpoint: Path) -> tuple[list[str], str]:
         if val_paths:
             return read_corpus([Path(p) for p in val_paths]), ", ".join(val_paths)
         if data_paths:
-            return split_documents(read_corpus([Path(p) for p in data_paths]))[1], f"last 10% of {', '.join(data_paths)}"
+            validation = split_documents(read_corpus([Path(p) for p in data_paths]))[1]
+            return validation, f"last 10% of {', '.join(data_paths)}"
     except EdgeGPTError as e:
         raise EdgeGPTError(f"cannot read the checkpoint's validation text ({e}); pass --eval-data PATH") from None
     return split_documents(default_corpus())[1], "last 10% of the embedded Python documentation"

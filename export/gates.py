@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification
 from edgegpt.quality import EvalText, Metrics

@@ -19,21 +19,31 @@ from typing import Any, Callable
 
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import MANIFEST, MODEL
+from edgegpt.core.io import staged_directory
 from edgegpt.export.gates import (
-    GateFailed, GateLimits, GateReport, failure_message, logit_check, perplexity_check,
+    GateFailed,
+    GateLimits,
+    GateReport,
+    failure_message,
+    logit_check,
+    perplexity_check,
 )
 from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_onnx, graph_contract
 from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
 from edgegpt.export.verify import Verification, torch_reference, verify_generator
-from edgegpt.core.formats import MANIFEST, MODEL
 from edgegpt.export.writer import generation_config, write_manifest, write_package_metadata
-from edgegpt.core.io import staged_directory
 from edgegpt.model import GPT
-from edgegpt.reference import TorchReference
 from edgegpt.quality import (
-    DEFAULT_EVAL_TOKENS, EvalText, PackageScorer, evaluate, prepare_eval_text, read_eval_documents,
+    DEFAULT_EVAL_TOKENS,
+    EvalText,
+    PackageScorer,
+    evaluate,
+    prepare_eval_text,
+    read_eval_documents,
     validation_documents,
 )
+from edgegpt.reference import TorchReference
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 
@@ -98,7 +108,9 @@ def check_options(fuse: bool, precision: str, quantize: bool, bits: int, method:
     if precision == "float16" and quantize:
         # Weight-only and dynamic quantization are CPU formats over float32 activations; a float16
         # package exists for CUDA, where its own half-precision kernels are the speed-up.
-        raise EdgeGPTError("--quantize applies to float32 graphs; drop --precision fp16 (float16 packages are for CUDA)")
+        raise EdgeGPTError(
+            "--quantize applies to float32 graphs; drop --precision fp16 (float16 packages are for CUDA)"
+        )
     if precision == "float16" and not fuse:
         raise EdgeGPTError("--precision fp16 needs the fused graph; drop --no-fuse")
     return precision, resolve_method(bits, method) if quantize else None

@@ -101,7 +101,8 @@ def settings(bits: int, method: str, tied: bool) -> dict[str, Any]:
         "block_size": BLOCK_SIZE,
         "symmetric": True,
         "lm_head": f"{table}, accuracy_level {ACCURACY_LEVEL}",
-        "embedding": f"GatherBlockQuantized over {'the LM head’s bytes (tied, stored once)' if tied else 'its own table'}",
+        "embedding": "GatherBlockQuantized over "
+        + ("the LM head’s bytes (tied, stored once)" if tied else "its own table"),
     }
 
 
@@ -271,7 +272,8 @@ def dynamic_quantize(proto: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
 def check_all_quantized(proto: onnx.ModelProto) -> None:
     """A projection left in float32 would ship silently slower and bigger: that is an edgegpt bug."""
     weights = {t.name for t in proto.graph.initializer}
-    left = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and n.input[1] in weights]
+    projections = ("MatMul", "Gemm", "FusedMatMul")
+    left = [n.name for n in proto.graph.node if n.op_type in projections and n.input[1] in weights]
     if left:
         raise RuntimeError(f"quantization left {len(left)} float projections: {left[:4]}")
 

@@ -39,7 +39,8 @@ def summary_table(report: ExportReport) -> Table:
     table.add_row("graph", f"{report.graph_kind}, {report.precision}")
     table.add_row("float graph size", f"{report.float_bytes / 1e6:.2f} MB")
     if report.quantization is not None:
-        table.add_row(f"{report.precision} size", f"{report.package_bytes / 1e6:.2f} MB ({report.size_ratio:.3f}× float32)")
+        size = f"{report.package_bytes / 1e6:.2f} MB ({report.size_ratio:.3f}× float32)"
+        table.add_row(f"{report.precision} size", size)
         table.add_row("projections", report.quantization["projections"])
         table.add_row("embedding / LM head", f"{report.quantization['embedding']}; {report.quantization['lm_head']}")
     if report.verification is not None:

@@ -56,7 +56,9 @@ def torch_reference(model: GPT, past_lengths: Sequence[int] = PAST_LENGTHS, seed
             for chunk in chunks:
                 logits, past = model.forward_cached(torch.tensor([chunk]), past)
                 if not torch.isfinite(logits).all():
-                    raise EdgeGPTError("the checkpoint produces NaN/inf logits; retrain it or export an earlier checkpoint")
+                    raise EdgeGPTError(
+                        "the checkpoint produces NaN/inf logits; retrain it or export an earlier checkpoint"
+                    )
                 calls[past_len].append((chunk, logits[0].numpy()))
     return Reference(calls=calls)
 

@@ -16,9 +16,9 @@ feeds the cache in and gets it back grown by the new tokens.
 
 from __future__ import annotations
 
+import typing
 from numbers import Integral
 from pathlib import Path
-import typing
 from typing import TYPE_CHECKING, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -31,7 +31,7 @@ from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner
 from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_options
 from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.sampling import Sampler
-from edgegpt.runtime.session import PROVIDERS, cuda_available, create_session
+from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
     from typing_extensions import Unpack
@@ -213,7 +213,8 @@ class Generator:
 
     def _checked_ids(self, prompt: Sequence[int], options: GenerationOptions) -> list[int]:
         vocab = self.package.tokenizer.get_vocab_size()
-        if not prompt or not all(isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt):
+        in_vocabulary = (isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt)
+        if not prompt or not all(in_vocabulary):
             raise EdgeGPTError(f"a prompt of token ids must be a non-empty list of integers in [0, {vocab}), "
                                f"got {list(prompt)[:8]!r:.80}")
         ids = [int(i) for i in prompt]

@@ -30,7 +30,8 @@ from edgegpt.cli.app import app
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export import export_package
 from edgegpt.runtime import Generator
-from edgegpt.train.loop import TrainOptions, train
+from edgegpt.train.loop import train
+from edgegpt.train.options import TrainOptions
 
 runner = CliRunner()
 
@@ -636,8 +637,8 @@ def test_long_text_is_tokenized_in_pieces_exactly_as_whole(tiny_checkpoint):
     """tokenize() encodes long documents piece by piece (bounded memory); the cuts must not change a token."""
     import numpy as np
 
-    from edgegpt.train.data import tokenize
     from edgegpt.tokenizer import PIECE_CHARS, load_tokenizer
+    from edgegpt.train.data import tokenize
 
     tokenizer = load_tokenizer(tiny_checkpoint / "tokenizer.json")
     words = ["import", "x", "  ", "\n", "\n\n", " \n ", "\t", "42", "...", "'s", "café", "日本"]

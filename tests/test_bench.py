@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.cli.bench import bench_table, run_bench
 from edgegpt.cli.app import app
+from edgegpt.cli.bench import bench_table, run_bench
 from edgegpt.core.errors import EdgeGPTError
 
 

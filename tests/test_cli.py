@@ -43,7 +43,8 @@ def test_train_export_generate_chain_through_default_workspace(workspace, corpus
                                   "--block-size", "64", "--eval-every", "10", "--json"])
     assert trained.exit_code == 0, trained.output
     summary = __import__("json").loads(trained.stdout.strip().splitlines()[-1])
-    assert {"steps", "tokens", "train_loss", "val_loss", "val_nats_per_char", "tokens_per_s", "checkpoint"} <= summary.keys()
+    fields = {"steps", "tokens", "train_loss", "val_loss", "val_nats_per_char", "tokens_per_s", "checkpoint"}
+    assert fields <= summary.keys()
     assert summary["steps"] == 20 and (workspace / "checkpoint" / "model.safetensors").is_file()
 
     exported = runner.invoke(app, ["export", "--quantize", "--json"])
@@ -52,7 +53,8 @@ def test_train_export_generate_chain_through_default_workspace(workspace, corpus
 
     generated = runner.invoke(app, ["generate", "The import statement", "--max-new-tokens", "12", "--seed", "1"])
     assert generated.exit_code == 0, generated.output
-    assert generated.stdout.startswith("The import statement") and len(generated.stdout) > len("The import statement") + 5
+    prompt = "The import statement"
+    assert generated.stdout.startswith(prompt) and len(generated.stdout) > len(prompt) + 5
 
     info = runner.invoke(app, ["info", str(workspace / "model")])
     assert info.exit_code == 0 and "operators" in info.stdout and "MatMul" in info.stdout

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgegpt.cli.chat import chat_loop
 from edgegpt.cli.app import app
+from edgegpt.cli.chat import chat_loop
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator
 

@@ -204,8 +204,9 @@ def test_init_from_edgegpt_teacher_takes_every_kth_layer(tiny_checkpoint):
     theirs = teacher.model.state_dict()
     ours = student.state_dict()
     torch.testing.assert_close(ours["embed.weight"], theirs["embed.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(ours["layers.1.attn.q_proj.weight"], theirs["layers.2.attn.q_proj.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(ours["layers.0.mlp.down_proj.weight"], theirs["layers.0.mlp.down_proj.weight"], rtol=0, atol=0)
+    for mine, teachers in (("layers.1.attn.q_proj.weight", "layers.2.attn.q_proj.weight"),
+                           ("layers.0.mlp.down_proj.weight", "layers.0.mlp.down_proj.weight")):
+        torch.testing.assert_close(ours[mine], theirs[teachers], rtol=0, atol=0)
     torch.testing.assert_close(ours["norm.weight"], theirs["norm.weight"], rtol=0, atol=0)
 
 
@@ -293,8 +294,8 @@ def test_sentencepiece_style_teacher_tokenizer_is_understood():
     characters exactly, so nats/char stays honest with a teacher's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    from edgegpt.scoring import char_starts_table
     from edgegpt.tokenizer import end_of_text_id
-    from edgegpt.train.data import char_starts_table
 
     # As Llama 2's tokenizer.json has it: byte tokens in the model's vocabulary, three special tokens.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}

@@ -99,10 +99,10 @@ def test_float16_gate_needs_cuda(tiny_checkpoint, tmp_path):
 
     if cuda_available():
         pytest.skip("this onnxruntime has CUDA: the float16 gate can run")
-    result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "model"), "--precision", "fp16"])
+    fp16 = ["export", str(tiny_checkpoint), "--out", str(tmp_path / "model"), "--precision", "fp16"]
+    result = runner.invoke(app, fp16)
     assert_one_line_error(result, "float16 gate", "--no-gate")
-    result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "model"), "--precision", "fp16",
-                                 "--no-gate", "--json"])
+    result = runner.invoke(app, [*fp16, "--no-gate", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["precision"] == "float16"
 

@@ -138,7 +138,8 @@ def test_generation_stops_when_the_context_is_full(generator, corpus_text):
 
 
 def test_prompt_longer_than_the_context_raises(generator):
-    with pytest.raises(EdgeGPTError, match=rf"the prompt is (over )?[\d,]+ tokens.*context is {generator.config.max_len} tokens"):
+    message = rf"the prompt is (over )?[\d,]+ tokens.*context is {generator.config.max_len} tokens"
+    with pytest.raises(EdgeGPTError, match=message):
         generator.generate("word " * 1000)
 
 

@@ -170,7 +170,8 @@ def test_sampler_counts_prompt_and_chosen_tokens_as_seen():
 def test_sampler_same_seed_same_draws():
     logits = flat_logits()
     params = SamplingParams(temperature=1.0, top_k=20, min_p=0.01, repetition_penalty=1.3)
-    draws = [[s.choose(logits) for _ in range(40)] for s in (Sampler(params, seed, [1, 2], VOCAB) for seed in (5, 5, 6))]
+    samplers = [Sampler(params, seed, [1, 2], VOCAB) for seed in (5, 5, 6)]
+    draws = [[s.choose(logits) for _ in range(40)] for s in samplers]
     assert draws[0] == draws[1] != draws[2]
 
 

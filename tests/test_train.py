@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.scoring import char_starts_table
 from edgegpt.train.corpus import read_corpus, split_documents
-from edgegpt.train.data import char_starts_table, sample_batch
+from edgegpt.train.data import sample_batch
 from edgegpt.train.loop import learning_rate, train
 from edgegpt.train.options import TrainOptions
 from edgegpt.train.validation import strided_windows

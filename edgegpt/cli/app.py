@@ -17,8 +17,19 @@ import typer
 
 from edgegpt.cli.errors import OneLineUsageErrors, user_errors
 from edgegpt.cli.options import (
-    MaxNewTokensOption, MinPOption, ModelOption, Provider, ProviderOption, RepetitionPenaltyOption, SeedOption,
-    StopOption, TemperatureOption, TopKOption, TopPOption, Truncate, TruncateOption,
+    MaxNewTokensOption,
+    MinPOption,
+    ModelOption,
+    Provider,
+    ProviderOption,
+    RepetitionPenaltyOption,
+    SeedOption,
+    StopOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    Truncate,
+    TruncateOption,
 )
 from edgegpt.core import workspace
 from edgegpt.core.errors import EdgeGPTError

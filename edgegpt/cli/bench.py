@@ -153,12 +153,16 @@ def bench_table(report: dict[str, Any]):
     table.add_column("value", justify="right")
     table.add_column("how", style="dim")
     rows = [
-        ("cold start", f"{report['cold_start_s']:.3f} s", f"fresh process to the first token, {report['prompt_len']}-token prompt"),
+        ("cold start", f"{report['cold_start_s']:.3f} s",
+         f"fresh process to the first token, {report['prompt_len']}-token prompt"),
         ("load", f"{1000 * report['load_s']:.1f} ms", "Generator.load, median"),
-        ("time to first token", f"{1000 * report['ttft_s']:.1f} ms", f"prefill of {report['prompt_len']} tokens, median"),
-        ("decode", f"{report['decode_tokens_per_s']:,.0f} tokens/s", f"{report['new_tokens']} greedy steps, median of {report['runs']}"),
+        ("time to first token", f"{1000 * report['ttft_s']:.1f} ms",
+         f"prefill of {report['prompt_len']} tokens, median"),
+        ("decode", f"{report['decode_tokens_per_s']:,.0f} tokens/s",
+         f"{report['new_tokens']} greedy steps, median of {report['runs']}"),
     ]
-    rows += [(f"decode at position {p}", f"{r:,.0f} tokens/s", f"{FLAT_STEPS} steps") for p, r in report["decode_tokens_per_s_at"].items()]
+    rows += [(f"decode at position {p}", f"{r:,.0f} tokens/s", f"{FLAT_STEPS} steps")
+             for p, r in report["decode_tokens_per_s_at"].items()]
     rows += [("peak RSS", f"{report['peak_rss_mb']:.0f} MB", "the benchmark process's high-water mark"),
              (MODEL, f"{report['model_bytes'] / 1e6:.1f} MB", "")]
     for row in rows:
@@ -167,7 +171,8 @@ def bench_table(report: dict[str, Any]):
 
 
 def main() -> None:
-    """Child entry point (internal): python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS"""
+    """Child entry point (internal):
+    python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS"""
     argv = sys.argv[1:]
     if len(argv) != 8 or argv[0] != "--child":
         raise SystemExit("internal entry point; use `edgegpt bench`")

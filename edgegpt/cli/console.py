@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from edgegpt.train.validation import EvalResult
+from edgegpt.scoring import Score
 from edgegpt.train.loop import Reporter
 
 stderr = Console(stderr=True, highlight=False)
@@ -60,7 +60,7 @@ class TrainProgress(Reporter):
             self.progress.update(self.task, completed=min(progress, 1.0), step=step, loss=shown,
                                  speed=f"{tokens_per_s:,.0f}")
 
-    def evaluated(self, step: int, result: EvalResult, best: bool) -> None:
+    def evaluated(self, step: int, result: Score, best: bool) -> None:
         self.val = f"{result.nats_per_token:.3f} ({result.nats_per_char:.3f}/char){' *' if best else ''}"
         if self.progress:
             self.progress.update(self.task, val=self.val)

@@ -11,6 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CONFIG, MANIFEST, TRAIN_STATE, WEIGHTS, is_checkpoint, is_package
 from edgegpt.core.io import read_json
 
 
@@ -70,8 +71,8 @@ def _model_table(model: dict[str, Any], title: str) -> Table:
 
 
 def describe_checkpoint(directory: Path) -> Group:
-    config = read_object(directory / "config.json")
-    header = safetensors_header(directory / "model.safetensors")
+    config = read_object(directory / CONFIG)
+    header = safetensors_header(directory / WEIGHTS)
     parameters = 0
     for name, entry in header.items():
         if name != "__metadata__":
@@ -81,7 +82,7 @@ def describe_checkpoint(directory: Path) -> Group:
             parameters += count
     parts = [f"[bold]checkpoint[/] {directory}  ({parameters / 1e6:.2f}M parameters)",
              _model_table(config, "model config")]
-    state_path = directory / "train_state.json"
+    state_path = directory / TRAIN_STATE
     if state_path.is_file():
         state = read_object(state_path)
         best = _section(state, "best_val", state_path)
@@ -98,7 +99,7 @@ def describe_checkpoint(directory: Path) -> Group:
 
 
 def describe_package(directory: Path) -> Group:
-    config_path, manifest_path = directory / "config.json", directory / "manifest.json"
+    config_path, manifest_path = directory / CONFIG, directory / MANIFEST
     config = read_object(config_path)
     manifest = read_object(manifest_path) if manifest_path.is_file() else {}
     graph = manifest.get("graph") or _section(config, "graph", config_path).get("kv_layout", "?")
@@ -170,8 +171,8 @@ def describe(directory: Path) -> Group:
     directory = Path(directory)
     if not directory.is_dir():
         raise EdgeGPTError(f"{directory} is not a directory; pass a checkpoint or a model package")
-    if (directory / "model.onnx").is_file():
+    if is_package(directory):
         return describe_package(directory)
-    if (directory / "model.safetensors").is_file():
+    if is_checkpoint(directory):
         return describe_checkpoint(directory)
     raise EdgeGPTError(f"{directory} is neither a checkpoint (model.safetensors) nor a model package (model.onnx)")

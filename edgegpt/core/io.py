@@ -35,7 +35,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except OSError as e:  # a full disk, a read-only folder, a quota: the user's to fix, not a bug
-        raise EdgeGPTError(f"could not write {path} ({e.strerror or e}); the previous version, if any, is intact") from None
+        raise EdgeGPTError(
+            f"could not write {path} ({e.strerror or e}); the previous version, if any, is intact"
+        ) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -51,7 +51,8 @@ def read_corpus(paths: list[Path]) -> list[str]:
         if not path.exists():
             raise EdgeGPTError(f"data path {path} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+            suffixes = TEXT_SUFFIXES + (".jsonl",)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not files:
                 raise EdgeGPTError(f"{path} contains no .txt, .md or .jsonl files")
         else:

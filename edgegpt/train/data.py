@@ -16,10 +16,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import TOKENIZER
 from edgegpt.core.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
-from edgegpt.scoring import char_starts_table  # noqa: F401  (moved to scoring; loop.py still imports it here)
 from edgegpt.tokenizer import (
-    PIECE_CHARS, check_vocab_size, end_of_text_id, load_tokenizer, text_pieces, train_tokenizer,
+    PIECE_CHARS,
+    check_vocab_size,
+    end_of_text_id,
+    load_tokenizer,
+    text_pieces,
+    train_tokenizer,
 )
 
 CACHE_FORMAT = 1
@@ -102,7 +107,7 @@ def prepare_data(
     if sum(map(len, train_docs)) + sum(map(len, val_docs)) < SLOW_CORPUS_CHARS:
         log = lambda message: None  # noqa: E731 - done in well under a second: nothing to announce
     if tokenizer is None:
-        tokenizer_path = cache_dir / f"{key}-v{vocab_size}" / "tokenizer.json"
+        tokenizer_path = cache_dir / f"{key}-v{vocab_size}" / TOKENIZER
         if tokenizer_path.is_file():
             tokenizer = load_tokenizer(tokenizer_path)
         else:

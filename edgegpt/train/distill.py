@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
+from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json
 from edgegpt.tokenizer import load_tokenizer
 
@@ -112,9 +113,9 @@ def _is_edgegpt_checkpoint(path: Path) -> bool:
 
 
 def _is_huggingface_dir(path: Path) -> bool:
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG).is_file():
         return False
-    config = read_json(path / "config.json")
+    config = read_json(path / CONFIG)
     return isinstance(config, dict) and "model_type" in config
 
 
@@ -187,12 +188,12 @@ def _open_huggingface(path: Path, device: torch.device, copies: int) -> Teacher:
                            f"({str(e).splitlines()[0][:160]})") from None
     parameters = sum(p.numel() for p in skeleton.parameters())
     _check_fits(path, parameters, device, copies)
-    if not (path / "tokenizer.json").is_file():
+    if not (path / TOKENIZER).is_file():
         raise EdgeGPTError(
             f"the teacher {path} has no tokenizer.json; save its fast tokenizer there with "
             "AutoTokenizer.from_pretrained(...).save_pretrained(DIR)"
         )
-    tokenizer = load_tokenizer(path / "tokenizer.json")
+    tokenizer = load_tokenizer(path / TOKENIZER)
     if not any(path.glob("*.safetensors")):
         raise EdgeGPTError(f"the teacher {path} has no .safetensors weights (pickled .bin files are never loaded)")
     vocab = skeleton.get_output_embeddings().weight.shape[0]
@@ -206,7 +207,7 @@ def _open_huggingface(path: Path, device: torch.device, copies: int) -> Teacher:
         from edgegpt.convert import config_from_hf
 
         try:
-            mappable = config_from_hf(read_json(path / "config.json"), path / "config.json")
+            mappable = config_from_hf(read_json(path / CONFIG), path / CONFIG)
         except EdgeGPTError:
             mappable = None  # a Llama variant edgegpt cannot represent: still a teacher, not an initialiser
     return Teacher(path, config.model_type, tokenizer, vocab, max_len, parameters, mappable)

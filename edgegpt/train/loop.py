@@ -37,21 +37,28 @@ import torch
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
-from edgegpt.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_weights
+from edgegpt.checkpoint import save_weights
 from edgegpt.core.config import ModelConfig, preset
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CONFIG, TOKENIZER, TRAIN_STATE, WEIGHTS
 from edgegpt.core.io import write_bytes_atomic
 from edgegpt.model import GPT
+from edgegpt.scoring import Score, char_starts_table
 from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train import distributed
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.train.data import TokenData, char_starts_table, prepare_data, sample_batch
+from edgegpt.train.data import TokenData, prepare_data, sample_batch
 from edgegpt.train.distill import (
-    Teacher, check_student_tokenizer, distillation_loss, init_from_teacher, open_teacher, student_config_from_teacher,
+    Teacher,
+    check_student_tokenizer,
+    distillation_loss,
+    init_from_teacher,
+    open_teacher,
+    student_config_from_teacher,
 )
 from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
-from edgegpt.train.state import STATE_JSON, load_train_state, read_progress, save_train_state
-from edgegpt.train.validation import EvalResult, evaluate_sample
+from edgegpt.train.state import load_train_state, read_progress, save_train_state
+from edgegpt.train.validation import evaluate_sample
 
 # DDP's "accumulate locally" context, entered for all but the last micro-batch of a step.
 NoSync = Callable[[], contextlib.AbstractContextManager]
@@ -83,7 +90,7 @@ class Reporter:
     def start(self, total_steps: int | None, budget_s: float | None, info: dict[str, Any]) -> None: ...
     def step(self, step: int, loss: float, tokens_per_s: float, progress: float,
              parts: dict[str, float] | None = None) -> None: ...
-    def evaluated(self, step: int, result: EvalResult, best: bool) -> None: ...
+    def evaluated(self, step: int, result: Score, best: bool) -> None: ...
     def log(self, message: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -285,7 +292,7 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
     teacher = open_teacher(Path(opts.teacher), device, world.local_size) if opts.teacher else None
     tokenizer = load_tokenizer(out / TOKENIZER) if resume else choose_tokenizer(opts, teacher)
     if "config" in saved:
-        cfg = ModelConfig.from_dict(saved["config"], source=str(out / STATE_JSON))
+        cfg = ModelConfig.from_dict(saved["config"], source=str(out / TRAIN_STATE))
     else:
         cfg = student_config(opts, teacher, tokenizer)
     block_size = training_block_size(opts, cfg, teacher)

@@ -16,11 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import TRAIN_STATE, TRAIN_STATE_WEIGHTS
 from edgegpt.core.io import atomic_path, write_json_atomic
 from edgegpt.model import GPT, state_dict_for_saving
-
-STATE_WEIGHTS = "train_state.safetensors"
-STATE_JSON = "train_state.json"
 
 
 def save_train_state(directory: Path, model: GPT, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
@@ -31,18 +29,20 @@ def save_train_state(directory: Path, model: GPT, optimizer: torch.optim.Optimiz
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().contiguous().cpu()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(Path(directory) / STATE_WEIGHTS) as tmp:
+    with atomic_path(Path(directory) / TRAIN_STATE_WEIGHTS) as tmp:
         try:
             save_file(tensors, str(tmp), metadata={"train_state": json.dumps(progress)})
         except SafetensorError as e:  # how safetensors reports a failed write (a full disk): an I/O error
             raise OSError(str(e)) from None
-    write_json_atomic(Path(directory) / STATE_JSON, progress)
+    write_json_atomic(Path(directory) / TRAIN_STATE, progress)
 
 
 def read_progress(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / STATE_WEIGHTS
+    path = Path(directory) / TRAIN_STATE_WEIGHTS
     if not path.is_file():
-        raise EdgeGPTError(f"nothing to resume in {directory}: {STATE_WEIGHTS} is missing; train without --resume")
+        raise EdgeGPTError(
+            f"nothing to resume in {directory}: {TRAIN_STATE_WEIGHTS} is missing; train without --resume"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["train_state"])
@@ -52,7 +52,7 @@ def read_progress(directory: Path) -> dict[str, Any]:
 
 def load_train_state(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> None:
     """Restore weights and optimizer moments in place (progress comes from read_progress)."""
-    path = Path(directory) / STATE_WEIGHTS
+    path = Path(directory) / TRAIN_STATE_WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}

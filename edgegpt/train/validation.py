@@ -11,8 +11,6 @@ from edgegpt.model import GPT
 from edgegpt.reference import TorchReference
 from edgegpt.scoring import Score, sample_windows, score, strided_windows
 
-EvalResult = Score  # what the training loop and its reporter receive
-
 
 def evaluate_sample(model: GPT, tokens: np.ndarray, char_table: np.ndarray, block_size: int, n_windows: int,
                     device: torch.device, batch_size: int = 8) -> Score:
