@@ -221,7 +221,7 @@ def export_package(
     label = f"int{bits}" if quantize else precision
     model, tokenizer = load_checkpoint(checkpoint)
     check_destination(checkpoint, out)
-    generation_config(tokenizer)  # fail before the slow steps if the tokenizer has no end-of-text token
+    generation_config(tokenizer, checkpoint)  # fail before the slow steps if the tokenizer has no end-of-text token
     runnable = precision == "float32" or cuda_available()  # the runtime runs float16 on CUDA only
     if gate and not runnable:
         raise EdgeGPTError("the float16 gate scores the package on CUDA, which this onnxruntime cannot use; "
@@ -241,7 +241,7 @@ def export_package(
         optimization = "none at export; ORT_ENABLE_ALL at load"
         if precision == "float32" and not quantize:  # the shipped file is what the checks below judge
             optimization = optimize_offline(float_dir / MODEL)
-        write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+        write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
         checks, verification = [], None
         if precision == "float32":
             say("checking the float32 graph against PyTorch")
@@ -255,7 +255,7 @@ def export_package(
             final_dir.mkdir()
             quantization = quantize_graph(float_dir / MODEL, final_dir / MODEL, bits, method)
             optimization = optimize_offline(final_dir / MODEL)
-            write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+            write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
         rows = []
         if text is not None:
             say(f"scoring held-out text with PyTorch and the {label} package")

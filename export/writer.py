@@ -23,11 +23,16 @@ from tokenizers import Tokenizer
 
 import edgegpt
 from edgegpt.core.config import ModelConfig
-from edgegpt.core.formats import CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
-from edgegpt.core.io import sha256_file, write_bytes_atomic, write_json_atomic
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
+from edgegpt.core.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from edgegpt.tokenizer import end_of_text_id
 
 PACKAGE_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG, MANIFEST)
+OPTIONAL_FILES = (CHAT_TEMPLATE,)  # what an imported model brings along (docs/FORMATS.md)
+# The checkpoint's own generation_config.json (an imported model's) overrides these defaults.
+SOURCE_GENERATION_KEYS = ("eos_token_id", "bos_token_id", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                          "repetition_penalty")
 
 PACKAGE_FORMAT = "edgegpt-package"
 FORMAT_VERSION = 1
@@ -37,8 +42,19 @@ FORMAT_VERSION = 1
 SAMPLING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
-def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    return {**SAMPLING_DEFAULTS, "eos_token_id": end_of_text_id(tokenizer)}
+def generation_config(tokenizer: Tokenizer, checkpoint: Path | None = None) -> dict[str, Any]:
+    """The package's generation_config.json: edgegpt's sampling defaults and the tokenizer's end-of-text
+    id, overridden by what the checkpoint's own generation_config.json says (an imported model's eos ids,
+    bos id and the sampling its authors chose)."""
+    source = read_json(Path(checkpoint) / GENERATION_CONFIG) if checkpoint and (
+        Path(checkpoint) / GENERATION_CONFIG).is_file() else {}
+    if not isinstance(source, dict):
+        raise EdgeGPTError(f"{Path(checkpoint) / GENERATION_CONFIG}: expected a JSON object")
+    given = {key: source[key] for key in SOURCE_GENERATION_KEYS if source.get(key) is not None}
+    eos = given.pop("eos_token_id", None)
+    if eos is None:
+        eos = end_of_text_id(tokenizer)
+    return {**SAMPLING_DEFAULTS, **given, "eos_token_id": eos}
 
 
 def versions() -> dict[str, str]:
@@ -52,13 +68,17 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_package_metadata(directory: Path, *, cfg: ModelConfig, tokenizer: Tokenizer, graph: dict[str, Any]) -> None:
-    """Write config.json, tokenizer.json and generation_config.json beside model.onnx: after this the
-    directory loads in the runtime (the manifest is not needed to run), so the gates can score it."""
+def write_package_metadata(directory: Path, *, cfg: ModelConfig, tokenizer: Tokenizer, graph: dict[str, Any],
+                           checkpoint: Path | None = None) -> None:
+    """Write config.json, tokenizer.json, generation_config.json (and the checkpoint's chat template, if it
+    has one) beside model.onnx: after this the directory loads in the runtime (the manifest is not needed
+    to run), so the gates can score it."""
     directory = Path(directory)
     write_json_atomic(directory / CONFIG, {"format": PACKAGE_FORMAT, "model": cfg.to_dict(), "graph": graph})
     write_bytes_atomic(directory / TOKENIZER, tokenizer.to_str().encode())
-    write_json_atomic(directory / GENERATION_CONFIG, generation_config(tokenizer))
+    write_json_atomic(directory / GENERATION_CONFIG, generation_config(tokenizer, checkpoint))
+    if checkpoint is not None and (Path(checkpoint) / CHAT_TEMPLATE).is_file():
+        write_bytes_atomic(directory / CHAT_TEMPLATE, (Path(checkpoint) / CHAT_TEMPLATE).read_bytes())
 
 
 def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +89,7 @@ def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> dict[str
     """
     directory = Path(directory)
     present = sorted(p.name for p in directory.iterdir())
-    if present != sorted(set(PACKAGE_FILES) - {MANIFEST}):
+    if sorted(set(present) - set(OPTIONAL_FILES)) != sorted(set(PACKAGE_FILES) - {MANIFEST}):
         raise RuntimeError(f"package staging directory holds unexpected files: {present}")
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -311,7 +311,7 @@ class Generator:
                   text: bool = False) -> Decoding:
         """The stop rules of one generation (runtime/decoding.py); text: detokenize, with stop strings."""
         return Decoding(
-            len(prompt_ids), options.max_new_tokens, self.max_length, (self.package.generation.eos_token_id,),
+            len(prompt_ids), options.max_new_tokens, self.max_length, self.package.generation.eos_token_ids,
             options.stop_at_eos, TextStream(self.package.tokenizer, options.stop) if text else None, cancel,
         )
 

@@ -4,7 +4,8 @@
       model.onnx               the graph, read by onnxruntime (runtime/session.py)
       config.json              model hyperparameters + the graph's input/output contract
       tokenizer.json           Hugging Face tokenizers, byte-level BPE
-      generation_config.json   sampling and stopping defaults
+      generation_config.json   sampling and stopping defaults, the end-of-text token(s)
+      chat_template.jinja      optional: how to render a conversation (Hugging Face's chat_template)
       manifest.json            provenance and the sha256 of every file: verified when present
 
 Every field the runtime relies on is checked here, once, so a damaged or hand-edited package fails at
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 from tokenizers import Tokenizer
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
+from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
 from edgegpt.runtime.integrity import check_graph, verify_manifest
 from edgegpt.runtime.sampling import check_sampling
 
@@ -99,10 +100,16 @@ class GenerationDefaults:
     temperature: float  # 0 = greedy
     top_k: int  # 0 = off
     top_p: float  # 1.0 = off
-    eos_token_id: int
+    eos_token_ids: tuple[int, ...]  # generation ends at any of these (an instruct model may have several)
     # Optional in the file (Hugging Face's names); absent means off.
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
+    bos_token_id: int | None = None  # the beginning-of-text token, when the model has one
+
+    @property
+    def eos_token_id(self) -> int:
+        """The first end-of-text id: what an empty prompt starts from."""
+        return self.eos_token_ids[0]
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class ModelPackage:
     graph: GraphContract
     generation: GenerationDefaults
     tokenizer: Tokenizer
+    chat_template: str | None = None  # chat_template.jinja's text; None: the model has no chat format
 
     @property
     def model_path(self) -> Path:
@@ -140,11 +148,14 @@ class ModelPackage:
                 f"{path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
                 f"{model.vocab_size}; the package mixes files from different exports"
             )
-        if generation.eos_token_id >= tokenizer.get_vocab_size():
-            raise EdgeGPTError(
-                f"{path / GENERATION_CONFIG}: eos_token_id {generation.eos_token_id} is not a token of tokenizer.json"
-            )
-        return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer)
+        special = [("eos_token_id", i) for i in generation.eos_token_ids]
+        special += [] if generation.bos_token_id is None else [("bos_token_id", generation.bos_token_id)]
+        for key, token in special:
+            if token >= tokenizer.get_vocab_size():
+                raise EdgeGPTError(f"{path / GENERATION_CONFIG}: {key} {token} is not a token of tokenizer.json")
+        chat_template = _read_chat_template(path, listed)
+        return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer,
+                   chat_template=chat_template)
 
 
 def parse_config(config: Any, source: str) -> tuple[ModelSpec, GraphContract]:
@@ -277,7 +288,10 @@ def parse_generation(data: Any, source: str) -> GenerationDefaults:
     temperature = _number(data, "temperature", source)
     top_k = _field(data, "top_k", int, source)
     top_p = _number(data, "top_p", source)
-    eos_token_id = _field(data, "eos_token_id", int, source)
+    eos_token_ids = _token_ids(data, "eos_token_id", source)
+    bos_token_id = None if data.get("bos_token_id") is None else _field(data, "bos_token_id", int, source)
+    if bos_token_id is not None and bos_token_id < 0:
+        raise EdgeGPTError(f"{source}: bos_token_id must be >= 0, got {bos_token_id}")
     min_p = _number(data, "min_p", source) if "min_p" in data else 0.0
     penalty = _number(data, "repetition_penalty", source) if "repetition_penalty" in data else 1.0
     if max_new_tokens < 0:
@@ -286,9 +300,40 @@ def parse_generation(data: Any, source: str) -> GenerationDefaults:
         check_sampling(temperature, top_k, top_p, min_p, penalty)
     except EdgeGPTError as e:
         raise EdgeGPTError(f"{source}: {e}") from None
-    if eos_token_id < 0:
-        raise EdgeGPTError(f"{source}: eos_token_id must be >= 0, got {eos_token_id}")
-    return GenerationDefaults(max_new_tokens, temperature, top_k, top_p, eos_token_id, min_p, penalty)
+    return GenerationDefaults(max_new_tokens, temperature, top_k, top_p, eos_token_ids, min_p, penalty, bos_token_id)
+
+
+def _token_ids(data: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
+    """A token id or a non-empty list of them (Hugging Face writes either), each >= 0."""
+    if key not in data:
+        raise EdgeGPTError(f"{source}: missing key {key!r}")
+    value = data[key]
+    ids = value if isinstance(value, list) else [value]
+    if not ids or len(ids) > 64 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise EdgeGPTError(
+            f"{source}: {key} must be an integer >= 0 (a token id) or a non-empty list of them, got {value!r:.80}"
+        )
+    return tuple(ids)
+
+
+# A template is a few kilobytes; a larger file is not one.
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20
+
+
+def _read_chat_template(path: Path, listed: frozenset[str] | None) -> str | None:
+    """chat_template.jinja's text, or None when the package has none. With a manifest it must be listed
+    (and so verified): an unlisted template would be code nobody checked."""
+    file = path / CHAT_TEMPLATE
+    if not file.is_file():
+        return None
+    if listed is not None and CHAT_TEMPLATE not in listed:
+        raise EdgeGPTError(f"{file} is not listed in manifest.json, so it cannot be verified; re-run `edgegpt export`")
+    if file.stat().st_size > MAX_CHAT_TEMPLATE_BYTES:
+        raise EdgeGPTError(f"{file} is over {MAX_CHAT_TEMPLATE_BYTES:,} bytes; it is not a chat template")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EdgeGPTError(f"{file} is not UTF-8 text; re-run `edgegpt export`") from None
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:

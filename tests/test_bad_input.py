@@ -620,6 +620,7 @@ def test_huge_single_line_eval_reads_only_what_it_scores(scene):
     assert report["capped"] is True and report["models"][0]["tokens"] == 512
 
 
+@pytest.mark.slow  # a training run
 def test_huge_line_without_whitespace_trains(scene):
     """A 2 MB line with no whitespace is one pre-token, and the BPE trainer's time grows with the square
     of a pre-token's length: 2.7 s at 100,000 characters, so ~20 minutes here (days at 50 MB). Training

@@ -38,6 +38,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow  # a training run
 def test_train_export_generate_chain_through_default_workspace(workspace, corpus_file):
     trained = runner.invoke(app, ["train", "--data", str(corpus_file), "--preset", "nano", "--max-steps", "20",
                                   "--block-size", "64", "--eval-every", "10", "--json"])

@@ -148,6 +148,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a training run, an export and a generation
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, teacher_tokenizer):
     """Any local causal LM teaches: train → export → generate, the student speaking its tokenizer."""
@@ -171,6 +172,7 @@ def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, t
     assert generated.stdout.startswith("The") and len(generated.stdout.strip()) > len("The")
 
 
+@pytest.mark.slow  # a training run
 def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
     from edgegpt.train.loop import Reporter, train
     from edgegpt.train.options import TrainOptions

@@ -15,6 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# torchrun jobs: the slow tier.
+pytestmark = pytest.mark.slow
+
 STEPS = 40
 COMMON = ["--preset", "nano", "--dropout", "0", "--block-size", "32", "--eval-every", "20", "--save-every", "4",
           "--seed", "3", "--max-steps", str(STEPS), "--json"]

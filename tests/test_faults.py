@@ -26,6 +26,9 @@ from edgegpt.train.loop import train
 from edgegpt.train.options import TrainOptions
 from edgegpt.train.state import read_progress
 
+# Training runs killed and resumed: the slow tier.
+pytestmark = pytest.mark.slow
+
 STEPS = 60
 SAVE_EVERY = 4
 ARGS = ["--preset", "nano", "--dropout", "0", "--block-size", "32", "--batch-size", "4", "--max-steps", str(STEPS),

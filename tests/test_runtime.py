@@ -20,15 +20,13 @@ PROMPTS = ["The ", "def f(x):\n\treturn", ""]
 
 
 @pytest.fixture(scope="module", params=["static", "concat"])
-def generator(request, runtime_package, runtime_provider, tiny_checkpoint, tmp_path_factory) -> Generator:
+def generator(request, runtime_package, runtime_provider) -> Generator:
     """The runtime on the tiny checkpoint once per cache layout (docs/FORMATS.md): `static` (the fused
-    graph: runtime_package, float16 under EDGEGPT_TEST_PROVIDER=cuda) and `concat` (the plain graph)."""
-    layout, package = request.param, runtime_package
-    if ModelPackage.load(runtime_package).graph.kv_layout != layout:
-        from test_fused import write_package
-
-        package = write_package(tiny_checkpoint, tmp_path_factory.mktemp(layout) / "model", layout)
-    return Generator.load(package, provider=runtime_provider)
+    graph: runtime_package, float16 under EDGEGPT_TEST_PROVIDER=cuda) and `concat` (the plain graph:
+    the session's plain package)."""
+    if request.param == "concat":
+        return Generator.load(request.getfixturevalue("plain_package"), provider=runtime_provider)
+    return Generator.load(runtime_package, provider=runtime_provider)
 
 
 @pytest.fixture(scope="module")

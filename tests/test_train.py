@@ -20,6 +20,7 @@ from edgegpt.train.validation import strided_windows
 TINY = dict(preset="nano", batch_size=4, block_size=64, eval_every=10, eval_windows=4, device="cpu")
 
 
+@pytest.mark.slow  # a training run
 def test_resume_continues_exactly(tmp_path, corpus_file):
     opts = TrainOptions(max_steps=40, **TINY)
     straight = train([corpus_file], [], tmp_path / "straight", opts, cache_dir=tmp_path / "cache")
@@ -39,6 +40,7 @@ def test_resume_continues_exactly(tmp_path, corpus_file):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.slow  # a training run
 def test_checkpoint_keeps_best_validation_weights(tmp_path, corpus_file):
     summary = train([corpus_file], [], tmp_path / "ckpt", TrainOptions(max_steps=30, **TINY), cache_dir=tmp_path / "c")
     state = json.loads((tmp_path / "ckpt" / "train_state.json").read_text())
@@ -48,6 +50,7 @@ def test_checkpoint_keeps_best_validation_weights(tmp_path, corpus_file):
     assert model.cfg.n_layers == 4 and tokenizer.get_vocab_size() <= 512
 
 
+@pytest.mark.slow  # a training run
 def test_second_run_reuses_token_cache(tmp_path, corpus_file):
     opts = TrainOptions(max_steps=1, **TINY)
     train([corpus_file], [], tmp_path / "a", opts, cache_dir=tmp_path / "cache")
@@ -63,6 +66,7 @@ def test_second_run_reuses_token_cache(tmp_path, corpus_file):
     assert not any("tokeniz" in message for message in logs)
 
 
+@pytest.mark.slow  # a training run
 def test_nan_loss_stops_with_named_step_and_keeps_checkpoint(tmp_path, corpus_file):
     with pytest.raises(EdgeGPTError, match=r"step \d+"):
         train([corpus_file], [], tmp_path / "x", TrainOptions(max_steps=30, **{**TINY, "lr": 1e30}),

@@ -22,6 +22,11 @@ MODEL = "model.onnx"
 GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "manifest.json"
 
+# Both, optional: Hugging Face's generation_config.json (the end-of-text id or ids, the beginning-of-text
+# id, sampling defaults) and the chat template (Jinja, as Hugging Face's `chat_template`). An imported model
+# brings them into its checkpoint and export carries them into the package.
+CHAT_TEMPLATE = "chat_template.jinja"
+
 
 def is_package(directory: str | Path) -> bool:
     """Whether a directory holds a model package (it has model.onnx)."""
