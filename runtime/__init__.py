@@ -3,8 +3,10 @@
     from edgegpt.runtime import Generator
     g = Generator.load("edgegpt-out/model")
     print(g.generate("Once upon a time", max_new_tokens=50))
+    print(g.chat([{"role": "user", "content": "What is the capital of France?"}]))  # with a chat template
 
-Imports numpy, onnxruntime, tokenizers and edgegpt.core.errors only, so a desktop app never pays for torch.
+Imports numpy, onnxruntime, tokenizers, jinja2 (for chat templates, at the first chat) and edgegpt.core
+only, so a desktop app never pays for torch.
 """
 
 from edgegpt.core.errors import EdgeGPTError

@@ -1,7 +1,9 @@
 """Batched generation on the fused graph: several prompts of different lengths, one decode call per step.
 
-    buffer [B, n_kv_heads, max_length, head_dim] per cache tensor (numpy, CPU)
+    buffer [B, n_kv_heads, capacity, head_dim] per cache tensor (numpy, CPU)
       row b = buffer[b : b + 1] is C-contiguous: an OrtValue wraps it without a copy
+      capacity: enough for the longest prompt (runtime/kv_cache.py's first capacity), doubled for all
+                rows at once when the longest row needs more, at most max_length (as one sequence's)
     prefill: row by row at batch 1, each into its own slice (onnxruntime's CPU GroupQueryAttention runs
              several new tokens only at batch 1 or on an empty past; row by row also keeps each row's
              prompt logits exactly those of a lone prefill)
@@ -21,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgegpt.runtime.decoding import Decoding
+from edgegpt.runtime.kv_cache import grown_capacity
 from edgegpt.runtime.options import GenerationOptions
 from edgegpt.runtime.sampling import Sampler
 
@@ -54,14 +57,15 @@ def generate_rows(runner, rows: Sequence[Row], prompts: Sequence[list[int]], che
     import onnxruntime as ort
 
     B, vocab = len(rows), runner.package.model.vocab_size
-    shape = (B, *runner.shape[1:])
-    arrays = {past: np.zeros(shape, runner.dtype) for past, _ in runner.layer_names}
+    # Every row's prompt fits, so a row's prefill never grows (and so never leaves) the shared buffer.
+    capacity = runner.first_capacity(max(len(ids) for ids in prompts))
+    arrays = {past: np.zeros(runner.buffer_shape(B, capacity), runner.dtype) for past, _ in runner.layer_names}
     feed: list[int | None] = []
     for b, (row, ids) in enumerate(zip(rows, prompts)):
         if row.done:
             feed.append(None)
             continue
-        cache = runner.new_cache({name: array[b : b + 1] for name, array in arrays.items()})
+        cache = runner.new_cache(arrays={name: array[b : b + 1] for name, array in arrays.items()})
         logits, _ = runner.forward(ids, cache)
         feed.append(row.accept(checked(logits[-1])))
 
@@ -73,10 +77,7 @@ def generate_rows(runner, rows: Sequence[Row], prompts: Sequence[list[int]], che
     for name, array in (("input_ids", input_ids), ("seqlens_k", seqlens_k), ("total_sequence_length", total)):
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-    for past, present in runner.layer_names:
-        buffer = ort.OrtValue.ortvalue_from_numpy(arrays[past])
-        binding.bind_ortvalue_input(past, buffer)
-        binding.bind_ortvalue_output(present, buffer)
+    bind_cache(runner, binding, arrays)
 
     while any(token is not None for token in feed):
         for b, (row, token) in enumerate(zip(rows, feed)):
@@ -85,6 +86,28 @@ def generate_rows(runner, rows: Sequence[Row], prompts: Sequence[list[int]], che
             input_ids[b, 0] = 0 if token is None else token
             seqlens_k[b] = max(row.length, 1) - 1
         total[...] = max(row.length for row in rows)
+        if total > capacity:
+            grown = grown_capacity(capacity, int(total), runner.max_length)
+            arrays = {name: grow(array, grown, capacity) for name, array in arrays.items()}
+            bind_cache(runner, binding, arrays)
+            capacity = grown
         runner.session.run_with_iobinding(binding)
         feed = [None if token is None else row.accept(checked(logits[b, -1])) for b, (row, token) in
                 enumerate(zip(rows, feed))]
+
+
+def grow(array: np.ndarray, capacity: int, keep: int) -> np.ndarray:
+    """A zeroed [B, n_kv_heads, capacity, head_dim] buffer holding the first `keep` positions of `array`."""
+    grown = np.zeros((*array.shape[:2], capacity, array.shape[3]), array.dtype)
+    grown[:, :, :keep] = array[:, :, :keep]
+    return grown
+
+
+def bind_cache(runner, binding, arrays: dict[str, np.ndarray]) -> None:
+    """Bind each buffer as its layer's past and present (the op writes the new positions in place)."""
+    import onnxruntime as ort
+
+    for past, present in runner.layer_names:
+        buffer = ort.OrtValue.ortvalue_from_numpy(arrays[past])
+        binding.bind_ortvalue_input(past, buffer)
+        binding.bind_ortvalue_output(present, buffer)

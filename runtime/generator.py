@@ -9,9 +9,14 @@ The loop and its stop rules (eos, max_new_tokens, a full context, stop strings, 
 runtime/decoding.py's, shared with batch rows, the PyTorch reference and the gates; the Stream that
 stream() / stream_tokens() return says why it ended, as its finish_reason.
 
+Chat: chat() / stream_chat() render a list of messages with the package's chat template
+(runtime/chat_template.py, the way Hugging Face renders it), encode the text without adding special
+tokens (the template writes them) and run the same loop, which ends at any of the package's eos ids.
+
 How the cache is kept depends on the package's kv_layout (runtime/kv_cache.py): `static` (the fused
-graph) preallocates max_length positions and a step writes one in place; `concat` (the plain graph)
-feeds the cache in and gets it back grown by the new tokens.
+graph) keeps a buffer that grows by doubling with the tokens it holds (at most max_length) and a step
+writes one position in place; `concat` (the plain graph) feeds the cache in and gets it back grown by
+the new tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Generic, Sequence, TypeVar
 import numpy as np
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import CHAT_TEMPLATE
 from edgegpt.runtime.batch import Row, generate_rows
 from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
 from edgegpt.runtime.detokenizer import TextStream
@@ -35,6 +41,8 @@ from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
     from typing_extensions import Unpack
+
+    from edgegpt.runtime.chat_template import ChatTemplate
 
 __all__ = ["FINISH_REASONS", "Cancel", "Generator", "GenerateOptions", "KVCache", "Stream"]
 
@@ -83,9 +91,20 @@ class Generator:
         g = Generator.load("edgegpt-out/model", provider="auto", threads=None, max_length=None)
         g.generate(prompt, **options) -> str          g.stream(prompt, cancel=event, **options) -> Stream of pieces
         g.generate_batch(prompts, **options) -> [str] g.generate_ids -> [ids]; stream_tokens -> Stream of ids
+        g.chat(messages, **options) -> str            g.stream_chat(messages, cancel=event, **options) -> Stream
         options (GenerateOptions): max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
         seed, stop, stop_at_eos, truncate; None means the package's generation_config.json.
         A Stream's finish_reason says why it ended: "eos", "stop", "length", "max_length" or "cancelled".
+
+    Chat: messages are [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...], rendered by
+    the package's chat_template.jinja with the assistant's turn opened (render_chat shows the text). A
+    package without a chat template has no chat format (a base model was trained on plain text), so
+    chat() says so rather than guess one: continue text with generate(), or give the package the model's
+    template. With truncate="left", chat drops the oldest turns (never the leading system messages nor
+    the last turn) until the prompt leaves max_new_tokens of the context free (fit_chat).
+
+    Memory: the static cache starts small and doubles with what the sequence holds, so max_length only
+    caps a sequence (and what its cache may grow to); it is not allocated up front.
 
     Context: a prompt longer than max_length is an EdgeGPTError, unless truncate="left", which keeps its
     last max(1, max_length - max_new_tokens) tokens so the requested tokens fit. Generation otherwise
@@ -94,7 +113,8 @@ class Generator:
 
     Thread safety: one Generator may serve several threads at once.
       shared, read-only after `load`: the onnxruntime session (its run() is thread-safe), the package
-        (config, tokenizer — tokenizers' decode/encode are thread-safe), provider and max_length;
+        (config, tokenizer — tokenizers' decode/encode are thread-safe), provider and max_length, and
+        the chat template once compiled (at the first chat; each render has its own state);
       per call, in the call's own local variables: the KV cache (for the static layout its buffers and
         IO binding), the Sampler (random generator, seen ids), the detokenizer and stop-string state.
     So seeded calls give the same text whether they run alone or from 8 threads at once. Calls share the
@@ -117,6 +137,7 @@ class Generator:
         # and a character is at least one byte): max_length tokens hold at most max_length times this many.
         added = [token.content for token in package.tokenizer.get_added_tokens_decoder().values()]
         self._max_token_chars = max(map(len, [*package.tokenizer.get_vocab(), *added]), default=1)
+        self._template: ChatTemplate | None = None  # compiled at the first chat
         self._check_session_matches_contract()
 
     @classmethod
@@ -124,7 +145,8 @@ class Generator:
         cls, path: str | Path, provider: str = "auto", threads: int | None = None, max_length: int | None = None
     ) -> "Generator":
         """Load a package directory; provider "auto" | "cpu" | "cuda"; threads default: physical cores;
-        max_length (default: the model's max_len) caps prompt + generated tokens and sizes the cache."""
+        max_length (default: the model's max_len) caps prompt + generated tokens, and so what a
+        sequence's cache may grow to (it starts small: runtime/kv_cache.py)."""
         if provider not in PROVIDERS:  # before the package's dtype picks one for "auto"
             raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         package = ModelPackage.load(path)
@@ -155,9 +177,13 @@ class Generator:
 
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------
 
-    def empty_cache(self) -> KVCache:
-        """A cache holding no tokens (static layout: fresh buffers of max_length positions)."""
-        return self._runner.new_cache()
+    def empty_cache(self, capacity: int | None = None) -> KVCache:
+        """A cache holding no tokens. Static layout: fresh buffers of `capacity` positions (default 256,
+        at most max_length), which forward() grows by doubling when the tokens need more; give the
+        capacity you expect to avoid the copies of growing."""
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, Integral) or capacity < 1):
+            raise EdgeGPTError(f"a cache's capacity must be a positive number of positions, got {capacity!r}")
+        return self._runner.new_cache(None if capacity is None else int(capacity))
 
     def forward(self, token_ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run token_ids (S >= 1) after the cache: logits [S, vocab] float32 and the cache grown by S.
@@ -306,6 +332,117 @@ class Generator:
         rows = [Row(i, o, self._decoding(i, o, None, text=True), self.package) for i, o in zip(ids, per_row)]
         generate_rows(self._runner, rows, ids, self._checked)
         return [row.result() for row in rows]
+
+    # -- chat -------------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[dict[str, str]], *, cancel: Cancel | None = None,
+             **options: Unpack[GenerateOptions]) -> str:
+        """The assistant's reply to `messages`: "".join(stream_chat(...)). Options as `stream_chat`."""
+        return "".join(self.stream_chat(messages, cancel=cancel, **options))
+
+    def stream_chat(self, messages: Sequence[dict[str, str]], *, cancel: Cancel | None = None,
+                    **options: Unpack[GenerateOptions]) -> Stream[str]:
+        """The assistant's reply to `messages` ([{"role": str, "content": str}, ...]) as text pieces, the
+        way stream() gives them (same options, cancel and finish_reason). The messages are rendered by
+        the package's chat template with the assistant's turn opened, and the reply ends at any of the
+        package's end-of-text ids (finish_reason "eos"). truncate="left" drops the oldest turns to fit
+        (fit_chat); None: a conversation longer than the context is an error.
+
+        Raises EdgeGPTError now, before the first token, for bad messages or options, a package without
+        a chat template, a template that fails (runtime/chat_template.py), or a conversation too long.
+        """
+        resolved = self._resolve(options)
+        return Stream(self._pieces(self._chat_ids(messages, resolved), resolved, cancel))
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The text the model reads for `messages`: the package's chat template rendered the way Hugging
+        Face's apply_chat_template(tokenize=False) renders it (add_generation_prompt: open the
+        assistant's turn). It is encoded without adding special tokens: the template writes them."""
+        return self._chat_template().render(messages, add_generation_prompt)
+
+    def fit_chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int | None = None) -> list[dict[str, str]]:
+        """`messages` (checked, as new dicts) with the oldest turns dropped until the rendered prompt
+        leaves max_new_tokens (default: the package's) of the context free. A turn starts at a user
+        message, so a template that wants user and assistant to alternate still gets them in order; the
+        leading system messages and the last turn are always kept, even when they alone leave less room.
+        """
+        from edgegpt.runtime.chat_template import check_messages  # jinja2 costs ~25 ms: imported by chat only
+
+        checked = check_messages(messages)
+        new = self._resolve({"max_new_tokens": max_new_tokens}).max_new_tokens
+        budget = max(1, self.max_length - new)
+        system = next((i for i, m in enumerate(checked) if m["role"] != "system"), len(checked))
+        starts = [system] + [i for i in range(system + 1, len(checked)) if checked[i]["role"] == "user"]
+
+        def fits(start: int) -> bool:
+            ids = self._chat_prompt(checked[:system] + checked[start:])
+            return ids is not None and len(ids) <= budget
+
+        if fits(starts[0]) or len(starts) == 1:
+            return checked
+        # The prompt shrinks as turns are dropped: the first start that fits, by bisection (each try
+        # renders and encodes the conversation once).
+        low, high = 1, len(starts) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if fits(starts[middle]):
+                high = middle
+            else:
+                low = middle + 1
+        return checked[:system] + checked[starts[low]:]
+
+    def _chat_ids(self, messages: Sequence[dict[str, str]], options: GenerationOptions) -> list[int]:
+        """The prompt ids of a chat: rendered (fitted first with truncate="left"), checked against the context."""
+        from edgegpt.runtime.chat_template import check_messages
+
+        checked = check_messages(messages)
+        if options.truncate is not None:
+            checked = self.fit_chat(checked, options.max_new_tokens)
+        ids = self._chat_prompt(checked)
+        if ids is not None and 0 < len(ids) <= self.max_length:
+            return ids
+        if ids is not None and not ids:
+            raise EdgeGPTError(f"{self._chat_template().origin} rendered this conversation as no text at all")
+        size = f"over {self.max_length:,}" if ids is None else f"{len(ids):,}"
+        if options.truncate is not None:
+            raise EdgeGPTError(f"the conversation's last turn and system messages alone are {size} tokens but the "
+                               f"model's context is {self.max_length} tokens; shorten them or load with a larger "
+                               "max_length (--max-length)")
+        raise EdgeGPTError(f"the conversation is {size} tokens but the model's context is {self.max_length} "
+                           "tokens; drop its oldest turns with truncate='left' (--truncate left) or load with a "
+                           "larger max_length (--max-length)")
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int] | None:
+        """Token ids of the rendered conversation, or None when its text is longer than max_length
+        tokens could ever cover (never tokenized, as for long prompts)."""
+        text = self._chat_template().render(messages, add_generation_prompt=True)
+        if len(text) > self.max_length * self._max_token_chars:
+            return None
+        return self.package.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _chat_template(self) -> ChatTemplate:
+        """The package's chat template, compiled once (two threads racing both compile the same one)."""
+        from edgegpt.runtime.chat_template import ChatTemplate
+
+        if self._template is None:
+            source = self.package.chat_template
+            if source is None:
+                raise EdgeGPTError(
+                    f"{self.package.path} has no chat template ({CHAT_TEMPLATE}), so the model has no chat format: "
+                    "continue text with generate(), or add the model's template to the package "
+                    "(`edgegpt convert` brings it from a Hugging Face or GGUF model)"
+                )
+            generation = self.package.generation
+            bos = None if generation.bos_token_id is None else self._token_text(generation.bos_token_id)
+            self._template = ChatTemplate(source, bos, self._token_text(generation.eos_token_id),
+                                          origin=str(Path(self.package.path) / CHAT_TEMPLATE))
+        return self._template
+
+    def _token_text(self, token_id: int) -> str:
+        """A token as a template writes it: a special token's own text (e.g. "<|im_end|>"), else its decoding."""
+        added = self.package.tokenizer.get_added_tokens_decoder().get(token_id)
+        return added.content if added is not None else self.package.tokenizer.decode([token_id],
+                                                                                     skip_special_tokens=False)
 
     def _decoding(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None,
                   text: bool = False) -> Decoding:

@@ -55,3 +55,16 @@ def test_cli_json_and_errors(tiny_package, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     with pytest.raises(EdgeGPTError, match="exceed"):  # the tiny model's context is 128 tokens
         run_bench(tiny_package, prompt_len=120, new_tokens=20, threads=1, provider="cpu", runs=1)
+
+
+def test_max_length_reaches_the_benchmarked_generator(tiny_package, report):
+    assert report["max_length"] == 128  # the default: the model's context
+    result = CliRunner().invoke(app, ["bench", str(tiny_package), "--prompt-len", "4", "--new-tokens", "2",
+                                      "--threads", "1", "--runs", "1", "--provider", "cpu", "--max-length", "16",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["max_length"] == 16
+    with pytest.raises(EdgeGPTError, match=r"exceed the context of 16 \(--max-length\)"):
+        run_bench(tiny_package, prompt_len=10, new_tokens=10, threads=1, provider="cpu", runs=1, max_length=16)
+    with pytest.raises(EdgeGPTError, match="--max-length must be at least 1"):
+        run_bench(tiny_package, max_length=0)

@@ -85,10 +85,12 @@ def test_convert_bad_input_is_one_line(tmp_path):
 
 
 def test_chat_takes_every_option_generate_takes():
+    """--chat aside (generate's way to ask one question), including --max-length."""
     commands = get_command(app).commands
     chat = {p.name: (p.opts, p.help) for p in commands["chat"].params}
-    generate = {p.name: (p.opts, p.help) for p in commands["generate"].params if p.name != "prompt"}
-    assert chat == generate
+    generate = {p.name: (p.opts, p.help) for p in commands["generate"].params if p.name not in ("prompt", "chat")}
+    assert chat == generate and "max_length" in chat
+    assert {p.name: p.opts for p in commands["bench"].params}["max_length"] == ["--max-length"]
 
 
 def test_chat_sampling_flags_reach_the_sampler(tiny_package, gen):

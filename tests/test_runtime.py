@@ -86,7 +86,8 @@ def test_prefill_and_decode_logits_match_pytorch(generator, reference):
             ref, past = reference.forward_cached(torch.tensor([[token]]), past)
             np.testing.assert_allclose(logits, ref[0, -1].numpy(), atol=RUNTIME_ATOL)
     assert cache.length == len(ids) + 3
-    # concat: the cache grew to the tokens seen; static: one preallocated buffer of max_length.
+    # concat: the cache grew to the tokens seen; static: one buffer of its first capacity, which for the
+    # tiny model (context 128 < kv_cache.FIRST_POSITIONS) is max_length.
     length = len(ids) + 3 if generator.package.graph.kv_layout == "concat" else generator.max_length
     shapes = {tuple(t.shape() if callable(t.shape) else t.shape) for t in cache.tensors.values()}
     assert shapes == {(1, 2, length, 32)}
@@ -311,3 +312,88 @@ def test_a_prompt_of_token_ids_generates_what_its_text_does(generator):
         generator.generate_ids([1, 10**9], max_new_tokens=1)
     with pytest.raises(EdgeGPTError, match="context"):
         generator.generate_ids([1] * (generator.max_length + 1), max_new_tokens=1)
+
+
+# -- a cache that grows with what it holds (runtime/kv_cache.py) ---------------------------------------
+
+
+def test_a_growing_cache_gives_the_logits_of_a_full_one(generator):
+    """Across every growth boundary, by single steps and by chunks that cross one, the logits are those of
+    a cache allocated at max_length from the start, and the buffers are their capacity's size."""
+    ids = np.random.default_rng(3).integers(0, generator.config.vocab_size, 100).tolist()
+    chunks = [ids[:3], *[[t] for t in ids[3:9]], ids[9:15], *[[t] for t in ids[15:40]], ids[40:100]]
+    full, grown = generator.empty_cache(capacity=generator.max_length), generator.empty_cache(capacity=4)
+    static = generator.package.graph.kv_layout == "static"
+    capacities = []
+    for chunk in chunks:
+        expected, full = generator.forward(chunk, full)
+        got, grown = generator.forward(chunk, grown)
+        np.testing.assert_array_equal(got, expected)
+        capacities.append(grown.capacity)
+        if static:
+            assert {t.shape()[2] for t in grown.tensors.values()} == {grown.capacity} and grown.capacity >= grown.length
+    if static:  # 4 -> 8 (the 6th token) -> 16 (a chunk crossing 8 and more) -> 32 -> 64 -> 128 = max_length
+        assert sorted(set(capacities)) == [4, 8, 16, 32, 64, 128] and full.capacity == 128
+    else:
+        assert capacities[-1] == 100
+
+
+def test_a_long_generation_crosses_several_growths(generator, monkeypatch):
+    from edgegpt.runtime import kv_cache
+
+    expected = generator.generate_ids("The ", max_new_tokens=100, temperature=0, stop_at_eos=False)
+    monkeypatch.setattr(kv_cache, "FIRST_POSITIONS", 4)  # read at each allocation
+    capacities = []
+    decode_step = generator.decode_step
+
+    def recorded(token, cache):
+        logits, cache = decode_step(token, cache)
+        capacities.append(cache.capacity)
+        return logits, cache
+
+    monkeypatch.setattr(generator, "decode_step", recorded)
+    assert generator.generate_ids("The ", max_new_tokens=100, temperature=0, stop_at_eos=False) == expected
+    if generator.package.graph.kv_layout == "static":
+        assert {8, 16, 32, 64, 128} <= set(capacities), capacities  # from 4: "The " is a token or two
+
+
+def test_threads_growing_their_caches_at_once(generator, monkeypatch):
+    from edgegpt.runtime import kv_cache
+
+    expected = generator.generate_ids("def f(x):", max_new_tokens=90, temperature=1.0, seed=5)
+    monkeypatch.setattr(kv_cache, "FIRST_POSITIONS", 2)
+    results: list[list[int]] = [[] for _ in range(6)]
+
+    def work(i: int) -> None:
+        results[i] = generator.generate_ids("def f(x):", max_new_tokens=90, temperature=1.0, seed=5)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 6
+
+
+def test_a_batch_grows_all_its_rows_at_once(generator, monkeypatch):
+    from edgegpt.runtime import kv_cache
+
+    prompts = ["The ", "def f(x):\n\treturn x", "import"]
+    options = dict(max_new_tokens=60, temperature=0, stop_at_eos=False)
+    one_by_one = [generator.generate(p, **options) for p in prompts]
+    monkeypatch.setattr(kv_cache, "FIRST_POSITIONS", 4)  # the longest prompt sets the first capacity: 8, 16
+    allocated = []
+    zeros = np.zeros
+    monkeypatch.setattr(np, "zeros", lambda shape, *a, **k: allocated.append(shape) or zeros(shape, *a, **k))
+    assert generator.generate_batch(prompts, **options) == one_by_one
+    monkeypatch.undo()
+    if generator.package.graph.kv_layout == "static":
+        batch_buffers = {s[2] for s in allocated if isinstance(s, tuple) and len(s) == 4 and s[0] == len(prompts)}
+        assert len(batch_buffers) >= 3 and max(batch_buffers) == generator.max_length, batch_buffers
+
+
+def test_a_capacity_is_checked(generator):
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(EdgeGPTError, match="capacity must be a positive number of positions"):
+            generator.empty_cache(capacity=bad)
+    assert generator.empty_cache(capacity=10**6).capacity in (0, generator.max_length)  # at most max_length

@@ -17,6 +17,7 @@ import typer
 
 from edgegpt.cli.errors import OneLineUsageErrors, user_errors
 from edgegpt.cli.options import (
+    MaxLengthOption,
     MaxNewTokensOption,
     MinPOption,
     ModelOption,
@@ -212,7 +213,7 @@ def evaluate(
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="Text to continue."),
+    prompt: str = typer.Argument(..., help="Text to continue (with --chat: the question)."),
     model: ModelOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
@@ -224,16 +225,23 @@ def generate(
     seed: SeedOption = None,
     provider: ProviderOption = Provider.auto,
     truncate: TruncateOption = Truncate.none,
+    max_length: MaxLengthOption = None,
+    chat: bool = typer.Option(False, "--chat", help="Ask PROMPT as one question (a user message) through the "
+                              "package's chat template and print the answer alone."),
 ) -> None:
-    """Continue PROMPT, streaming the text as it is generated."""
+    """Continue PROMPT, streaming the text as it is generated (with --chat: answer it)."""
     with user_errors("generate"):
         from edgegpt.runtime import Generator
 
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
-        pieces = generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                  stop=stop or None, seed=seed, truncate=truncate.option)
-        sys.stdout.write(prompt)
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty, stop=stop or None, seed=seed,
+                       truncate=truncate.option)
+        if chat:
+            pieces = generator.stream_chat([{"role": "user", "content": prompt}], **options)
+        else:
+            pieces = generator.stream(prompt, **options)
+            sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in pieces:
             sys.stdout.write(piece)
@@ -258,20 +266,22 @@ def chat(
     seed: SeedOption = None,
     provider: ProviderOption = Provider.auto,
     truncate: TruncateOption = Truncate.left,
+    max_length: MaxLengthOption = None,
 ) -> None:
-    """Talk to a model: each line you type is added to the conversation and the reply streams back,
-    ending at a blank line (or at a --stop string). /reset forgets the conversation; /quit, Ctrl-D or
-    Ctrl-C leaves."""
+    """Talk to a model: each line you type is a turn of the conversation and the reply streams back.
+    With the package's chat template (an instruct model) the conversation is kept as messages and a
+    reply ends at the model's end of turn; without one, as a plain transcript where a reply ends at a
+    blank line (or at a --stop string). /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
     with user_errors("chat"):
-        from edgegpt.cli.chat import DEFAULT_STOP, chat_loop
+        from edgegpt.cli.chat import chat_loop, default_stop
         from edgegpt.runtime import Generator
 
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value)
-        # --stop adds to the blank line rather than replacing it: without that stop a reply would run on
-        # into the next turns of the conversation.
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length)
+        # --stop adds to the transcript's blank line rather than replacing it: without that stop a reply
+        # would run on into the next turns of the conversation.
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty,
-                       stop=[*DEFAULT_STOP, *stop] if stop else None, seed=seed, truncate=truncate.option)
+                       stop=[*default_stop(generator), *stop] if stop else None, seed=seed, truncate=truncate.option)
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)
@@ -300,6 +310,7 @@ def bench(
     runs: int = typer.Option(5, help="Timed runs; medians are reported."),
     positions: Optional[str] = typer.Option(
         None, help="Also decode tokens/s after this many cached tokens, e.g. 64,900."),
+    max_length: MaxLengthOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process."""
@@ -311,7 +322,8 @@ def bench(
         except ValueError:
             raise EdgeGPTError(f"--positions takes comma-separated integers, got {positions!r}") from None
         report = run_bench(model or workspace.model_dir(), prompt_len=prompt_len, new_tokens=new_tokens,
-                           threads=threads, provider=provider.value, runs=runs, positions=at)
+                           threads=threads, provider=provider.value, runs=runs, positions=at,
+                           max_length=max_length)
         if as_json:
             print(json.dumps(report, indent=2))
         else:

@@ -34,17 +34,21 @@ FLAT_STEPS = 32  # decode steps timed at each flatness position
 
 
 def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads: int | None = None,
-              provider: str = "auto", runs: int = 5, positions: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Run the benchmark in a fresh child process and return its report (see the module docstring)."""
+              provider: str = "auto", runs: int = 5, positions: tuple[int, ...] = (),
+              max_length: int | None = None) -> dict[str, Any]:
+    """Run the benchmark in a fresh child process and return its report (see the module docstring).
+    max_length: Generator.load's (default: the model's context)."""
     if prompt_len < 1 or new_tokens < 1 or runs < 1:
         raise EdgeGPTError("--prompt-len, --new-tokens and --runs must be at least 1")
+    if max_length is not None and max_length < 1:  # the child reads 0 as "the default"
+        raise EdgeGPTError(f"--max-length must be at least 1, got {max_length}")
     # The child reads threads 0 as "the default": refuse it here rather than quietly benchmark another setting.
     if threads is not None and threads < 1:
         raise EdgeGPTError(f"--threads must be at least 1, got {threads}")
     if any(p < 0 for p in positions):
         raise EdgeGPTError(f"--positions are numbers of cached tokens, 0 or more; got {min(positions)}")
     args = [sys.executable, "-m", "edgegpt.cli.bench", "--child", str(model), str(prompt_len), str(new_tokens),
-            str(threads or 0), provider, str(runs), ",".join(map(str, positions))]
+            str(threads or 0), provider, str(runs), ",".join(map(str, positions)), str(max_length or 0)]
     with tempfile.TemporaryFile(mode="w+") as err_file:
         start = time.perf_counter()
         child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err_file, text=True)
@@ -65,16 +69,16 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
 
 
 def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider: str, runs: int,
-           positions: list[int]) -> dict[str, Any]:
+           positions: list[int], max_length: int) -> dict[str, Any]:
     import numpy as np
 
     from edgegpt.runtime import Generator
 
     t0 = time.perf_counter()
-    generator = Generator.load(model, provider=provider, threads=threads or None)
+    generator = Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None)
     first_load = time.perf_counter() - t0
     if prompt_len + new_tokens > generator.max_length:
-        raise EdgeGPTError(f"--prompt-len + --new-tokens exceed the model's context of {generator.max_length}")
+        raise EdgeGPTError(f"--prompt-len + --new-tokens exceed the context of {generator.max_length} (--max-length)")
     vocab = min(generator.config.vocab_size, generator.package.tokenizer.get_vocab_size())
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     greedy = dict(temperature=0, stop_at_eos=False, truncate=None)
@@ -99,7 +103,7 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
     loads = [first_load]
     for _ in range(runs - 1):
         t0 = time.perf_counter()
-        Generator.load(model, provider=provider, threads=threads or None)
+        Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None)
         loads.append(time.perf_counter() - t0)
     flat = {str(p): _decode_at(generator, p, runs) for p in positions}
     package = generator.package
@@ -109,6 +113,7 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
         "graph_optimization": _manifest(Path(model)).get("graph_optimization"),
         "provider": generator.provider,
         "threads": threads or None,
+        "max_length": generator.max_length,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "runs": runs,
@@ -148,7 +153,7 @@ def bench_table(report: dict[str, Any]):
     from rich.table import Table
 
     table = Table(title=f"edgegpt bench: {report['model']} ({report['provider']}, "
-                        f"{report['threads'] or 'default'} threads)")
+                        f"{report['threads'] or 'default'} threads, max_length {report.get('max_length')})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("how", style="dim")
@@ -172,14 +177,14 @@ def bench_table(report: dict[str, Any]):
 
 def main() -> None:
     """Child entry point (internal):
-    python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS"""
+    python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS MAX_LENGTH"""
     argv = sys.argv[1:]
-    if len(argv) != 8 or argv[0] != "--child":
+    if len(argv) != 9 or argv[0] != "--child":
         raise SystemExit("internal entry point; use `edgegpt bench`")
-    model, prompt_len, new_tokens, threads, provider, runs, positions = argv[1:]
+    model, prompt_len, new_tokens, threads, provider, runs, positions, max_length = argv[1:]
     try:
         report = _child(model, int(prompt_len), int(new_tokens), int(threads), provider, int(runs),
-                        [int(p) for p in positions.split(",") if p])
+                        [int(p) for p in positions.split(",") if p], int(max_length))
     except EdgeGPTError as e:
         print("first-token-failed", flush=True)
         print(str(e), file=sys.stderr)

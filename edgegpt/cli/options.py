@@ -45,7 +45,10 @@ ProviderOption = Annotated[
     Provider, typer.Option(help="auto picks CUDA when onnxruntime-gpu and a GPU are present.")]
 TruncateOption = Annotated[Truncate, typer.Option(
     help="A prompt (in chat: the conversation) longer than the context: none = an error; left = drop its "
-    "oldest tokens, leaving room for --max-new-tokens.")]
+    "oldest tokens (with a chat template: its oldest turns), leaving room for --max-new-tokens.")]
+MaxLengthOption = Annotated[Optional[int], typer.Option(
+    help="Tokens one sequence may hold, prompt and reply together (default: the model's context). The "
+    "cache grows with what it holds up to this, so it caps memory rather than reserving it.")]
 
 # -- sampling: each None means the package's generation_config.json -------------------------------------
 
