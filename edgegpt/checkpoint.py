@@ -1,9 +1,11 @@
 """The checkpoint directory: what `train` writes and `export` reads.
 
-    model.safetensors   weights (the tied LM head stored once, as the embedding)
-    config.json         ModelConfig
-    tokenizer.json      Hugging Face tokenizers format
-    train_state.*       optimizer and progress, for --resume (see edgegpt.train.loop)
+    model.safetensors        weights (the tied LM head stored once, as the embedding)
+    config.json              ModelConfig
+    tokenizer.json           Hugging Face tokenizers format
+    generation_config.json   optional, an imported model's: eos id(s), bos id, sampling defaults
+    chat_template.jinja      optional, an imported model's chat template
+    train_state.*            optimizer and progress, for --resume (see edgegpt.train.loop)
 
 safetensors and JSON only: loading a checkpoint never runs code from it.
 """
@@ -11,6 +13,7 @@ safetensors and JSON only: loading a checkpoint never runs code from it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,8 +22,8 @@ from tokenizers import Tokenizer
 
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CONFIG, TOKENIZER, WEIGHTS
-from edgegpt.core.io import atomic_path, write_bytes_atomic
+from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS
+from edgegpt.core.io import atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from edgegpt.model import GPT, state_dict_for_saving
 from edgegpt.tokenizer import load_tokenizer
 
@@ -33,13 +36,41 @@ def save_weights(path: Path, model: GPT) -> None:
             raise OSError(str(e)) from None
 
 
-def save_checkpoint(directory: Path, model: GPT, tokenizer: Tokenizer) -> None:
-    """Write weights, config and tokenizer; each file is replaced atomically."""
+def save_checkpoint(directory: Path, model: GPT, tokenizer: Tokenizer, *, generation: dict[str, Any] | None = None,
+                    chat_template: str | None = None) -> None:
+    """Write weights, config and tokenizer, and an imported model's generation config and chat template
+    when given; each file is replaced atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(directory / WEIGHTS, model)
     model.cfg.save(directory / CONFIG)
     write_bytes_atomic(directory / TOKENIZER, tokenizer.to_str().encode())
+    if generation is not None:
+        write_json_atomic(directory / GENERATION_CONFIG, generation)
+    if chat_template is not None:
+        write_bytes_atomic(directory / CHAT_TEMPLATE, chat_template.encode())
+
+
+def read_generation_config(directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's generation_config.json (an imported model's), or None when it has none."""
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EdgeGPTError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The checkpoint's chat_template.jinja, or None when it has none."""
+    path = Path(directory) / CHAT_TEMPLATE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EdgeGPTError(f"{path} is not UTF-8 text; it is not a chat template") from None
 
 
 def require_checkpoint(directory: Path) -> Path:

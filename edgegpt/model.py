@@ -3,6 +3,8 @@
     tokens ─► embed ─► N × [ RMSNorm ─► GQA attention with rotary ─► + ;  RMSNorm ─► SwiGLU MLP ─► + ]
                                                                        ─► RMSNorm ─► LM head (tied) ─► logits
 
+No biases, except on the Q/K/V projections when cfg.qkv_bias is set (an imported Qwen2-family model).
+
 Every convention matches Hugging Face's `LlamaForCausalLM` (rotate-half rotary, KV head h // group
 serving query head h, RMSNorm computed in fp32 and scaled after casting back), so weights convert
 losslessly. This file is also the reference the ONNX graphs are tested against.
@@ -60,9 +62,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        # Q/K/V biases only for an imported Qwen2-family model (cfg.qkv_bias); o_proj never has one.
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -142,6 +145,8 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)  # nn.Linear's default is uniform noise, not a neutral start
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache."""

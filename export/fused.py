@@ -132,6 +132,7 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
                        ├─► k_proj/MatMul ─► [B, S, Hkv·D] ─┼─► GroupQueryAttention ─► [B, S, H·D] ─► o_proj/MatMul
                        └─► v_proj/MatMul ─► [B, S, Hkv·D] ─┘   (rotary, causal mask, GQA, softmax inside)
         packed:   x ─► qkv_proj/MatMul ─► [B, S, (H + 2·Hkv)·D] ─► GroupQueryAttention(query only)
+        cfg.qkv_bias (Qwen2): each MatMul above is followed by {q,k,v,qkv}_proj/Add(bias), before the rotary
 
         GroupQueryAttention's other inputs: past_key.{i} / past_value.{i} [B, Hkv, max_length, D] (the
         runtime binds the same buffers as present_key.{i} / present_value.{i}), seqlens_k [B],
@@ -139,13 +140,22 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
     """
     prefix, scope = f"layers.{layer}.attn", f"/layers.{layer}/attn"
     q, k, v = (weights[f"{prefix}.{p}_proj.weight"].T for p in "qkv")
+    biases = [weights[f"{prefix}.{p}_proj.bias"] for p in "qkv"] if cfg.qkv_bias else None
+
+    def project(name: str, w: np.ndarray, bias: np.ndarray | None) -> str:
+        out = g.op("MatMul", f"{scope}/{name}/MatMul", [x, g.weight(f"{prefix}.{name}.weight", w)])[0]
+        if bias is None:
+            return out
+        # A separate Add (not a Gemm or a bias input): GroupQueryAttention takes none, and the quantizers
+        # find the MatMul and its initializer exactly as in a model without biases.
+        return g.op("Add", f"{scope}/{name}/Add", [out, g.weight(f"{prefix}.{name}.bias", bias)])[0]
+
     if pack_qkv:
-        qkv = g.weight(f"{prefix}.qkv_proj.weight", np.concatenate([q, k, v], axis=1))
-        projected = [g.op("MatMul", f"{scope}/qkv_proj/MatMul", [x, qkv])[0], "", ""]
+        packed_bias = None if biases is None else np.concatenate(biases)
+        projected = [project("qkv_proj", np.concatenate([q, k, v], axis=1), packed_bias), "", ""]
     else:
-        projected = []
-        for name, w in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
-            projected.append(g.op("MatMul", f"{scope}/{name}/MatMul", [x, g.weight(f"{prefix}.{name}.weight", w)])[0])
+        projected = [project(name, w, b) for name, w, b in zip(("q_proj", "k_proj", "v_proj"), (q, k, v),
+                                                                biases or (None, None, None))]
     past = [KV_NAMES["past_key"].format(layer=layer), KV_NAMES["past_value"].format(layer=layer)]
     present = [KV_NAMES["present_key"].format(layer=layer), KV_NAMES["present_value"].format(layer=layer)]
     out = g.op(

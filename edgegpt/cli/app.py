@@ -289,10 +289,14 @@ def chat(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="An edgegpt checkpoint or a Hugging Face LlamaForCausalLM directory."),
+    source: Path = typer.Argument(
+        ..., help="A .gguf file (Llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), a Hugging "
+        "Face model directory (Llama, SmolLM, Mistral without a sliding window, Qwen2) or an edgegpt checkpoint."),
     out: Path = typer.Argument(..., help="Where to write the other format (a new directory)."),
 ) -> None:
-    """Convert a checkpoint to a Hugging Face LlamaForCausalLM directory, or back; lossless both ways."""
+    """Import a GGUF file or a Hugging Face model as a checkpoint, or write a checkpoint as a Hugging Face
+    directory. Generation settings (eos ids, bos) and the chat template come along; a .gguf file needs the
+    gguf package (pip install "edgegpt\\[convert]")."""
     with user_errors("convert", needs=TRAINING_NEEDS):
         from edgegpt.convert import convert as run_convert
 

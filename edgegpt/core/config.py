@@ -13,6 +13,9 @@ from typing import Any
 
 from edgegpt.core.errors import EdgeGPTError
 
+# Fields added after config.json's format was fixed: a file without them takes the dataclass default.
+OPTIONAL_FIELDS = frozenset({"qkv_bias"})
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +36,10 @@ class ModelConfig:
     # A compact model spends a large share of its parameters on the embedding; tying it to the LM
     # head halves that cost.
     tie_embeddings: bool = True
+    # Biases on the Q, K and V projections: off for Llama (and everything edgegpt trains), on for the
+    # Qwen2 family, which is otherwise Llama's architecture. Added after the other fields, so it is optional
+    # in config.json: checkpoints written before it existed load unchanged.
+    qkv_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -50,8 +57,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise EdgeGPTError(f"config: {name} must be a positive number, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise EdgeGPTError(f"config: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgeGPTError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise EdgeGPTError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -63,6 +71,7 @@ class ModelConfig:
         """Parameter count without building the model (tied head counted once)."""
         d, kv = self.dim, self.n_kv_heads * self.head_dim
         per_layer = d * d * 2 + d * kv * 2 + 3 * d * self.ffn_dim + 2 * d
+        per_layer += (d + 2 * kv) if self.qkv_bias else 0
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * per_layer + d + head
 
@@ -74,11 +83,11 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise EdgeGPTError(f"{source}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - data.keys())
+        missing = sorted(fields - data.keys() - OPTIONAL_FIELDS)
         if missing:
             raise EdgeGPTError(f"{source}: missing keys {', '.join(missing)}")
         try:
-            return cls(**{k: data[k] for k in fields})
+            return cls(**{k: data[k] for k in fields if k in data})
         except EdgeGPTError as e:
             raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
