@@ -31,8 +31,8 @@ from edgegpt.runtime.sampling import Sampler
 class Row:
     """One sequence of the batch: its sampler and its Decoding (the one-by-one stop rules and text)."""
 
-    def __init__(self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding, package) -> None:
-        self.sampler = Sampler(options.sampling, options.seed, prompt_ids, package.tokenizer.get_vocab_size())
+    def __init__(self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding, vocab_size: int) -> None:
+        self.sampler = Sampler(options.sampling, options.seed, prompt_ids, vocab_size)
         self.decoding = decoding
         self.length = len(prompt_ids)  # tokens in the cache
         self.pieces: list[str] = []

@@ -129,14 +129,14 @@ class Generator:
         self.package = package
         self.config: ModelSpec = package.model
         self.provider = provider  # "cpu" or "cuda": the one actually used
-        # Tokens one sequence may hold (prompt + generated); the static cache preallocates this many.
+        # Tokens one sequence may hold (prompt + generated): what a sequence's cache may grow to.
         self.max_length = check_max_length(max_length, self.config.max_len)
         self._session = session
         self._runner = RUNNERS[package.graph.kv_layout](session, package, provider, self.max_length)
-        # No token covers more characters than its vocabulary entry is long (byte-level entries count bytes,
-        # and a character is at least one byte): max_length tokens hold at most max_length times this many.
-        added = [token.content for token in package.tokenizer.get_added_tokens_decoder().values()]
-        self._max_token_chars = max(map(len, [*package.tokenizer.get_vocab(), *added]), default=1)
+        # Asked once: tokenizers builds it anew at each call (10 ms for a 49,152-token vocabulary), and
+        # every generation's sampler needs it.
+        self._vocab_size = package.tokenizer.get_vocab_size()
+        self._token_chars: int | None = None  # _max_token_chars, at the first text prompt
         self._template: ChatTemplate | None = None  # compiled at the first chat
         self._check_session_matches_contract()
 
@@ -174,6 +174,17 @@ class Generator:
                 provider = "cpu"
         session, used = create_session(package.model_path, provider=provider, threads=threads)
         return cls(package, session, used, max_length)
+
+    @property
+    def _max_token_chars(self) -> int:
+        """The most characters one token covers. No token covers more than its vocabulary entry is long
+        (byte-level entries count bytes, and a character is at least one byte): max_length tokens hold at
+        most max_length times this many. Found at the first text prompt, not at load: listing the
+        vocabulary takes 30 ms for 49,152 tokens, which a caller of token ids never needs."""
+        if self._token_chars is None:
+            added = [token.content for token in self.package.tokenizer.get_added_tokens_decoder().values()]
+            self._token_chars = max(map(len, [*self.package.tokenizer.get_vocab(), *added]), default=1)
+        return self._token_chars
 
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------
 
@@ -238,7 +249,7 @@ class Generator:
         return ids[-keep:]
 
     def _checked_ids(self, prompt: Sequence[int], options: GenerationOptions) -> list[int]:
-        vocab = self.package.tokenizer.get_vocab_size()
+        vocab = self._vocab_size
         in_vocabulary = (isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt)
         if not prompt or not all(in_vocabulary):
             raise EdgeGPTError(f"a prompt of token ids must be a non-empty list of integers in [0, {vocab}), "
@@ -329,7 +340,7 @@ class Generator:
             return []
         if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
             return ["".join(self._pieces(i, o, None)) for i, o in zip(ids, per_row)]
-        rows = [Row(i, o, self._decoding(i, o, None, text=True), self.package) for i, o in zip(ids, per_row)]
+        rows = [Row(i, o, self._decoding(i, o, None, text=True), self._vocab_size) for i, o in zip(ids, per_row)]
         generate_rows(self._runner, rows, ids, self._checked)
         return [row.result() for row in rows]
 
@@ -456,7 +467,7 @@ class Generator:
         self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding
     ) -> typing.Generator[int, None, str]:
         """The one decode loop (Decoding.run) on this Generator's session; returns the finish reason."""
-        sampler = Sampler(options.sampling, options.seed, prompt_ids, self.package.tokenizer.get_vocab_size())
+        sampler = Sampler(options.sampling, options.seed, prompt_ids, self._vocab_size)
         cache: KVCache | None = None
 
         def prefill() -> np.ndarray:
