@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -47,3 +48,16 @@ def test_each_folder_states_its_job(package):
     doc = (package.__doc__ or "").strip()
     assert doc, f"{package.__name__} has no docstring"
     assert Path(package.__file__).name == "__init__.py"
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Checkpoints and packages are the user's output: not the 0600/0700 of temporary files."""
+    from edgegpt.core.io import DIRECTORY_MODE, FILE_MODE, staged_directory, write_json_atomic
+
+    with staged_directory(tmp_path / "out") as stage:
+        write_json_atomic(stage / "config.json", {"a": 1})
+    assert (tmp_path / "out").stat().st_mode & 0o777 == DIRECTORY_MODE
+    assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == FILE_MODE
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (FILE_MODE, DIRECTORY_MODE) == (0o666 & ~umask, 0o777 & ~umask)

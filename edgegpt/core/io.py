@@ -18,6 +18,14 @@ from typing import Any, Iterator
 from edgegpt.core.errors import EdgeGPTError
 
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later):
+# mkstemp and mkdtemp create 0600 files and 0700 folders, but what edgegpt writes is the user's ordinary
+# output (a checkpoint, a package to ship), so it gets the permissions a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE, DIRECTORY_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`, on failure delete it."""
@@ -26,6 +34,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, FILE_MODE)
     except OSError as e:
         raise EdgeGPTError(f"could not write {path} ({e.strerror or e})") from None
     tmp_path = Path(tmp)
@@ -67,6 +76,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    os.chmod(staging, DIRECTORY_MODE)
     try:
         yield staging
         old = final.with_name(f".{final.name}.old")
