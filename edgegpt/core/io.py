@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 from edgegpt.core.errors import EdgeGPTError
 
-
 # The process's umask, read once at import (reading it means setting it, which is not thread-safe later):
 # mkstemp and mkdtemp create 0600 files and 0700 folders, but what edgegpt writes is the user's ordinary
 # output (a checkpoint, a package to ship), so it gets the permissions a plain open() would give.
