@@ -363,3 +363,21 @@ def test_cli_max_length_caps_generate_and_chat(chat_package):
     assert "(the context of 24 tokens is full: the reply was cut short)" in chat.stderr
     bad = runner.invoke(app, ["generate", "The ", *base[:-1], "0"])
     assert bad.exit_code == 2 and "max_length must be an integer from 1" in bad.stderr
+
+
+def test_threads_chat_at_once_on_one_generator(gen):
+    import threading
+
+    conversations = [[{"role": "user", "content": f"What is item {i}?"}] for i in range(4)]
+    expected = [gen.chat(c, max_new_tokens=24, temperature=1.0, seed=i) for i, c in enumerate(conversations)]
+    results: list[str | None] = [None] * 4
+
+    def work(i: int) -> None:
+        results[i] = gen.chat(conversations[i], max_new_tokens=24, temperature=1.0, seed=i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected and len(set(expected)) > 1
