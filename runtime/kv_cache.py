@@ -17,10 +17,12 @@ The static buffers grow with what the sequence holds instead of being allocated 
 
 Why: a buffer of max_length positions is what the graph could hold, not what a conversation holds.
 SmolLM2-135M (30 layers, 3 × 64 cache per layer, 8,192 positions) needs 377 MB of fp32 cache per
-sequence, and onnxruntime's GroupQueryAttention touches the whole buffer on a prefill: the first token
-of a 32-token prompt took 0.32 s with 8,192 positions and 0.04 s with 512 (int8, 2 cores, under load),
-and peak RSS fell from 613 MB to 373 MB. Doubling keeps the copies to less than the final size in all
-(an amortized fraction of a decode step per token), and a decode step in between is unchanged.
+sequence, and onnxruntime's GroupQueryAttention touches the whole buffer on a prefill. Measured on its
+int8 package (2 cores, other work running): the first prefill of a 32-token prompt took 0.32 s with
+8,192 positions and 0.04 s with 512; RSS at the first token 618 MB preallocated, 371 MB grown;
+`edgegpt bench` peak RSS 733 MB before, 351 MB after; decode tokens/s the same (interleaved A/B at 32
+and 1,000 cached tokens), and 600 greedy tokens across two growths identical. Doubling keeps the copies
+to less than the final size in all (a fraction of a decode step per token, amortized).
 
 Thread safety: a runner holds nothing per sequence. Every sequence gets its own KVCache (its own
 buffers and IO binding), so several threads can generate at once on one session.
