@@ -1,12 +1,13 @@
 """The one scoring path: held-out tokens in windows -> nats per token, nats per character, perplexity.
 
-    tokens ─► strided_windows (a window of context, stride half a window: every target scored once,
-              each after the first window with at least half a window of history)
-           ─► logits(windows [B, L]) ─► -log p(target) ─► Score: nats/token, nats/char, perplexity, top-1
+    tokens ─► strided_windows (windows of `window` tokens, stride half a window: every target scored
+              once, each after the first window with at least half a window of history)
+           ─► logits(windows [B, L], skip) ─► -log p(target) ─► Score: nats/token, nats/char, perplexity, top-1
 
 Training's validation (PyTorch), `edgegpt eval` and the export gates (packages through the runtime, and
 the PyTorch reference), and the benchmarks all score through `score`. Numpy only: the model is any
-function from a batch of windows to float32 logits [B, L, vocab].
+function from a batch of windows to float32 logits [B, L - skip, vocab] of positions skip.. (positions
+before `skip` are history no window of the batch scores, so a model may leave their logits out).
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ from typing import Callable, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-# `edgegpt eval` and the export's gates score this many held-out tokens by default: with it `edgegpt
-# export --quantize` of `small` (1,024-token context) took 28 s in all on 2 cores (PyTorch 17 s, the int4
-# package 7 s). Quantization error is systematic (both models score the same text), so this many tokens
-# resolve a change far below 1%.
+# `edgegpt eval` and the export's gates score this many held-out tokens by default. Quantization error is
+# systematic (both models score the same text), so this many tokens resolve a change far below 1%.
 DEFAULT_EVAL_TOKENS = 16384
+# The scoring window unless --window says otherwise: min(the model's context, this). A window the size of
+# a long context makes scoring slow (attention grows with the window) and refuses texts shorter than one
+# context; with 1,024 tokens every target after the first window keeps 512 to 1,023 tokens of history.
+# SmolLM2-135M int8 (8,192 context), 16,384 tokens, 2 cores: `edgegpt eval` 63 s in windows of 8,192,
+# 32 s in windows of 1,024 (edgegpt/quality.py).
+DEFAULT_WINDOW = 1024
+# Below this many tokens a perplexity says little and the greedy prompts no longer fit: refuse the text.
+MIN_EVAL_TOKENS = 128
+# The smallest --window: the greedy checks continue 32-token prompts inside one window (quality.py).
+MIN_WINDOW = 16
 
 Window = tuple[int, int, int]  # (start, length, first): inputs tokens[start : start + length], targets
 #                                shifted by one, only targets at offsets >= first counted
@@ -51,44 +60,51 @@ class Score:
 
 
 def score(
-    logits_of: Callable[[np.ndarray], np.ndarray],
+    logits_of: Callable[[np.ndarray, int], np.ndarray],
     tokens: np.ndarray,
     windows: Sequence[Window],
     char_table: np.ndarray,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> Score:
-    """Score `windows` of `tokens`, `batch_size` windows per call of logits_of (windows of one length);
-    progress(done, total) after each batch."""
+    """Score `windows` of `tokens`, `batch_size` windows per call of logits_of(batch, skip) (windows of
+    one length); progress(done, total) after each batch."""
     nats, scored, chars, top1 = 0.0, 0, 0, []
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         length = chunk[0][1]
         batch = np.stack([np.asarray(tokens[start : start + length + 1], dtype=np.int64) for start, _, _ in chunk])
-        logits = logits_of(batch[:, :-1])
+        skip = min(first for _, _, first in chunk)
+        logits = logits_of(batch[:, :-1], skip)
         for row, (_, _, first) in enumerate(chunk):
             targets = batch[row, 1 + first :]
-            nats += float(target_nats(logits[row, first:], targets).sum())
+            scored_logits = logits[row, first - skip :]
+            nats += float(target_nats(scored_logits, targets).sum())
             chars += int(char_table[targets].sum())
             scored += len(targets)
-            top1.append(logits[row, first:].argmax(axis=-1))
+            top1.append(scored_logits.argmax(axis=-1))
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
     return Score(nats, scored, chars, np.concatenate(top1) if top1 else np.zeros(0, np.int64))
 
 
 def target_nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row of logits [n, vocab], in float64 from the max-shifted exps."""
+    """-log softmax(logits)[target] per row of logits [n, vocab]: the max-shifted exps in float32 (each
+    within an ulp), summed in float64. One scratch array, written in place: a window of a 49k vocabulary
+    is 100 MB of logits, and fresh temporaries of that size cost more in page faults than the arithmetic."""
     top = logits.max(axis=-1, keepdims=True)
-    lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+    exps = np.subtract(logits, top, dtype=np.float32)
+    np.exp(exps, out=exps)
+    lse = top[:, 0].astype(np.float64) + np.log(exps.sum(axis=-1, dtype=np.float64))
     return lse - logits[np.arange(len(targets)), targets]
 
 
-def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Windows of the model's context with a stride of half a context: every target token is scored
-    exactly once, each (after the first window) with at least half a context of history."""
-    length = min(block_size, n_tokens - 1)
-    stride = max(length // 2, 1)
+def strided_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """Windows of `window` tokens (fewer when the text is shorter) with a stride of half a window: every
+    target token is scored exactly once, each (after the first window) with at least half a window of
+    history."""
+    length = min(window, n_tokens - 1)
+    stride = window_stride(length)
     windows, scored_until = [], 0  # targets are token indices 1..n_tokens-1
     start = 0
     while scored_until < n_tokens - 1:
@@ -100,6 +116,10 @@ def strided_windows(n_tokens: int, block_size: int) -> list[tuple[int, int, int]
         start += stride
     return windows
 
+
+def window_stride(window: int) -> int:
+    """Half a window: each target after the first window keeps at least that much history."""
+    return max(window // 2, 1)
 
 
 def sample_windows(n_tokens: int, block_size: int, n_windows: int) -> list[Window]:

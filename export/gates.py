@@ -1,12 +1,13 @@
 """Quality gates: an export ships only if the package provably lost (almost) nothing.
 
-    float32 graph    max |Δlogits| vs PyTorch ≤ 1e-4 × max(1, max |logit|)  (export/verify.py)
+    float32 graph    max |Δ log-probability| vs PyTorch ≤ 1e-4 × max |logit|  (export/verify.py)
     int8 package     perplexity on held-out text ≤ PyTorch float32's × 1.015
     int4 package     ≤ × 1.05
     float16 package  ≤ × 1.005
 
-The held-out text is scored by the PyTorch float32 model (the reference) and by the package through the
-runtime; both rows, with top-1 and greedy agreement, make the table the export prints. A failed gate
+The held-out text is scored in windows of `window` tokens (edgegpt/quality.py) by the PyTorch float32 model
+(the reference) and by the package through the runtime; both rows, with top-1 and greedy agreement, make
+the table the export prints. A failed gate
 raises GateFailed (the CLI prints the table, exits 2) before the package is swapped in, so nothing is
 written; --no-gate writes it anyway and the manifest records that.
 """
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification
 from edgegpt.quality import EvalText, Metrics
+from edgegpt.scoring import window_stride
 
 PERPLEXITY_LIMITS: Mapping[str, float] = {"int8": 0.015, "int4": 0.05, "float16": 0.005}
 
@@ -28,7 +30,7 @@ class GateLimits:
     """The thresholds; the API takes other values (the CLI always uses these defaults)."""
 
     perplexity_increase: Mapping[str, float] = field(default_factory=lambda: dict(PERPLEXITY_LIMITS))
-    logit_tolerance: float = FLOAT32_TOLERANCE
+    logit_tolerance: float = FLOAT32_TOLERANCE  # relative: max |Δ log p| / max |logit| (export/verify.py)
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Check:
     name: str  # e.g. "int8 perplexity vs PyTorch"
     value: float
     limit: float
-    unit: str  # "relative" (perplexity ratio - 1) or "logits" (max |Δ|)
+    unit: str  # "relative" (perplexity ratio - 1) or "of max |logit|" (the float32 graph's relative error)
 
     @property
     def passed(self) -> bool:
@@ -75,6 +77,7 @@ class GateReport:
             "eval": None if self.text is None else {
                 "source": self.text.source, "tokens": self.rows[0].tokens if self.rows else 0,
                 "chars": self.rows[0].chars if self.rows else 0, "capped": self.text.capped,
+                "window": self.text.window, "stride": window_stride(self.text.window),
             },
             "models": [m.to_dict() for m in self.rows],
         }
@@ -89,7 +92,8 @@ class GateFailed(EdgeGPTError):
 
 
 def logit_check(verification: Verification) -> Check:
-    return Check("float32 graph max |Δlogits| vs PyTorch", verification.max_diff, verification.tolerance, "logits")
+    return Check("float32 graph max |Δlog p| / max |logit| vs PyTorch", verification.relative_error,
+                 verification.tolerance, "of max |logit|")
 
 
 def perplexity_check(label: str, reference: Metrics, package: Metrics, limits: GateLimits) -> Check | None:

@@ -45,7 +45,10 @@ def summary_table(report: ExportReport) -> Table:
         table.add_row("embedding / LM head", f"{report.quantization['embedding']}; {report.quantization['lm_head']}")
     if report.verification is not None:
         v = report.verification
-        table.add_row("float32 max |Δlogits| vs PyTorch", f"{v.max_diff:.2e} (limit {v.tolerance:.2e})")
+        absolute = max(v.max_abs_logit_diff.values(), default=0.0)
+        table.add_row("float32 vs PyTorch: max |Δlog p| / max |logit|",
+                      f"{v.relative_error:.2e} (limit {v.tolerance:.2e}; max |Δlogits| {absolute:.2e} on logits "
+                      f"up to {v.logit_scale:.1f})")
     table.add_row("opset / IR version", f"{report.graph.opset} / {report.graph.ir_version}")
     table.add_row("seconds", f"{report.seconds:.1f}")
     return table

@@ -107,15 +107,15 @@ def test_float16_gate_needs_cuda(tiny_checkpoint, tmp_path):
     assert json.loads(result.stdout)["precision"] == "float16"
 
 
-def test_eval_text_shorter_than_one_context(tiny_checkpoint, tmp_path):
+def test_eval_text_below_the_minimum(tiny_checkpoint, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words only.\n")
     result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "model"), "--quantize",
                                  "--eval-data", str(short)])
-    assert_one_line_error(result, "fewer than one context", "short.txt")
+    assert_one_line_error(result, "too few to score", "at least 129", "short.txt")
     assert not (tmp_path / "model").exists()
     result = runner.invoke(app, ["eval", str(tiny_checkpoint), "--data", str(short)])
-    assert_one_line_error(result, "fewer than one context")
+    assert_one_line_error(result, "too few to score", "at least 129")
 
 
 def test_checkpoint_whose_config_and_weights_disagree(tiny_checkpoint, tmp_path):

@@ -159,7 +159,7 @@ def test_manifest_records_quantization_and_gate(packages, bits, method):
     gates = manifest["gates"]
     assert gates["enabled"] and gates["passed"]
     names = [c["name"] for c in gates["checks"]]
-    assert names == ["float32 graph max |Δlogits| vs PyTorch", f"int{bits} perplexity vs PyTorch"]
+    assert names == ["float32 graph max |Δlog p| / max |logit| vs PyTorch", f"int{bits} perplexity vs PyTorch"]
     reference, package = gates["models"]
     assert package["tokens"] == reference["tokens"] == EVAL_TOKENS
     assert 0.5 < package["top1_agreement"] <= 1 and 0 < package["greedy_agreement"] <= 1

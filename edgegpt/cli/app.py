@@ -155,6 +155,8 @@ def export(
                                              "Default: the checkpoint's validation split."),
     eval_tokens: int = typer.Option(
         DEFAULT_EVAL_TOKENS, help="Score at most this many held-out tokens (keeps export fast)."),
+    window: Optional[int] = typer.Option(None, help="The gates score in windows of this many tokens, stride half "
+                                         "a window. Default: the model's context, at most 1024."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line."),
 ) -> None:
     """Export a checkpoint to an ONNX model package, checked against PyTorch by quality gates."""
@@ -177,7 +179,7 @@ def export(
             report = export_package(
                 checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
                 precision=precision, quantize=quantize, bits=bits, gate=not no_gate, eval_data=eval_data,
-                eval_tokens=eval_tokens, progress=None if as_json else stderr.print,
+                eval_tokens=eval_tokens, window=window, progress=None if as_json else stderr.print,
             )
         except GateFailed as failed:  # the table first (it says why), then the one-line error
             show(failed.report)
@@ -193,6 +195,8 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, help="Compare with this checkpoint or package: top-1 and "
                                              "greedy agreement, Δ perplexity."),
     eval_tokens: int = typer.Option(DEFAULT_EVAL_TOKENS, help="Score at most this many tokens."),
+    window: Optional[int] = typer.Option(None, help="Score in windows of this many tokens, stride half a window. "
+                                         "Default: the model's context, at most 1024."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads for a package (default: physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line."),
 ) -> None:
@@ -200,7 +204,7 @@ def evaluate(
     with user_errors("eval", "of a checkpoint"):  # a package is scored by the runtime, without torch
         from edgegpt.quality import run_eval
 
-        rows, text = run_eval(model, data, reference, eval_tokens, threads)
+        rows, text = run_eval(model, data, reference, eval_tokens, threads, window)
     from edgegpt.quality import metrics_json, metrics_table
 
     if as_json:

@@ -25,6 +25,7 @@ def evaluate_sample(model: GPT, tokens: np.ndarray, char_table: np.ndarray, bloc
 
 def evaluate_split(model: GPT, tokens: np.ndarray, char_table: np.ndarray, block_size: int,
                    device: torch.device, batch_size: int = 8, progress=None) -> Score:
-    """The whole split in strided windows, every token scored once (the reported validation figure)."""
+    """The whole split in strided windows of the training context, every token scored once (the reported
+    validation figure, comparable with DESIGN.md's; `edgegpt eval` defaults to windows of at most 1,024)."""
     return score(TorchReference(model, device).logits, tokens, strided_windows(len(tokens), block_size), char_table,
                  batch_size, progress)
