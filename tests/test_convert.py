@@ -286,6 +286,7 @@ def _session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow  # a torch.onnx export of its own (the shared packages have no biases)
 def test_qwen2_biases_reach_the_plain_and_the_fused_graphs(tmp_path, tiny_checkpoint):
     """PyTorch vs ONNX logits for a model with Q/K/V biases: the plain torch.onnx graph, and the fused graph
     with packed and with separate Q/K/V projections, after a prefill and after a decode step on its cache."""

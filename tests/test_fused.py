@@ -97,7 +97,7 @@ def empty(cfg, batch: int, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
 # -- the graph ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nano", "small"])
+@pytest.mark.parametrize("name", ["nano", pytest.param("small", marks=pytest.mark.slow)])  # small: a 29M graph
 def test_operator_census_and_node_names(name, tmp_path):
     torch.manual_seed(0)
     cfg = preset(name)
