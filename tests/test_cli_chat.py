@@ -85,10 +85,11 @@ def test_convert_bad_input_is_one_line(tmp_path):
 
 
 def test_chat_takes_every_option_generate_takes():
-    """--chat aside (generate's way to ask one question), including --max-length."""
+    """The prompt options and --chat aside (generate's way to ask one question), including --max-length."""
     commands = get_command(app).commands
     chat = {p.name: (p.opts, p.help) for p in commands["chat"].params}
-    generate = {p.name: (p.opts, p.help) for p in commands["generate"].params if p.name not in ("prompt", "chat")}
+    prompt_only = ("prompt", "prompt_file", "chat")  # where generate takes its prompt, and --chat
+    generate = {p.name: (p.opts, p.help) for p in commands["generate"].params if p.name not in prompt_only}
     assert chat == generate and "max_length" in chat
     assert {p.name: p.opts for p in commands["bench"].params}["max_length"] == ["--max-length"]
 

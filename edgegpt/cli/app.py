@@ -217,7 +217,10 @@ def evaluate(
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="Text to continue (with --chat: the question)."),
+    prompt: Optional[str] = typer.Argument(None, help="Text to continue (with --chat: the question); - reads it "
+                                           "from standard input."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 "
+                                               "file (any length: an argument is limited by the system)."),
     model: ModelOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
@@ -233,9 +236,13 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Ask PROMPT as one question (a user message) through the "
                               "package's chat template and print the answer alone."),
 ) -> None:
-    """Continue PROMPT, streaming the text as it is generated (with --chat: answer it)."""
+    """Continue PROMPT, streaming the text as it is generated (with --chat: answer it). A prompt given as an
+    argument is printed before its continuation; one read from a file or standard input is not."""
     with user_errors("generate"):
         from edgegpt.runtime import Generator
+
+        echo = prompt is not None and prompt != "-" and prompt_file is None
+        prompt = read_prompt(prompt, prompt_file)
 
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -245,7 +252,8 @@ def generate(
             pieces = generator.stream_chat([{"role": "user", "content": prompt}], **options)
         else:
             pieces = generator.stream(prompt, **options)
-            sys.stdout.write(prompt)
+            if echo:
+                sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in pieces:
             sys.stdout.write(piece)
@@ -255,6 +263,26 @@ def generate(
             sys.stdout.flush()
             print(f"edgegpt: the model's context ({generator.max_length} tokens) is full; "
                   "generation stopped before --max-new-tokens", file=sys.stderr)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from the argument, standard input (`-`) or --prompt-file: exactly one of them, UTF-8."""
+    if (prompt is None) == (prompt_file is None):
+        raise EdgeGPTError("give the prompt as an argument, as - (read from standard input) or with "
+                           "--prompt-file PATH: exactly one of them")
+    if prompt_file is not None:
+        try:
+            data, source = prompt_file.read_bytes(), str(prompt_file)
+        except OSError as e:
+            raise EdgeGPTError(f"cannot read --prompt-file {prompt_file} ({e.strerror or e})") from None
+    elif prompt == "-":
+        data, source = sys.stdin.buffer.read(), "standard input"
+    else:
+        return prompt
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeGPTError(f"the prompt from {source} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 @app.command()
