@@ -120,6 +120,8 @@ def check_options(fuse: bool, precision: str, quantize: bool, bits: int, method:
         )
     if precision == "float16" and not fuse:
         raise EdgeGPTError("--precision fp16 needs the fused graph; drop --no-fuse")
+    if method is not None and not quantize:
+        raise EdgeGPTError(f"--method {method} chooses how --quantize quantizes; add --quantize or drop --method")
     return precision, resolve_method(bits, method) if quantize else None
 
 

@@ -87,6 +87,9 @@ def test_export_table_shows_census_and_gates(tiny_package_int8, tiny_checkpoint)
     (["--precision", "bf16"], ["--precision bf16"]),
     (["--precision", "fp16", "--no-fuse"], ["fused graph"]),
     (["--quantize"], ["train_state.json", "--eval-data"]),  # the fixture checkpoint records no training data
+    (["--method", "dynamic"], ["--method dynamic", "add --quantize"]),
+    (["--quantize", "--bits", "4", "--method", "dynamic"], ["int8 only"]),
+    (["--quantize", "--method", "gptq"], ["unknown quantization method 'gptq'", "nbits, dynamic"]),
 ])
 def test_bad_export_options(tiny_checkpoint, tmp_path, args, fragments):
     result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "model"), *args])
@@ -160,3 +163,12 @@ def test_eval_of_a_package_works_without_torch(tiny_package, corpus_file):
 
 def test_eval_of_a_package_needs_data(tiny_package):
     assert_one_line_error(runner.invoke(app, ["eval", str(tiny_package)]), "--data")
+
+
+def test_the_method_option_reaches_the_quantizer(tiny_checkpoint, corpus_file, tmp_path):
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(out), "--quantize", "--method", "dynamic",
+                                 "--eval-data", str(corpus_file), "--eval-tokens", "1024", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "dynamic" and manifest["gates"]["passed"]

@@ -146,6 +146,9 @@ def export(
     quantize: bool = typer.Option(
         False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs."),
     bits: int = typer.Option(8, help="With --quantize: 8 (int8, the default) or 4 (int4, smallest)."),
+    method: Optional[str] = typer.Option(None, help="With --quantize: nbits (MatMulNBits block-quantized weights, "
+                                         "the default) or dynamic (int8 MatMulInteger, activations quantized at "
+                                         "run time; 8 bits only)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 for CUDA packages (the CPU runtime refuses fp16)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the plain torch.onnx graph (portable reference) "
                                  "instead of the fused GroupQueryAttention graph."),
@@ -178,8 +181,9 @@ def export(
         try:
             report = export_package(
                 checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
-                precision=precision, quantize=quantize, bits=bits, gate=not no_gate, eval_data=eval_data,
-                eval_tokens=eval_tokens, window=window, progress=None if as_json else stderr.print,
+                precision=precision, quantize=quantize, bits=bits, method=method, gate=not no_gate,
+                eval_data=eval_data, eval_tokens=eval_tokens, window=window,
+                progress=None if as_json else stderr.print,
             )
         except GateFailed as failed:  # the table first (it says why), then the one-line error
             show(failed.report)
