@@ -25,6 +25,9 @@ SITECUSTOMIZE = '''
 import os
 import sys
 
+# Every test runs edgegpt in fresh processes with modules blocked: the slow tier.
+pytestmark = pytest.mark.slow
+
 
 class NotInstalled:
     """Importing any of `names` (or a submodule) fails as it does when the package is not installed."""
