@@ -19,14 +19,14 @@ import pytest
 from edgegpt.cli.errors import user_errors
 from edgegpt.runtime import Generator
 
+# Every test runs edgegpt in fresh processes with modules blocked: the slow tier.
+pytestmark = pytest.mark.slow
+
 TRAIN_EXTRA = ("torch", "onnx", "onnxscript", "safetensors")
 BASE_INSTALL_LACKS = (*TRAIN_EXTRA, "transformers")
 SITECUSTOMIZE = '''
 import os
 import sys
-
-# Every test runs edgegpt in fresh processes with modules blocked: the slow tier.
-pytestmark = pytest.mark.slow
 
 
 class NotInstalled:
