@@ -54,6 +54,10 @@ def generation_config(tokenizer: Tokenizer, checkpoint: Path | None = None) -> d
     eos = given.pop("eos_token_id", None)
     if eos is None:
         eos = end_of_text_id(tokenizer)
+    if source.get("do_sample") is False:
+        # The authors asked for greedy decoding (what transformers' generate() does with do_sample false,
+        # whatever temperature the file also lists): temperature 0 is edgegpt's greedy.
+        given["temperature"] = 0.0
     return {**SAMPLING_DEFAULTS, **given, "eos_token_id": eos}
 
 

@@ -69,3 +69,13 @@ def test_export_carries_the_checkpoints_generation_config_and_chat_template(tiny
     assert package.generation.eos_token_ids == (0, 7) and package.generation.bos_token_id == 5
     assert (package.generation.temperature, package.generation.top_p, package.generation.top_k) == (0.6, 0.9, 50)
     assert CHAT_TEMPLATE in json.loads((tmp_path / "model" / MANIFEST).read_text())["files"]
+
+
+def test_a_source_that_asks_for_greedy_decoding_gets_it(tiny_checkpoint, tmp_path):
+    from edgegpt.export import export_package
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    (checkpoint / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": 0, "do_sample": False,
+                                                            "temperature": 0.6}))
+    export_package(checkpoint, tmp_path / "model", gate=False)
+    assert ModelPackage.load(tmp_path / "model").generation.temperature == 0.0
