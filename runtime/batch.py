@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgegpt.runtime.decoding import Decoding
-from edgegpt.runtime.kv_cache import grown_capacity
+from edgegpt.runtime.kv_cache import grown, grown_capacity
 from edgegpt.runtime.options import GenerationOptions
 from edgegpt.runtime.sampling import Sampler
 
@@ -77,7 +77,7 @@ def generate_rows(runner, rows: Sequence[Row], prompts: Sequence[list[int]], che
     for name, array in (("input_ids", input_ids), ("seqlens_k", seqlens_k), ("total_sequence_length", total)):
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-    bind_cache(runner, binding, arrays)
+    runner.bind(binding, arrays)
 
     while any(token is not None for token in feed):
         for b, (row, token) in enumerate(zip(rows, feed)):
@@ -87,27 +87,11 @@ def generate_rows(runner, rows: Sequence[Row], prompts: Sequence[list[int]], che
             seqlens_k[b] = max(row.length, 1) - 1
         total[...] = max(row.length for row in rows)
         if total > capacity:
-            grown = grown_capacity(capacity, int(total), runner.max_length)
-            arrays = {name: grow(array, grown, capacity) for name, array in arrays.items()}
-            bind_cache(runner, binding, arrays)
-            capacity = grown
+            larger = grown_capacity(capacity, int(total), runner.max_length)
+            arrays = {name: grown(array, larger, capacity) for name, array in arrays.items()}
+            runner.bind(binding, arrays)
+            capacity = larger
         runner.session.run_with_iobinding(binding)
         feed = [None if token is None else row.accept(checked(logits[b, -1])) for b, (row, token) in
                 enumerate(zip(rows, feed))]
 
-
-def grow(array: np.ndarray, capacity: int, keep: int) -> np.ndarray:
-    """A zeroed [B, n_kv_heads, capacity, head_dim] buffer holding the first `keep` positions of `array`."""
-    grown = np.zeros((*array.shape[:2], capacity, array.shape[3]), array.dtype)
-    grown[:, :, :keep] = array[:, :, :keep]
-    return grown
-
-
-def bind_cache(runner, binding, arrays: dict[str, np.ndarray]) -> None:
-    """Bind each buffer as its layer's past and present (the op writes the new positions in place)."""
-    import onnxruntime as ort
-
-    for past, present in runner.layer_names:
-        buffer = ort.OrtValue.ortvalue_from_numpy(arrays[past])
-        binding.bind_ortvalue_input(past, buffer)
-        binding.bind_ortvalue_output(present, buffer)

@@ -81,6 +81,14 @@ class KVCache:
                        length=length)
 
 
+def grown(array: np.ndarray, capacity: int, keep: int) -> np.ndarray:
+    """A zeroed [B, n_kv_heads, capacity, head_dim] buffer holding the first `keep` positions of `array`
+    (zeroed so that positions no step has written hold finite numbers, not stale memory)."""
+    new = np.zeros((*array.shape[:2], capacity, array.shape[3]), array.dtype)
+    new[:, :, :keep] = array[:, :, :keep]
+    return new
+
+
 def grown_capacity(capacity: int, needed: int, max_length: int) -> int:
     """The capacity after a growth that must hold `needed` positions: at least double, a power of two,
     at most max_length."""
@@ -179,41 +187,42 @@ class StaticRunner:
         """
         if arrays is not None:
             capacity = next(iter(arrays.values())).shape[2]
-        elif capacity is None:
+        elif capacity is None:  # (Generator.empty_cache checks a capacity a caller gives)
             capacity = self.first_capacity()
-        elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise EdgeGPTError(f"a cache's capacity must be a positive number of positions, got {capacity!r}")
         binding = self.session.io_binding()
         # Bound first so it is get_outputs()[0]: re-binding a name later keeps its place.
         binding.bind_output("logits", "cpu")
         buffers = SequenceBuffers(self.package.model.vocab_size, min(capacity, self.max_length))
-        self._allocate(buffers, binding, buffers.capacity, 0, arrays)
+        if arrays is None:
+            shape = self.buffer_shape(1, buffers.capacity)
+            arrays = {past: np.zeros(shape, self.dtype) for past, _ in self.layer_names}
+        self._adopt(buffers, binding, arrays, buffers.capacity)
         return KVCache(buffers.tensors, 0, binding, buffers)
 
-    def _allocate(self, buffers: SequenceBuffers, binding, capacity: int, keep: int,
-                  arrays: Mapping[str, np.ndarray] | None = None) -> None:
-        """Give `buffers` zeroed buffers of `capacity` positions holding the first `keep` positions of
-        the current ones, and bind them as past and present in place of those."""
+    def _grow(self, buffers: SequenceBuffers, binding, capacity: int, keep: int) -> None:
+        """Replace the sequence's buffers by ones of `capacity` positions holding their first `keep`."""
+        # On the GPU the old buffer comes back to the host once per growth (OrtValue cannot copy a slice
+        # on the device); growths are rare (doubling) and the steps between stay on it.
+        old = buffers.arrays if self.device == "cpu" else {p: t.numpy() for p, t in buffers.tensors.items()}
+        self._adopt(buffers, binding, {past: grown(array, capacity, keep) for past, array in old.items()}, capacity)
+
+    def _adopt(self, buffers: SequenceBuffers, binding, arrays: Mapping[str, np.ndarray], capacity: int) -> None:
+        buffers.tensors = self.bind(binding, arrays)
+        buffers.arrays = dict(arrays) if self.device == "cpu" else {}  # GPU: the device copies are the buffers
+        buffers.capacity = capacity
+
+    def bind(self, binding, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Bind each layer's buffer as its past and present (the op writes the new positions in place);
+        returns the OrtValues. On the CPU an OrtValue wraps the numpy array's memory (no copy)."""
         import onnxruntime as ort
 
-        shape = self.buffer_shape(1, capacity)
-        tensors, kept = {}, {}
+        tensors = {}
         for past, present in self.layer_names:
-            # Zeroed so that positions no step has written hold finite numbers, not stale memory.
-            array = np.zeros(shape, self.dtype) if arrays is None else arrays[past]
-            if keep:
-                # On the GPU the old buffer comes back to the host once per growth (OrtValue cannot copy
-                # a slice on the device); growths are rare (doubling) and the steps between stay on it.
-                old = buffers.arrays[past] if self.device == "cpu" else buffers.tensors[past].numpy()
-                array[:, :, :keep] = old[:, :, :keep]
-            # On the CPU the OrtValue wraps this numpy array's memory (no copy) and keeps it alive.
-            buffer = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            buffer = ort.OrtValue.ortvalue_from_numpy(arrays[past], self.device, 0)
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
             tensors[past] = buffer
-            if self.device == "cpu":
-                kept[past] = array
-        buffers.tensors, buffers.arrays, buffers.capacity = tensors, kept, capacity
+        return tensors
 
     def forward(self, token_ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         if cache.binding is None:
@@ -223,7 +232,7 @@ class StaticRunner:
         binding, step = cache.binding, cache.step
         if total > step.capacity:
             # GroupQueryAttention sizes `present` as max(past capacity, total): it must fit the bound buffer.
-            self._allocate(step, binding, grown_capacity(step.capacity, total, self.max_length), cache.length)
+            self._grow(step, binding, grown_capacity(step.capacity, total, self.max_length), cache.length)
         if ids.shape[1] == 1:
             if not step.bound:
                 for name, value in step.values.items():
