@@ -84,19 +84,7 @@ class PackageScorer:
         return [self.greedy(prompt, n_tokens) for prompt in prompts]
 
     def greedy(self, prompt: Sequence[int], n_tokens: int) -> list[int]:
-        cache = None
-
-        def prefill() -> np.ndarray:
-            nonlocal cache
-            logits, cache = self.generator.prefill(list(prompt))
-            return logits
-
-        def feed(token: int) -> np.ndarray:
-            nonlocal cache
-            logits, cache = self.generator.decode_step(token, cache)
-            return logits
-
-        return greedy(prefill, feed, len(prompt), n_tokens)
+        return greedy(*self.generator.steps(prompt), len(prompt), n_tokens)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edgegpt.model import GPT, LayerCache
-from edgegpt.runtime.decoding import Decoding, greedy
+from edgegpt.runtime.decoding import Decoding, argmax, greedy
 from edgegpt.runtime.sampling import Sampler, SamplingParams, check_sampling
 
 
@@ -61,8 +61,6 @@ class TorchReference:
                 logits = self.model(x)
         finally:
             cut.remove()
-        if logits.shape[1] != x.shape[1] - skip:  # a forward that bypasses lm_head: cut its output instead
-            logits = logits[:, skip:]
         return logits.float().cpu().numpy()
 
     def _loop(self, prompt_ids: Sequence[int]):
@@ -117,13 +115,14 @@ class TorchReference:
             return [[] for _ in prompts]
         if len({len(p) for p in prompts}) > 1:
             return [self.greedy(p, n_tokens) for p in prompts]
+        # Every row keeps exactly n_tokens (greedy's rules), so the rows end together.
+        rows = [Decoding(len(p), n_tokens, len(p) + n_tokens, stop_at_eos=False) for p in prompts]
         ids = torch.tensor([list(p) for p in prompts], device=self.device)
         logits, past = self.model.forward_cached(ids, self.model.empty_cache(len(prompts)))
-        chosen: list[np.ndarray] = []
         while True:
-            # np.argmax row by row: the first of tied maxima, runtime/decoding.py's argmax rule.
-            chosen.append(np.argmax(logits[:, -1].float().cpu().numpy(), axis=-1))
-            if len(chosen) >= n_tokens:
-                break
-            logits, past = self.model.forward_cached(torch.from_numpy(chosen[-1][:, None]).to(self.device), past)
-        return np.stack(chosen, axis=1).tolist()
+            chosen = [argmax(row_logits) for row_logits in logits[:, -1].float().cpu().numpy()]
+            for row, token in zip(rows, chosen):
+                row.accept([token])
+            if rows[0].done:
+                return [row.tokens for row in rows]
+            logits, past = self.model.forward_cached(torch.tensor(chosen, device=self.device)[:, None], past)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import typing
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
@@ -218,6 +218,23 @@ class Generator:
         """One token after the cache: logits [vocab] for the token after it, and the cache grown by 1."""
         logits, cache = self.forward([token], cache)
         return logits[-1], cache
+
+    def steps(self, prompt_ids: Sequence[int]) -> tuple[Callable[[], np.ndarray], Callable[[int], np.ndarray]]:
+        """prefill() and feed(token) over one fresh cache: the logits [vocab] after the prompt, then after
+        each token fed; what runtime/decoding.py's loop drives (Decoding.run, greedy)."""
+        cache: KVCache | None = None
+
+        def prefill() -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.prefill(list(prompt_ids))
+            return logits
+
+        def feed(token: int) -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.decode_step(token, cache)
+            return logits
+
+        return prefill, feed
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -468,19 +485,9 @@ class Generator:
     ) -> typing.Generator[int, None, str]:
         """The one decode loop (Decoding.run) on this Generator's session; returns the finish reason."""
         sampler = Sampler(options.sampling, options.seed, prompt_ids, self._vocab_size)
-        cache: KVCache | None = None
-
-        def prefill() -> np.ndarray:
-            nonlocal cache
-            logits, cache = self.prefill(prompt_ids)
-            return self._checked(logits)
-
-        def feed(token: int) -> np.ndarray:
-            nonlocal cache
-            logits, cache = self.decode_step(token, cache)
-            return self._checked(logits)
-
-        return (yield from decoding.run(prefill, feed, sampler.choose))
+        prefill, feed = self.steps(prompt_ids)
+        return (yield from decoding.run(lambda: self._checked(prefill()),
+                                        lambda token: self._checked(feed(token)), sampler.choose))
 
     def _pieces(
         self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None
