@@ -99,6 +99,14 @@ def target_nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - logits[np.arange(len(targets)), targets]
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of logits [..., vocab], whole rows (target_nats when only the targets'
+    are needed): a comparison of two models' log-probabilities adds no rounding of its own."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def strided_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
     """Windows of `window` tokens (fewer when the text is shorter) with a stride of half a window: every
     target token is scored exactly once, each (after the first window) with at least half a window of

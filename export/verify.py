@@ -26,6 +26,7 @@ import torch
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
 from edgegpt.reference import torch_threads
+from edgegpt.scoring import log_softmax
 
 PAST_LENGTHS = (0, 1, 37)
 NEW_TOKENS = 8  # tokens run on top of each past
@@ -74,13 +75,6 @@ def torch_reference(model: GPT, past_lengths: Sequence[int] = PAST_LENGTHS, seed
                     )
                 calls[past_len].append((chunk, logits[0].numpy()))
     return Reference(calls=calls)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-probabilities of float32 logits [..., vocab]: the comparison adds no rounding of its own."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 @dataclass
