@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.cli.app import app
 from edgegpt.convert import convert
-from edgegpt.convert.gguf import permute_for_gguf, unpermute_from_gguf
+from edgegpt.convert.gguf import unpermute_from_gguf
 from edgegpt.convert.gguf_tokenizer import GPT2_PATTERN, LLAMA3_PATTERN
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
@@ -258,12 +258,11 @@ def tiny_model(vocab_size: int, *, tied: bool = True, qkv_bias: bool = False, se
 def test_permutation_is_llama_cpp_interleave_and_round_trips():
     # Per head of 4 rows, llama.cpp's converter writes rows 0, 2, 1, 3 (halves interleaved).
     rows = torch.arange(8.0)  # 2 heads × head_dim 4
-    assert permute_for_gguf(rows, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
-    assert torch.equal(permute_for_gguf(rows, 2), permute_like_llama_cpp(rows, 2))
+    assert permute_like_llama_cpp(rows, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
     assert unpermute_from_gguf(torch.tensor([0.0, 2, 1, 3, 4, 6, 5, 7]), 2).tolist() == rows.tolist()
     w = torch.randn(3 * 64, 40)
-    assert torch.equal(unpermute_from_gguf(permute_for_gguf(w, 3), 3), w)
-    assert not torch.equal(permute_for_gguf(w, 3), w)
+    assert torch.equal(unpermute_from_gguf(permute_like_llama_cpp(w, 3), 3), w)
+    assert not torch.equal(permute_like_llama_cpp(w, 3), w)
 
 
 # -- tensor types --------------------------------------------------------------------------------------------

@@ -78,18 +78,12 @@ def is_gguf(path: Path) -> bool:
 # -- Q/K row order ---------------------------------------------------------------------------------------
 
 
-def permute_for_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Hugging Face's Q/K row order → llama.cpp's, as its converter writes it.
+def unpermute_from_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's Q/K row order → Hugging Face's (and edgegpt's).
 
     Per head, Hugging Face's rotate-half rotary pairs row j with row j + D/2; llama.cpp's rotary pairs
-    adjacent rows (2j, 2j + 1), so its converter interleaves the two halves: [H, 2, D/2, ...] → [H, D/2, 2, ...].
-    Works on a weight [H·D, in] and on a bias [H·D]."""
-    rest = w.shape[1:]
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute_from_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's Q/K row order → Hugging Face's (and edgegpt's): the inverse of permute_for_gguf."""
+    adjacent rows (2j, 2j + 1), so its converter interleaves the two halves, [H, 2, D/2, ...] → [H, D/2,
+    2, ...]; this undoes it. Works on a weight [H·D, in] and on a bias [H·D]."""
     rest = w.shape[1:]
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
