@@ -93,6 +93,22 @@ def timed(step: str, action) -> float:
     return seconds
 
 
+def import_check(gguf: Path, checkpoint: Path) -> float:
+    """max |Δlogits| between the converted checkpoint (PyTorch) and transformers' own loading of the same
+    GGUF file, on a chat prompt: the import's independent check on the real file (needs transformers,
+    accelerate and gguf: the [bench] extra)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgegpt.checkpoint import load_checkpoint
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n").ids])
+    with torch.no_grad():
+        return float((model.eval()(ids) - theirs.eval()(ids).logits).abs().max())
+
+
 def answers(package: Path) -> list[str]:
     from edgegpt.runtime import Generator
 
@@ -116,6 +132,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     if args.fresh or not (checkpoint / "model.safetensors").is_file():
         seconds["convert"] = timed("convert", lambda: edgegpt("convert", str(gguf), str(checkpoint)))
+    import_difference = import_check(gguf, checkpoint)
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     rows: dict[str, dict] = {}
     for name, flags in FORMATS.items():
@@ -146,8 +163,10 @@ def main() -> None:
     seconds["eval int8"] = timed("eval int8", lambda: edgegpt(
         "eval", str(cache / "int8"), "--data", str(text), "--eval-tokens", str(args.eval_tokens), *threads, "--json"))
     show(rows, seconds, text, next(iter(rows.values()))["tokens"])
+    print(f"import check: max |Δlogits| against transformers' GGUF loader {import_difference:.2e}")
     if args.json:
-        print(json.dumps({"machine": machine(), "rows": rows, "seconds": seconds}))
+        print(json.dumps({"machine": machine(), "rows": rows, "seconds": seconds,
+                          "import_max_abs_logit_diff": import_difference}))
 
 
 def show(rows: dict[str, dict], seconds: dict[str, float], text: Path, tokens: int | None) -> None:
