@@ -1,22 +1,22 @@
 """Weight quantization of a float32 graph: every projection, the LM head and the embedding.
 
-Two formats for the layers' projections (q, k, v, o, gate, up, down), both from onnxruntime.quantization:
+Two formats for the layers' projections (q, k, v, o, gate, up, down):
 
-    "nbits"    weight-only block quantization (MatMulNBitsQuantizer), 8 or 4 bits:
-               MatMul(x, W) ─► MatMulNBits(x, W_q[N, K/32, 32·bits/8], scales[N, K/32])
-               symmetric blocks of 32 along K; accuracy_level 4 lets the CPU kernel quantize x to int8
-               per block and use integer dot products (VNNI), dequantizing nothing ahead of time.
-    "dynamic"  dynamic int8 (quantize_dynamic), 8 bits only:
+    "nbits"    weight-only block quantization (export/blockquant.py), 4 or 8 bits, per projection:
+               MatMul(x, W) ─► MatMulNBits(x, codes[N, K/b, b·bits/8], scales[N, K/b][, zero_points])
+               blocks of b along K, asymmetric by default (a zero point per block); accuracy_level 4 lets
+               the CPU kernel quantize x to int8 per block and use integer dot products (VNNI). A plan
+               may give each projection its own bits, or keep it in float32 (export/plan.py).
+    "dynamic"  dynamic int8 (onnxruntime's quantize_dynamic), 8 bits only:
                MatMul(x, W) ─► DynamicQuantizeLinear(x) ─► MatMulInteger(x_u8, W_s8) ─► Cast ─► Mul
                W int8 with one scale per output channel; x to uint8 per call, per tensor (onnxruntime
                fuses the chain into DynamicQuantizeMatMul at load).
 
 The tied embedding / LM head, one [vocab, dim] matrix in PyTorch, is a large share of a compact model
-(14% of `small`'s parameters, 21% of `base`'s), so it is quantized too, and stored once:
+(14% of `small`'s parameters, 21% of SmolLM2-135M's), so it is quantized too, and stored once:
 
-    LM head    MatMulNBits at TABLE_BITS (8, whatever the projections' format and bits): its B is
-               [vocab, dim/32, 32·bits/8], i.e. row v is token v's embedding, block-quantized along dim,
-               with the default zero point 2^(bits-1).
+    LM head    MatMulNBits at TABLE_FORMAT (8-bit, symmetric blocks of 32, whatever the projections' format):
+               its B is [vocab, dim/32, 32], i.e. row v is token v's embedding, with the default zero point.
     embedding  GatherBlockQuantized(B, input_ids, scales[vocab, dim/32, 1]) ─► Reshape [.., dim]
                reads those same bytes: GatherBlockQuantized's uint8 data with the same default zero
                point dequantizes them exactly as MatMulNBits does. Only the scales are stored twice
@@ -36,22 +36,22 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx
 import onnxruntime
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.matmul_nbits_quantizer import (
-    DefaultWeightOnlyQuantConfig,
-    DefaultWeightOnlyQuantizer,
-    MatMulNBitsQuantizer,
-)
 
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.export.blockquant import BLOCK_SIZES, ROUNDINGS, BlockFormat, QuantizedMatrix, quantize_matrix
 from edgegpt.export.onnx_export import MAX_IR_VERSION, quiet
+
+if TYPE_CHECKING:
+    from edgegpt.export.calibration import Calibration
 
 BITS = (8, 4)
 METHODS = ("nbits", "dynamic")
@@ -63,14 +63,57 @@ METHODS = ("nbits", "dynamic")
 # nbits (median of 30 paired runs on a quiet machine; one pass on a busy machine had it the other way
 # round, so call it a tie), and nbits loses ~40x less perplexity: nbits is the default.
 DEFAULT_METHOD_8BIT = "nbits"
-BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits on the CPU
-# Bits of the shared embedding / LM head table for each --bits. int4 keeps this table at 8 bits, as
-# llama.cpp's 4-bit presets keep the output matrix at 6 bits (Q6_K): measured on the same `small`, an int4
-# table made 4.5% of next-token choices differ from PyTorch's (8-bit table: 1.7%) and greedy text agree
-# on 70% of tokens (8-bit: 86%), for a file 8% smaller (0.143x vs 0.158x float32) and decode 5% faster.
-# Perplexity moved by less than 0.1% either way; the 8-bit table keeps int4 closer to the model.
+# accuracy_level 4: int8 activations inside MatMulNBits on the CPU. The float alternatives are no choice
+# for 8-bit weights: onnxruntime 1.32 has no fast float kernel for them (a layer stack of SmolLM2's shapes,
+# one token, 2 threads: 49.8 ms at level 0 against 5.3 ms at level 4); at 4 bits level 0 is 1.5x slower.
+ACCURACY_LEVEL = 4
+ACCURACY_LEVELS = (0, 1, 4)  # 0: the kernel's choice (float32 on the CPU), 1: float32, 4: int8
+# Defaults per bits: asymmetric blocks of 32 with the importance-weighted search at 8 bits, GPTQ at 4.
+DEFAULT_ROUNDING = {8: "search", 4: "gptq"}
+DEFAULT_BLOCK_SIZE = {8: 32, 4: 32}
+# The shared embedding / LM head table: 8-bit whatever --bits, as llama.cpp's 4-bit presets keep the output
+# matrix at 6 bits (Q6_K). Symmetric: GatherBlockQuantized reads the head's bytes with the default zero
+# point. Measured on `small`: an int4 table made 4.5% of next-token choices differ from PyTorch's (8-bit
+# table: 1.7%); on SmolLM2-135M the 8-bit table alone moves perplexity by +0.01%.
+TABLE_FORMAT = BlockFormat(bits=8, block_size=32, symmetric=True)
+BLOCK_SIZE = TABLE_FORMAT.block_size
 TABLE_BITS = {8: 8, 4: 8}
+FLOAT = 0  # a plan entry that keeps the projection in float32
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How `--quantize` quantizes; None fields take the defaults for the bits (resolved())."""
+
+    bits: int = 8
+    method: str | None = None
+    rounding: str | None = None
+    block_size: int | None = None
+    symmetric: bool = False
+    accuracy_level: int = ACCURACY_LEVEL
+
+    def resolved(self) -> "QuantOptions":
+        """Checked, with the defaults filled in (the nbits settings stay None for the dynamic method)."""
+        method = resolve_method(self.bits, self.method)
+        if method == "dynamic":
+            if self.rounding or self.block_size or self.symmetric or self.accuracy_level != ACCURACY_LEVEL:
+                raise EdgeGPTError("--rounding, --block-size, --symmetric and --accuracy-level apply to the nbits "
+                                   "method; dynamic quantization has one int8 scale per output channel")
+            return replace(self, method=method)
+        rounding = self.rounding or DEFAULT_ROUNDING[self.bits]
+        if rounding not in ROUNDINGS:
+            raise EdgeGPTError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        block_size = self.block_size or DEFAULT_BLOCK_SIZE[self.bits]
+        if block_size not in BLOCK_SIZES:
+            raise EdgeGPTError(f"--block-size {block_size} is not supported; choose "
+                               f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise EdgeGPTError(f"--accuracy-level {self.accuracy_level} is not supported; choose "
+                               f"{', '.join(map(str, ACCURACY_LEVELS))}")
+        return replace(self, method=method, rounding=rounding, block_size=block_size)
+
+    def format(self, bits: int) -> BlockFormat:
+        return BlockFormat(bits=bits, block_size=self.block_size or DEFAULT_BLOCK_SIZE[bits], symmetric=self.symmetric)
 
 
 def resolve_method(bits: int, method: str | None) -> str:
@@ -86,31 +129,24 @@ def resolve_method(bits: int, method: str | None) -> str:
     return method
 
 
-def settings(bits: int, method: str, tied: bool) -> dict[str, Any]:
-    """What the manifest records about the quantization."""
-    table = f"MatMulNBits {TABLE_BITS[bits]}-bit, blocks of {BLOCK_SIZE}, symmetric"
-    return {
-        "bits": bits,
-        "method": method,
-        "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
-        "projections": (
-            f"MatMulNBits {bits}-bit, blocks of {BLOCK_SIZE}, symmetric, accuracy_level {ACCURACY_LEVEL}"
-            if method == "nbits" else
-            "MatMulInteger via quantize_dynamic: int8 weights per output channel, uint8 activations per call"
-        ),
-        "block_size": BLOCK_SIZE,
-        "symmetric": True,
-        "lm_head": f"{table}, accuracy_level {ACCURACY_LEVEL}",
-        "embedding": "GatherBlockQuantized over "
-        + ("the LM head’s bytes (tied, stored once)" if tied else "its own table"),
-    }
+@dataclass
+class PreparedGraph:
+    """A float graph made ready for quantization: nodes named, the head's weight its own initializer."""
+
+    proto: onnx.ModelProto
+    embedding: onnx.NodeProto | None
+    head: onnx.NodeProto | None
+    tied: bool
+    untied_table: np.ndarray | None
+    projections: dict[str, str]  # weight initializer name -> MatMul node name (the head excluded)
+
+    def weight(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(initializer(self.proto, name))
 
 
-def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = None) -> dict[str, Any]:
-    """Quantize the float32 graph at `src` into `dst` (one file); returns the manifest's settings."""
-    method = resolve_method(bits, method)
+def prepare_graph(src: Path) -> PreparedGraph:
     proto = onnx.load_model(str(src))
-    for i, node in enumerate(proto.graph.node):  # the quantizers select nodes by name
+    for i, node in enumerate(proto.graph.node):
         node.name = node.name or f"/{node.op_type}_{i}"
     materialize_transposed_weights(proto)
     embedding, head = find_embedding_and_head(proto)
@@ -118,26 +154,133 @@ def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = Non
     untied_table = None
     if embedding is not None and not tied:
         untied_table = numpy_helper.to_array(initializer(proto, embedding.input[0]))
+    weights = {t.name for t in proto.graph.initializer}
+    projections = {n.input[1]: n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                   and (head is None or n.name != head.name)}
+    return PreparedGraph(proto, embedding, head, tied, untied_table, projections)
 
-    with quiet():  # the quantizers log advice and progress through the root logger
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)
-        try:
-            matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
-            nbits_nodes = matmuls if method == "nbits" else [head.name] if head is not None else []
-            if nbits_nodes:
-                proto = nbits_quantize(proto, nbits_nodes, bits, TABLE_BITS[bits], head)
-            if embedding is not None:
-                quantize_embedding(proto, embedding, head if tied else None, untied_table, TABLE_BITS[bits])
-            if method == "dynamic":
-                proto = dynamic_quantize(proto, Path(dst).parent)
-        finally:
-            root.setLevel(level)
+
+def quantize_weights(graph: PreparedGraph, options: QuantOptions, bits: set[int],
+                     calibration: "Calibration | None" = None,
+                     progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], QuantizedMatrix]:
+    """Every projection at each of `bits`, in the options' format and rounding: what plans choose from."""
+    done, total, out = 0, len(graph.projections) * len(bits), {}
+    for name in graph.projections:
+        weight = graph.weight(name)
+        importance = calibration.importance(name) if calibration is not None else None
+        hessian = calibration.inputs.get(name) if calibration is not None else None
+        for b in sorted(bits):
+            out[name, b] = quantize_matrix(weight, options.format(b), options.rounding, importance, hessian)
+            done += 1
+            if progress:
+                progress(done, total)
+    return out
+
+
+def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = None, *,
+                   options: QuantOptions | None = None, plan: dict[str, int] | None = None,
+                   calibration: "Calibration | None" = None) -> dict[str, Any]:
+    """Quantize the float32 graph at `src` into `dst` (one file); returns the manifest's settings.
+
+    `options` (else QuantOptions(bits, method)) say how; `plan` maps projection weight names to their bits
+    (4, 8, or FLOAT), every projection not in it taking options.bits; `calibration` feeds the "search"
+    and "gptq" roundings (without it, "search" weighs every input channel alike and "gptq" is "search").
+    """
+    options = (options or QuantOptions(bits=bits, method=method)).resolved()
+    graph = prepare_graph(src)
+    if options.method == "dynamic" and plan:
+        raise EdgeGPTError("a per-projection plan needs the nbits method")
+    full_plan = {name: (plan or {}).get(name, options.bits) for name in graph.projections}
+    needed = {b for b in full_plan.values() if b != FLOAT} if options.method == "nbits" else set()
+    quantized = quantize_weights(graph, options, needed, calibration)
+    proto = write_quantized(graph, options, full_plan, quantized, Path(dst).parent)
+    onnx.save_model(proto, str(dst))
+    return settings(options, graph.tied, full_plan if options.method == "nbits" else None, calibration)
+
+
+def write_quantized(graph: PreparedGraph, options: QuantOptions, plan: dict[str, int],
+                    quantized: dict[tuple[str, int], QuantizedMatrix], workdir: Path) -> onnx.ModelProto:
+    """A copy of the prepared graph with the plan applied (the prepared graph is left as it was)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph.proto)
+    nodes = {n.name: n for n in proto.graph.node}
+    if graph.head is not None:
+        head_weight = nodes[graph.head.name].input[1]
+        replace_with_nbits(proto, nodes[graph.head.name],
+                           quantize_matrix(graph.weight(head_weight), TABLE_FORMAT, "rtn"), ACCURACY_LEVEL)
+    if options.method == "nbits":
+        for name, node_name in graph.projections.items():
+            if plan[name] != FLOAT:
+                replace_with_nbits(proto, nodes[node_name], quantized[name, plan[name]], options.accuracy_level)
+    if graph.embedding is not None:
+        head = nodes[graph.head.name] if graph.tied else None
+        quantize_embedding(proto, graph.embedding, head, graph.untied_table)
+    if options.method == "dynamic":
+        with quiet():  # the quantizer logs advice and progress through the root logger
+            root, level = logging.getLogger(), logging.getLogger().level
+            root.setLevel(logging.ERROR)
+            try:
+                proto = dynamic_quantize(proto, workdir)
+            finally:
+                root.setLevel(level)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
-    check_all_quantized(proto)
-    onnx.save_model(proto, str(dst))
-    return settings(bits, method, tied)
+    if not any(d.domain == "com.microsoft" for d in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    check_all_quantized(proto, {name for name, b in plan.items() if b == FLOAT})
+    return proto
+
+
+def replace_with_nbits(proto: onnx.ModelProto, node: onnx.NodeProto, matrix: QuantizedMatrix,
+                       accuracy_level: int) -> None:
+    """MatMul(x, W) ─► MatMulNBits(x, codes, scales[, zero_points]) in place, named after the MatMul's path."""
+    graph, weight = proto.graph, node.input[1]
+    fmt, n = matrix.fmt, matrix.scales.shape[0]
+    data, scales = f"{weight}_Q{fmt.bits}", f"{weight}_scales"
+    graph.initializer.append(numpy_helper.from_array(matrix.packed_data(), data))
+    graph.initializer.append(numpy_helper.from_array(matrix.scales, scales))
+    inputs = [node.input[0], data, scales]
+    zero_points = matrix.packed_zero_points()
+    if zero_points is not None:
+        inputs.append(f"{weight}_zero_points")
+        graph.initializer.append(numpy_helper.from_array(zero_points, inputs[-1]))
+    prefix = node.name[: -len("MatMul")] if node.name.endswith("MatMul") else f"{node.name}/"
+    attributes = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    nbits = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{prefix}MatMulNBits",
+                             domain="com.microsoft", K=matrix.k, N=n, bits=fmt.bits, block_size=fmt.block_size,
+                             **attributes)
+    index = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(index, nbits)
+    if not any(weight in other.input for other in graph.node):
+        graph.initializer.remove(initializer(proto, weight))
+
+
+def settings(options: QuantOptions, tied: bool, plan: dict[str, int] | None,
+             calibration: "Calibration | None") -> dict[str, Any]:
+    """What the manifest records about the quantization."""
+    if options.method == "nbits":
+        fmt = options.format(options.bits)
+        projections = f"MatMulNBits {fmt.describe()}, {options.rounding}, accuracy_level {options.accuracy_level}"
+    else:
+        projections = "MatMulInteger via quantize_dynamic: int8 weights per output channel, uint8 activations per call"
+    recorded = {
+        "bits": options.bits,
+        "method": options.method,
+        "tool": f"edgegpt block quantizer; onnxruntime {onnxruntime.__version__}",
+        "projections": projections,
+        "rounding": options.rounding if options.method == "nbits" else None,
+        "block_size": options.block_size if options.method == "nbits" else None,
+        "symmetric": options.symmetric if options.method == "nbits" else None,
+        "accuracy_level": options.accuracy_level if options.method == "nbits" else None,
+        "lm_head": f"MatMulNBits {TABLE_FORMAT.describe()}, rtn, accuracy_level {ACCURACY_LEVEL}",
+        "embedding": "GatherBlockQuantized over "
+        + ("the LM head’s bytes (tied, stored once)" if tied else "its own table"),
+        "calibration": None if calibration is None else {"source": calibration.source, "tokens": calibration.tokens},
+    }
+    if plan is not None:
+        recorded["plan"] = dict(plan)
+    return recorded
 
 
 def initializer(proto: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
@@ -196,38 +339,21 @@ def is_transpose_of(proto: onnx.ModelProto, head_weight: str, table: str) -> boo
     return a is not None and b is not None and np.array_equal(numpy_helper.to_array(a).T, numpy_helper.to_array(b))
 
 
-def nbits_quantize(proto: onnx.ModelProto, nodes: list[str], bits: int, head_bits: int,
-                   head: onnx.NodeProto | None) -> onnx.ModelProto:
-    """MatMulNBits for `nodes` (the head at head_bits, the rest at bits)."""
-    groups = {bits: [n for n in nodes if head is None or n != head.name]}
-    if head is not None and head.name in nodes:
-        groups.setdefault(head_bits, []).append(head.name)
-    for group_bits, names in groups.items():
-        if not names:
-            continue
-        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in names]
-        quantizer = MatMulNBitsQuantizer(proto, bits=group_bits, block_size=BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=others,
-                                         op_types_to_quantize=("MatMul",))
-        quantizer.process()
-        proto = quantizer.model.model
-    return proto
-
-
 def quantize_embedding(proto: onnx.ModelProto, embedding: onnx.NodeProto, head: onnx.NodeProto | None,
-                       table: np.ndarray | None, bits: int) -> None:
+                       table: np.ndarray | None) -> None:
     """Replace the embedding's Gather by GatherBlockQuantized over the tied head's MatMulNBits bytes
     (head given) or over its own block-quantized `table` (untied); see the module docstring."""
     graph = proto.graph
-    embedding = next(n for n in graph.node if n.name == embedding.name)  # the quantizers copied the nodes
+    embedding = next(n for n in graph.node if n.name == embedding.name)  # the graph may be a copy
+    bits = TABLE_FORMAT.bits
     if head is not None:
         nbits = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == head.output[0])
         data_name, scales = nbits.input[1], numpy_helper.to_array(initializer(proto, nbits.input[2]))
         dim = next(a.i for a in nbits.attribute if a.name == "K")
     else:
         dim = table.shape[1]
-        config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, bits=bits)
-        packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
+        matrix = quantize_matrix(np.ascontiguousarray(table.T), TABLE_FORMAT, "rtn")
+        packed, scales = matrix.packed_data(), matrix.scales
         data_name = f"{embedding.input[0]}_Q{bits}"
         graph.initializer.append(numpy_helper.from_array(packed, data_name))
     if dim % BLOCK_SIZE:
@@ -269,9 +395,10 @@ def dynamic_quantize(proto: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
         return onnx.load_model(str(out))
 
 
-def check_all_quantized(proto: onnx.ModelProto) -> None:
-    """A projection left in float32 would ship silently slower and bigger: that is an edgegpt bug."""
-    weights = {t.name for t in proto.graph.initializer}
+def check_all_quantized(proto: onnx.ModelProto, planned_float: set[str] = frozenset()) -> None:
+    """A projection left in float32 that no plan asked for would ship silently slower and bigger: that is
+    an edgegpt bug."""
+    weights = {t.name for t in proto.graph.initializer} - set(planned_float)
     projections = ("MatMul", "Gemm", "FusedMatMul")
     left = [n.name for n in proto.graph.node if n.op_type in projections and n.input[1] in weights]
     if left:

@@ -36,3 +36,18 @@ def is_package(directory: str | Path) -> bool:
 def is_checkpoint(directory: str | Path) -> bool:
     """Whether a directory holds a checkpoint (it has model.safetensors)."""
     return (Path(directory) / WEIGHTS).is_file()
+
+
+def plan_grid(plan: dict[str, int]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """A quantization plan from manifest.json ({projection weight name: bits, 0 = float32}) as a grid:
+    (matrix columns, rows of (layer, bits per column)), for the export report and `edgegpt info`."""
+    columns: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    for name, bits in plan.items():
+        parts = name.removesuffix(".transposed").removesuffix(".weight").split(".")
+        layer = ".".join(parts[:2]) if parts[0] == "layers" and len(parts) > 2 else "model"
+        matrix = parts[-1].removesuffix("_proj")
+        if matrix not in columns:
+            columns.append(matrix)
+        rows.setdefault(layer, {})[matrix] = "f32" if bits == 0 else str(bits)
+    return columns, [(layer, [cells.get(c, "") for c in columns]) for layer, cells in rows.items()]
