@@ -13,6 +13,9 @@ hold this graph to it (tests/test_fused.py).
 Each residual add is folded into the next norm: SkipSimplifiedLayerNormalization returns the normed sum
 (output 0) and the sum itself (output 3), which is the residual stream the layer after it adds to.
 
+The cache is float32 (float16 in an fp16 graph), or int8 with onnxruntime's quantized cache when
+build_fused_graph is given CacheScales (`--kv-cache int8`; calibrated in export/cache_precision.py).
+
 Node names are module paths (`/layers.3/attn/GroupQueryAttention`); initializers are named after the
 PyTorch parameters (`layers.3.attn.q_proj.weight`), with MatMul weights stored as [in, out], the
 transpose of nn.Linear's [out, in], because MatMul multiplies x @ W.
@@ -20,8 +23,9 @@ transpose of nn.Linear's [out, in], because MatMul multiplies x @ W.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -31,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.export.onnx_export import KV_NAMES, MAX_IR_VERSION, OPSET, check_contract, check_self_contained
+from edgegpt.export.onnx_export import KV_NAMES, MAX_IR_VERSION, OPSET, check_self_contained
 from edgegpt.model import GPT
 
 PRECISIONS = {"fp32": ("float32", np.float32, TensorProto.FLOAT), "fp16": ("float16", np.float16, TensorProto.FLOAT16)}
@@ -45,10 +49,47 @@ MS_DOMAIN = "com.microsoft"
 # separate 3.58 / 3.60 ms (two runs) -- packed ~7% faster, so it is the default.
 PACK_QKV = True
 
+# What GroupQueryAttention may keep past keys and values as (`edgegpt export --kv-cache`): the graph's
+# own float type, or int8 (onnxruntime's quantized cache, CPU, float32 graphs only: CacheScales).
+KV_CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+KV_CACHE_BITS = 8  # kv_cache_bit_width: onnxruntime 1.32 also has 4 (two values per uint8), not offered
+QUANT_TYPES = ("PER_TENSOR", "PER_CHANNEL")
 
-def fused_graph_contract(cfg: ModelConfig, precision: str = "fp32") -> dict[str, Any]:
-    """The fused graph's inputs and outputs (the `graph` block of config.json, docs/FORMATS.md)."""
-    dtype = _precision(precision)[0]
+
+@dataclass(frozen=True)
+class CacheScales:
+    """The int8 cache's scales: GroupQueryAttention's k_scale / v_scale (inputs 12 and 13) for each layer.
+
+    onnxruntime 1.32's contract (contrib_ops/cpu/bert/gqa_attention_base.h, mlas qkv_quant.cpp): a scale is
+    the *dequantization* step, x ≈ q · scale with q = clamp(rint(x / scale), -128, 127), symmetric, no zero
+    point, saturating. K is quantized after the op's rotary (what attention reads), V as projected. The CPU
+    kernel needs k_quant_type == v_quant_type. Shapes (float32, broadcastable to the cache):
+        PER_TENSOR   [1]                        one step for every head and channel of the layer
+        PER_CHANNEL  [1, n_kv_heads, 1, head_dim]  one step per KV head and channel, shared by all positions
+    `calibration` says where the steps came from (export/cache_precision.py) and goes into config.json.
+    """
+
+    quant_type: str  # "PER_TENSOR" or "PER_CHANNEL"
+    k: tuple[np.ndarray, ...]  # one per layer
+    v: tuple[np.ndarray, ...]
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise EdgeGPTError(f"an int8 cache is quantized {' or '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+
+
+def fused_graph_contract(cfg: ModelConfig, precision: str = "fp32", scales: CacheScales | None = None
+                         ) -> dict[str, Any]:
+    """The fused graph's inputs and outputs (the `graph` block of config.json, docs/FORMATS.md).
+
+    `dtype` is the cache's (docs/FORMATS.md): the graph's float type, or int8 when `scales` are given;
+    the `kv_cache` block says the same and, for int8, how the cache is quantized and calibrated.
+    """
+    float_dtype = _precision(precision)[0]
+    if scales is not None and float_dtype != "float32":
+        raise EdgeGPTError("an int8 cache needs a float32 graph (onnxruntime quantizes it on the CPU only)")
+    dtype = "int8" if scales is not None else float_dtype
     kv = {"dtype": dtype, "shape": ["batch", cfg.n_kv_heads, "max_length", cfg.head_dim]}
     inputs: dict[str, Any] = {
         "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
@@ -59,14 +100,25 @@ def fused_graph_contract(cfg: ModelConfig, precision: str = "fp32") -> dict[str,
     for i in range(cfg.n_layers):
         inputs[f"past_key.{i}"] = inputs[f"past_value.{i}"] = dict(kv)
         outputs[f"present_key.{i}"] = outputs[f"present_value.{i}"] = dict(kv)
-    return {"kv_layout": "static", "dtype": dtype, "inputs": inputs, "outputs": outputs, **KV_NAMES}
+    kv_cache: dict[str, Any] = {"dtype": dtype}
+    if scales is not None:
+        kv_cache.update(quantization=scales.quant_type, bit_width=KV_CACHE_BITS,
+                        scales={"k": SCALE_NAMES["k"], "v": SCALE_NAMES["v"]}, calibration=dict(scales.calibration))
+    return {"kv_layout": "static", "dtype": dtype, "kv_cache": kv_cache, "inputs": inputs, "outputs": outputs,
+            **KV_NAMES}
 
 
-def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_qkv: bool = PACK_QKV) -> None:
+# The int8 cache's scale initializers, per layer (CacheScales).
+SCALE_NAMES = {"k": "layers.{layer}.attn.k_scale", "v": "layers.{layer}.attn.v_scale"}
+
+
+def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_qkv: bool = PACK_QKV,
+                      scales: CacheScales | None = None) -> None:
     """Write the fused graph of `model` to `path` (one self-contained file, per fused_graph_contract).
 
     precision "fp32", or "fp16" for CUDA: weights, activations and cache in float16 (the contrib ops
     accumulate norms and softmax in float32), logits cast to float32 for the sampler.
+    scales (float32 only): an int8 cache quantized with these steps (CacheScales); None: a float cache.
     The rotary tables cover cfg.max_len positions, so a runtime cache may be at most that long.
     The file is checked by loading it in onnxruntime (check_loads), not with onnx.checker.
     """
@@ -74,7 +126,9 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
     _, np_dtype, elem = _precision(precision)
     weights = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
     g = _Graph(np_dtype)
-    contract = fused_graph_contract(cfg, precision)
+    contract = fused_graph_contract(cfg, precision, scales)
+    if scales is not None:
+        check_scales(cfg, scales)
     g.weight("embed.weight", weights["embed.weight"])
     cos, sin = rotary_caches(model)
     g.weight("rotary.cos_cache", cos)
@@ -83,7 +137,7 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
     residual = g.op("Gather", "/embed/Gather", ["embed.weight", "input_ids"])[0]
     normed = first_norm(g, cfg, weights, residual)
     for i in range(cfg.n_layers):
-        attn = attention(g, cfg, weights, i, normed, pack_qkv)
+        attn = attention(g, cfg, weights, i, normed, pack_qkv, scales)
         normed, residual = skip_norm(g, cfg, weights, f"layers.{i}.mlp_norm", attn, residual)
         mlp_out = mlp(g, weights, i, normed)
         next_norm = f"layers.{i + 1}.attn_norm" if i + 1 < cfg.n_layers else "norm"
@@ -103,7 +157,7 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="edgegpt", ir_version=MAX_IR_VERSION,
     )
-    check_contract(proto, contract)
+    check_graph_contract(proto, contract)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path), save_as_external_data=False)
@@ -125,7 +179,8 @@ def first_norm(g: "_Graph", cfg: ModelConfig, weights: dict, x: str) -> str:
     )[0]
 
 
-def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, pack_qkv: bool) -> str:
+def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, pack_qkv: bool,
+              scales: CacheScales | None = None) -> str:
     """Layer `layer`'s attention; returns its output [B, S, dim] before the residual add.
 
         x [B, S, dim] ─┬─► q_proj/MatMul ─► [B, S, H·D]   ─┐
@@ -137,6 +192,10 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
         GroupQueryAttention's other inputs: past_key.{i} / past_value.{i} [B, Hkv, max_length, D] (the
         runtime binds the same buffers as present_key.{i} / present_value.{i}), seqlens_k [B],
         total_sequence_length [], rotary.cos_cache / rotary.sin_cache [max_len, D/2].
+        int8 cache (scales): past/present int8, inputs 12-13 layers.{i}.attn.k_scale / v_scale (float32,
+        CacheScales), attributes k_quant_type = v_quant_type = scales.quant_type, kv_cache_bit_width 8;
+        inputs 9-11 (position_ids, attention_bias, head_sink) stay empty. The op quantizes the new K
+        (after its rotary) and V as it writes them and reads the cache through the scales.
     """
     prefix, scope = f"layers.{layer}.attn", f"/layers.{layer}/attn"
     q, k, v = (weights[f"{prefix}.{p}_proj.weight"].T for p in "qkv")
@@ -158,11 +217,18 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
                                                                 biases or (None, None, None))]
     past = [KV_NAMES["past_key"].format(layer=layer), KV_NAMES["past_value"].format(layer=layer)]
     present = [KV_NAMES["present_key"].format(layer=layer), KV_NAMES["present_value"].format(layer=layer)]
+    inputs = [*projected, *past, "seqlens_k", "total_sequence_length", "rotary.cos_cache", "rotary.sin_cache"]
+    quantized: dict[str, Any] = {}
+    if scales is not None:
+        k_scale, v_scale = (g.float32(SCALE_NAMES[kind].format(layer=layer), getattr(scales, kind)[layer])
+                            for kind in "kv")
+        inputs += ["", "", "", k_scale, v_scale]
+        quantized = dict(k_quant_type=scales.quant_type, v_quant_type=scales.quant_type,
+                         kv_cache_bit_width=KV_CACHE_BITS)
     out = g.op(
-        "GroupQueryAttention", f"{scope}/GroupQueryAttention",
-        [*projected, *past, "seqlens_k", "total_sequence_length", "rotary.cos_cache", "rotary.sin_cache"],
+        "GroupQueryAttention", f"{scope}/GroupQueryAttention", inputs,
         outputs=[f"{scope}/GroupQueryAttention_output_0", *present], domain=MS_DOMAIN,
-        num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=0,
+        num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=0, **quantized,
     )[0]
     o = g.weight(f"{prefix}.o_proj.weight", weights[f"{prefix}.o_proj.weight"].T)
     return g.op("MatMul", f"{scope}/o_proj/MatMul", [out, o])[0]
@@ -244,6 +310,38 @@ def rotary_caches(model: GPT) -> tuple[np.ndarray, np.ndarray]:
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 
+def scale_shape(cfg: ModelConfig, quant_type: str) -> tuple[int, ...]:
+    """k_scale / v_scale's shape for `quant_type` (CacheScales)."""
+    return (1,) if quant_type == "PER_TENSOR" else (1, cfg.n_kv_heads, 1, cfg.head_dim)
+
+
+def check_scales(cfg: ModelConfig, scales: CacheScales) -> None:
+    """Raise unless every layer has a finite, positive k and v step of the quant type's shape (a zero step
+    would make onnxruntime quantize with 1.0 and dequantize to 0)."""
+    shape = scale_shape(cfg, scales.quant_type)
+    for kind in "kv":
+        steps = getattr(scales, kind)
+        if len(steps) != cfg.n_layers:
+            raise ValueError(f"{kind} scales for {len(steps)} layers, the model has {cfg.n_layers}")
+        for layer, step in enumerate(steps):
+            step = np.asarray(step)
+            if step.shape != shape or not np.all(np.isfinite(step)) or not np.all(step > 0):
+                raise ValueError(f"layer {layer}'s {kind}_scale must be positive and finite, shaped {list(shape)}")
+
+
+def check_graph_contract(proto: onnx.ModelProto, contract: dict[str, Any]) -> None:
+    """Raise if the graph's inputs/outputs differ from the contract in name, order, dtype or shape
+    (onnx_export.check_contract's check, for a graph whose cache may also be int8)."""
+    for kind, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
+        found = {}
+        for value in values:
+            tensor = value.type.tensor_type
+            found[value.name] = {"dtype": helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                                 "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
+        if found != contract[kind] or list(found) != list(contract[kind]):
+            raise RuntimeError(f"the fused graph's {kind} do not match the package contract: {found}")
+
+
 def check_loads(path: Path) -> None:
     """onnx.checker rejects SimplifiedLayerNormalization (onnxruntime registers it in the default domain,
     ONNX does not define it), so the check is that onnxruntime builds a session from the file."""
@@ -262,7 +360,11 @@ class _Graph:
         self.initializers: list[onnx.TensorProto] = []
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=self.dtype), name))
+        return self.float32(name, array, self.dtype)
+
+    def float32(self, name: str, array: np.ndarray, dtype: type = np.float32) -> str:
+        """An initializer in `dtype` whatever the graph's precision (the int8 cache's scales are float32)."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
 
     def op(self, op_type: str, name: str, inputs: list[str], outputs: list[str] | None = None,
@@ -273,7 +375,7 @@ class _Graph:
 
 
 _ELEM = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
-         "float16": TensorProto.FLOAT16}
+         "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 
 def _precision(precision: str) -> tuple[str, type, int]:

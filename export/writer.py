@@ -4,7 +4,8 @@
     config.json             ModelConfig + the graph's input/output contract
     tokenizer.json          the checkpoint's tokenizer
     generation_config.json  sampling and stopping defaults
-    manifest.json           versions, sha256 of every other file, precision, quantization, census,
+    manifest.json           versions, sha256 of every other file, precision, quantization, the KV
+                            cache's precision (and an int8 cache's calibration), census,
                             verification and quality gates
 
 The manifest is written last, over the files as they are on disk, so its hashes describe exactly
@@ -88,7 +89,8 @@ def write_package_metadata(directory: Path, *, cfg: ModelConfig, tokenizer: Toke
 def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json last, over the files as they are on disk; returns the manifest.
 
-    `manifest_fields` carries opset, ir_version, graph, precision, quantization, operator_census,
+    `manifest_fields` carries opset, ir_version, graph, precision, quantization, kv_cache (the cache's
+    dtype; for int8 its quantization and calibration: export/cache_precision.py), operator_census,
     verification and gates.
     """
     directory = Path(directory)

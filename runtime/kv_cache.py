@@ -24,6 +24,14 @@ int8 package (2 cores, other work running): the first prefill of a 32-token prom
 and 1,000 cached tokens), and 600 greedy tokens across two growths identical. Doubling keeps the copies
 to less than the final size in all (a fraction of a decode step per token, amortized).
 
+Precision: the buffers are of the package's cache dtype (config.json's graph `dtype`): float32; float16
+(CUDA packages); or int8, onnxruntime's quantized cache (`edgegpt export --kv-cache int8`), a quarter of
+float32's bytes per token. The graph holds the int8 cache's scales and quantizes what it writes, so the
+runtime's part is the same for every dtype: allocate zeroed buffers, bind them, copy the valid positions'
+bytes when growing, set the length back when rolling back (what it held is a pure function of the tokens,
+so a rolled-back int8 cache continues exactly as a fresh prefill). A dtype the provider cannot run (int8
+off the CPU, float16 on it) is refused when the runner is made (check_cache_runs).
+
 Thread safety: a runner holds nothing per sequence. Every sequence gets its own KVCache (its own
 buffers and IO binding), so several threads can generate at once on one session.
 """
@@ -164,7 +172,11 @@ class StaticRunner:
         ]
         self.input_names = ["input_ids", "seqlens_k", "total_sequence_length", *(p for p, _ in self.layer_names)]
         self.output_names = ["logits", *(p for _, p in self.layer_names)]
+        # The buffers' element type is the cache's (int8 for onnxruntime's quantized cache: the graph holds
+        # the scales and quantizes what it writes, so growing, binding and rolling back are byte copies
+        # and length changes, as for a float cache).
         self.dtype = np.dtype(graph.dtype)
+        check_cache_runs(session, package, provider, self.layer_names[0][0])
         # Where the buffers live: on the GPU for CUDA, so a step never crosses the bus with the cache.
         self.device = "cuda" if provider == "cuda" else "cpu"
 
@@ -268,6 +280,28 @@ class StaticRunner:
 
 
 RUNNERS = {"concat": ConcatRunner, "static": StaticRunner}
+# Where each cache dtype runs: onnxruntime quantizes the int8 cache on the CPU only, and a float16 cache is
+# for CUDA (on the CPU its GroupQueryAttention measured ~8x slower than float32: ONNX-NOTES.md).
+CACHE_PROVIDERS = {"float32": ("cpu", "cuda"), "float16": ("cuda",), "int8": ("cpu",)}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
+
+
+def check_cache_runs(session, package: ModelPackage, provider: str, past_name: str) -> None:
+    """Raise unless `provider` runs the package's cache dtype and model.onnx's cache is of that dtype
+    (buffers of another type would be refused by onnxruntime only at the first step, cryptically)."""
+    dtype = package.graph.dtype
+    if provider not in CACHE_PROVIDERS[dtype]:
+        fix = ("load it with provider 'cuda', or export a CPU package (without --precision fp16)"
+               if dtype == "float16" else "load it with provider 'cpu'; for CUDA export with --precision fp16")
+        raise EdgeGPTError(
+            f"{package.path} keeps its KV cache in {dtype}, which provider {provider!r} cannot run; {fix}"
+        )
+    declared = next((i.type for i in session.get_inputs() if i.name == past_name), None)
+    if declared is not None and declared != ORT_TYPES[dtype]:
+        raise EdgeGPTError(
+            f"{package.model_path} takes a {declared} cache but config.json says {dtype}; "
+            "the package mixes files from different exports, re-run `edgegpt export`"
+        )
 FOREIGN_CACHE = "this KVCache comes from a package with another cache layout; start from this Generator's empty_cache()"
 
 

@@ -20,7 +20,7 @@ training code. Only files inside the package directory are read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,8 +39,10 @@ PACKAGE_FORMAT = "edgegpt-package"
 # would otherwise end in a MemoryError when the cache is allocated.
 MAX_CONTEXT = 1 << 20
 MAX_VOCAB = 1 << 24
-# Cache dtypes the runtime can allocate an empty past for.
-CACHE_DTYPES = ("float32", "float16")
+# Cache dtypes the runtime can allocate an empty past for. int8: onnxruntime's quantized cache, which only
+# the fused graph (GroupQueryAttention, kv_layout static) reads and writes.
+CACHE_DTYPES = ("float32", "float16", "int8")
+CACHE_ITEM_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 # Inputs besides the cache, by kv_layout (docs/FORMATS.md).
 LAYOUT_INPUTS = {
     "concat": ("input_ids", "attention_mask"),
@@ -74,6 +76,10 @@ class GraphContract:
     `static` layout (the fused graph): past_key.{i} / past_value.{i} are [batch, n_kv_heads,
     max_length, head_dim] buffers bound as the present too; seqlens_k [batch] (int32, tokens after
     this step − 1) and total_sequence_length (int32 scalar) say which positions are valid.
+    `dtype` is the cache's: float32, float16 (a CUDA package), or int8 (static only: the graph quantizes
+    what it writes with its own scales, so the runtime only allocates and binds int8 buffers).
+    `kv_cache`: config.json's block of that name (the dtype, and for int8 the quantization and its
+    calibration); packages from before it existed get {"dtype": dtype}.
     """
 
     kv_layout: str
@@ -84,6 +90,7 @@ class GraphContract:
     past_value: str
     present_key: str
     present_value: str
+    kv_cache: Mapping[str, Any] = field(default_factory=dict)
 
     def past_names(self, layer: int) -> tuple[str, str]:
         return self.past_key.format(layer=layer), self.past_value.format(layer=layer)
@@ -124,6 +131,13 @@ class ModelPackage:
     @property
     def model_path(self) -> Path:
         return self.path / MODEL
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one token adds to a sequence's KV cache: a key and a value per layer and KV head
+        (an int8 cache: a quarter of float32's; its scales are per layer, not per token)."""
+        spec = self.model
+        return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * CACHE_ITEM_BYTES[self.graph.dtype]
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelPackage":
@@ -234,6 +248,11 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
     dtype = _field(data, "dtype", str, source)
     if dtype not in CACHE_DTYPES:
         raise EdgeGPTError(f"{source}: dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    if dtype == "int8" and kv_layout != "static":
+        raise EdgeGPTError(f"{source}: an int8 cache needs kv_layout 'static' (the fused graph), got {kv_layout!r}")
+    kv_cache = _field(data, "kv_cache", dict, source) if "kv_cache" in data else {"dtype": dtype}
+    if kv_cache.get("dtype") != dtype:
+        raise EdgeGPTError(f"{source}: kv_cache.dtype {kv_cache.get('dtype')!r:.40} contradicts dtype {dtype!r}")
     templates = {}
     for key in ("past_key", "past_value", "present_key", "present_value"):
         templates[key] = _field(data, key, str, source)
@@ -248,6 +267,7 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
         dtype=dtype,
         inputs=_field(data, "inputs", dict, source),
         outputs=_field(data, "outputs", dict, source),
+        kv_cache=kv_cache,
         **templates,
     )
     for kind, declared in (("inputs", graph.inputs), ("outputs", graph.outputs)):
@@ -269,6 +289,10 @@ def _parse_graph(data: Mapping[str, Any], model: ModelSpec, source: str) -> Grap
     # A fixed dimension in the declared cache shape must agree with the model hyperparameters, or the
     # empty past we build for prefill would be rejected by onnxruntime with a cryptic message.
     declared = graph.inputs[graph.past_names(0)[0]]
+    declared_dtype = declared.get("dtype") if isinstance(declared, dict) else None
+    if declared_dtype is not None and declared_dtype != dtype:
+        raise EdgeGPTError(f"{source}: {graph.past_names(0)[0]} is declared {declared_dtype!r:.40} but the cache "
+                           f"dtype is {dtype!r}")
     shape = declared.get("shape") if isinstance(declared, dict) else None
     if isinstance(shape, list) and len(shape) == 4:
         for axis, expected in ((1, model.n_kv_heads), (3, model.head_dim)):

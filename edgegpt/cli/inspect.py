@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CONFIG, MANIFEST, TRAIN_STATE, WEIGHTS, is_checkpoint, is_package
+from edgegpt.core.formats import CONFIG, MANIFEST, TRAIN_STATE, WEIGHTS, is_checkpoint, is_package, plan_grid
 from edgegpt.core.io import read_json
 
 
@@ -103,8 +103,9 @@ def describe_package(directory: Path) -> Group:
     config = read_object(config_path)
     manifest = read_object(manifest_path) if manifest_path.is_file() else {}
     graph = manifest.get("graph") or _section(config, "graph", config_path).get("kv_layout", "?")
+    cache = _kv_cache(config, manifest, config_path, manifest_path)
     parts = [f"[bold]model package[/] {directory}  (format {manifest.get('format_version', '?')}, "
-             f"{graph} graph, {manifest.get('precision', '?')})",
+             f"{graph} graph, {manifest.get('precision', '?')}, {cache.get('dtype', '?')} KV cache)",
              _model_table(_section(config, "model", config_path), "model config")]
     versions = Table(title="built with", show_header=False)
     for key, value in {**_section(manifest, "versions", manifest_path), "opset": manifest.get("opset"),
@@ -113,7 +114,12 @@ def describe_package(directory: Path) -> Group:
     parts.append(versions)
     quantization = _section(manifest, "quantization", manifest_path)
     if quantization:
-        parts.append(_model_table(quantization, "quantization"))
+        plan = quantization.get("plan") or {}
+        summary = {k: v for k, v in quantization.items() if k not in ("plan", "search")}
+        parts.append(_model_table(summary, "quantization"))
+        if len(set(plan.values())) > 1:
+            parts.append(plan_table(plan))
+    parts.append(_cache_table(cache, _section(config, "model", config_path)))
     census = _section(manifest, "operator_census", manifest_path)
     if census:
         ops = Table(title=f"operators ({sum(census.values())} nodes)", show_header=True)
@@ -133,6 +139,58 @@ def describe_package(directory: Path) -> Group:
         parts.append(_gates_table(gates))
     parts.append(_files_table(directory))
     return Group(*parts)
+
+
+def plan_table(plan: dict[str, int]) -> Table:
+    columns, rows = plan_grid(plan)
+    table = Table(title="quantization plan (bits per projection; f32 = float32)")
+    table.add_column("layer")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for layer, cells in rows:
+        table.add_row(layer, *cells)
+    return table
+
+
+def _kv_cache(config: dict[str, Any], manifest: dict[str, Any], config_path: Path, manifest_path: Path
+              ) -> dict[str, Any]:
+    """The cache's precision as the manifest records it (with its calibration), else config.json's graph
+    block says it (packages from before `kv_cache` existed: the graph's dtype)."""
+    recorded = _section(manifest, "kv_cache", manifest_path)
+    if recorded:
+        return recorded
+    graph = _section(config, "graph", config_path)
+    return _section(graph, "kv_cache", config_path) or ({"dtype": graph["dtype"]} if "dtype" in graph else {})
+
+
+# Bytes per cached value by cache dtype (runtime/package.py has the same table; this module stays
+# independent of the runtime, which imports onnxruntime).
+_CACHE_ITEM_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def _cache_table(cache: dict[str, Any], model: dict[str, Any]) -> Table:
+    """The KV cache: its dtype, bytes per token, and for int8 how it is quantized and was calibrated."""
+    table = Table(title="KV cache", show_header=False)
+    table.add_row("dtype", str(cache.get("dtype", "?")))
+    try:
+        per_token = 2 * model["n_layers"] * model["n_kv_heads"] * (model["dim"] // model["n_heads"]) \
+            * _CACHE_ITEM_BYTES[cache["dtype"]]
+        table.add_row("bytes per token", f"{per_token:,}")
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass  # a damaged config: the model table above shows what is there
+    if cache.get("quantization"):
+        table.add_row("quantization", f"{cache['quantization']}, {cache.get('bit_width', '?')}-bit symmetric")
+    calibration = cache.get("calibration")
+    if isinstance(calibration, dict):
+        tokens = calibration.get("tokens", "?")
+        tokens = f"{tokens:,}" if isinstance(tokens, int) else str(tokens)
+        table.add_row("calibrated on", f"{tokens} tokens of {calibration.get('source', '?')}, "
+                      f"margin {calibration.get('margin', '?')}")
+        for kind in ("k", "v"):
+            maxima = calibration.get(f"max_abs_{kind}")
+            if isinstance(maxima, list) and maxima and all(isinstance(m, (int, float)) for m in maxima):
+                table.add_row(f"max |{kind.upper()}| per layer", f"{min(maxima):.3g} .. {max(maxima):.3g}")
+    return table
 
 
 def _gates_table(gates: dict[str, Any]) -> Table:
