@@ -26,16 +26,29 @@ from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import MANIFEST, MODEL
 from edgegpt.core.io import staged_directory
+from edgegpt.export.cache_precision import (
+    build_int8_cache_graph,
+    cache_perplexity_check,
+    cache_record,
+    resolve_kv_cache,
+)
 from edgegpt.export.gates import (
     GateFailed,
     GateLimits,
     GateReport,
     failure_message,
     logit_check,
-    perplexity_check,
 )
 from edgegpt.export.onnx_export import GraphInfo, describe_graph, export_plain_onnx, graph_contract
-from edgegpt.export.quantize import BITS, quantize_graph, resolve_method
+from edgegpt.export.quantize import ACCURACY_LEVEL, BITS, QuantOptions
+from edgegpt.export.quantize_package import (
+    DEFAULT_MAX_PPL_INCREASE,
+    SEARCH_TOKENS,
+    calibration_text,
+    needs_calibration,
+    quantize_auto,
+    quantize_fixed,
+)
 from edgegpt.export.verify import Verification, torch_reference, verify_generator
 from edgegpt.export.writer import generation_config, write_manifest, write_package_metadata
 from edgegpt.model import GPT
@@ -69,6 +82,7 @@ class ExportReport:
     graph: GraphInfo  # of the package's model.onnx
     seconds: float
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    kv_cache: dict[str, Any] = field(default_factory=lambda: {"dtype": "float32"})  # the manifest's kv_cache
 
     @property
     def size_ratio(self) -> float:
@@ -82,6 +96,7 @@ class ExportReport:
             "precision": self.precision,
             "sizes": {"float_bytes": self.float_bytes, "package_bytes": self.package_bytes, "ratio": self.size_ratio},
             "quantization": self.quantization,
+            "kv_cache": self.kv_cache,
             "verification": None if self.verification is None else self.verification.to_dict(),
             "gates": self.gates.to_dict(),
             "opset": self.graph.opset,
@@ -105,11 +120,17 @@ def check_destination(checkpoint: Path, out: Path) -> None:
         )
 
 
-def check_options(fuse: bool, precision: str, quantize: bool, bits: int, method: str | None) -> tuple[str, str | None]:
-    """Validate the option combination before anything slow; returns (precision, method)."""
+def check_options(fuse: bool, precision: str, quantize: bool | str, bits: int, method: str | None,
+                  quantization: dict[str, Any] | None = None) -> tuple[str, QuantOptions | None, float | None]:
+    """Validate the option combination before anything slow; returns (precision, the quantization options,
+    the --quantize auto budget as a ratio). `quantization` holds rounding, block_size, symmetric,
+    accuracy_level and max_ppl_increase (percent), each None or False when not given."""
+    extra = {k: v for k, v in (quantization or {}).items() if v not in (None, False)}
     if precision not in PRECISIONS:
         raise EdgeGPTError(f"--precision {precision} is not supported; choose fp32 or fp16")
     precision = PRECISIONS[precision]
+    if quantize not in (True, False, "auto"):
+        raise EdgeGPTError(f"--quantize takes no value but auto, got {quantize!r}")
     if bits not in BITS:
         raise EdgeGPTError(f"--bits {bits} is not supported; choose 8 or 4")
     if precision == "float16" and quantize:
@@ -122,7 +143,30 @@ def check_options(fuse: bool, precision: str, quantize: bool, bits: int, method:
         raise EdgeGPTError("--precision fp16 needs the fused graph; drop --no-fuse")
     if method is not None and not quantize:
         raise EdgeGPTError(f"--method {method} chooses how --quantize quantizes; add --quantize or drop --method")
-    return precision, resolve_method(bits, method) if quantize else None
+    given = [k for k in extra if k != "accuracy_level" or extra[k] != ACCURACY_LEVEL]
+    if given and not quantize:
+        option = "--" + given[0].replace("_", "-")
+        raise EdgeGPTError(f"{option} applies to --quantize; add --quantize or drop {option}")
+    if not quantize:
+        return precision, None, None
+    budget = extra.pop("max_ppl_increase", None)
+    if quantize == "auto":
+        if method not in (None, "nbits"):
+            raise EdgeGPTError("--quantize auto mixes MatMulNBits formats; drop --method dynamic")
+        if not fuse:
+            raise EdgeGPTError("--quantize auto reads each projection's calibration through the fused graph; "
+                               "drop --no-fuse")
+        budget = DEFAULT_MAX_PPL_INCREASE * 100 if budget is None else budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 100:
+            raise EdgeGPTError(f"--max-ppl-increase is a percentage from 0 to 100, got {budget!r}")
+        budget = budget / 100
+    elif budget is not None:
+        raise EdgeGPTError("--max-ppl-increase is the budget of --quantize auto; use --quantize auto")
+    options = QuantOptions(bits=4 if quantize == "auto" else bits, method=method, **extra).resolved()
+    if options.rounding == "gptq" and not fuse:
+        raise EdgeGPTError("--rounding gptq calibrates through the fused graph; drop --no-fuse or use "
+                           "--rounding search")
+    return precision, options, budget
 
 
 def build_graph(model: GPT, path: Path, fuse: bool, precision: str) -> dict[str, Any]:
@@ -206,9 +250,16 @@ def export_package(
     *,
     fuse: bool = True,
     precision: str = "fp32",
-    quantize: bool = False,
+    quantize: bool | str = False,
     bits: int = 8,
     method: str | None = None,
+    rounding: str | None = None,
+    block_size: int | None = None,
+    symmetric: bool = False,
+    accuracy_level: int = ACCURACY_LEVEL,
+    max_ppl_increase: float | None = None,
+    calibration_data: Path | None = None,
+    kv_cache: str | None = None,
     gate: bool = True,
     gate_limits: GateLimits | None = None,
     eval_data: Path | None = None,
@@ -219,18 +270,28 @@ def export_package(
     """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically). The gates
     score held-out text in windows of `window` tokens (default min(context, 1,024), stride half a window).
 
+    kv_cache: "fp32", "int8" or "fp16" (export/cache_precision.py); None: the precision's own float cache.
+    quantize: True (`bits`, `method` and the nbits options: export/quantize.py) or "auto" (a per-projection
+    plan within `max_ppl_increase` percent: export/quantize_package.py).
     Raises GateFailed (an EdgeGPTError carrying the report) when a gate fails and `gate` is on.
     """
     say = progress or (lambda message: None)
     start = time.perf_counter()
     limits = gate_limits or GateLimits()
     checkpoint, out = Path(checkpoint), Path(out)
-    precision, method = check_options(fuse, precision, quantize, bits, method)
+    precision, options, budget = check_options(
+        fuse, precision, quantize, bits, method,
+        dict(rounding=rounding, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+             max_ppl_increase=max_ppl_increase))
+    if budget is not None:
+        limits = GateLimits(perplexity_increase={**limits.perplexity_increase, "mixed": budget},
+                            logit_tolerance=limits.logit_tolerance)
+    kv_cache = resolve_kv_cache(kv_cache, fuse, precision)
     # Checked even when no gate reads it (a float32 export without held-out text): a count below one is
     # a mistake in the command, not a setting.
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
         raise EdgeGPTError(f"--eval-tokens must be a positive number of tokens, got {eval_tokens!r}")
-    label = f"int{bits}" if quantize else precision
+    label = "mixed" if quantize == "auto" else f"int{bits}" if quantize else precision
     model, tokenizer = load_checkpoint(checkpoint)
     window = resolve_window(window, model.cfg.max_len)
     check_destination(checkpoint, out)
@@ -239,11 +300,17 @@ def export_package(
     if gate and not runnable:
         raise EdgeGPTError("the float16 gate scores the package on CUDA, which this onnxruntime cannot use; "
                            "export on a machine with onnxruntime-gpu and a GPU, or pass --no-gate")
-    # A quantized or float16 package is judged on text: without any, its gate cannot run.
+    # A quantized or float16 package is judged on text: without any, its gate cannot run. An int8 cache
+    # is calibrated on it, gate or not.
     text = None
     if runnable:
-        text = load_eval_text(checkpoint, eval_data, gate and label != "float32", tokenizer, model.cfg, eval_tokens,
-                              window)
+        needed = (gate and label != "float32") or kv_cache == "int8" or quantize == "auto"
+        text = load_eval_text(checkpoint, eval_data, needed, tokenizer, model.cfg, eval_tokens, window)
+    calibration = None
+    if options is not None and needs_calibration(options, quantize == "auto"):
+        calibration = calibration_text(checkpoint, calibration_data, tokenizer)
+    elif calibration_data is not None:
+        raise EdgeGPTError("--calibration-data is read by --quantize with the search or gptq rounding; drop it")
     kind = "fused" if fuse else "plain"
     say(f"exporting {checkpoint} to {out}")  # only once the inputs are known good: errors stay one line
 
@@ -262,14 +329,32 @@ def export_package(
             verification = verify_generator(torch_reference(model), open_package(float_dir, precision),
                                             limits.logit_tolerance)
             checks.append(logit_check(verification))
-        final_dir, quantization = float_dir, None
-        if quantize:
-            say(f"quantizing weights to {bits} bits ({method})")
-            final_dir = stage / "work" / "quantized"
+        final_dir, quantization, cache = float_dir, None, cache_record(kv_cache)
+        if kv_cache == "int8":  # the float32 graph above is the one checked against PyTorch; this one is gated
+            say("calibrating the int8 KV cache on the held-out text")
+            final_dir = stage / "work" / "int8-cache"
             final_dir.mkdir()
-            quantization = quantize_graph(float_dir / MODEL, final_dir / MODEL, bits, method)
-            optimization = optimize_offline(final_dir / MODEL)
+            contract, cache = build_int8_cache_graph(model, text, final_dir / MODEL)
+            if not quantize:
+                optimization = optimize_offline(final_dir / MODEL)
             write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
+        if quantize:
+            source, final_dir = final_dir, stage / "work" / "quantized"
+            final_dir.mkdir()
+
+            def finish(directory: Path) -> str:
+                optimized = optimize_offline(directory / MODEL)
+                write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract,
+                                       checkpoint=checkpoint)
+                return optimized
+
+            if quantize == "auto":
+                quantization = quantize_auto(model, source, final_dir, options, calibration,
+                                             text.tokens[: SEARCH_TOKENS + 1], text.char_table, text.window, budget,
+                                             finish, say)
+            else:
+                quantization = quantize_fixed(model, source, final_dir, options, calibration, say)
+            optimization = finish(final_dir)
         rows = []
         if text is not None:
             n_windows = len(strided_windows(len(text.tokens), text.window))
@@ -277,16 +362,17 @@ def export_package(
                 f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
             reference = evaluate("PyTorch float32", TorchReference(model), text)
             scorer = PackageScorer(open_package(final_dir, precision, max_length=window))
-            package = evaluate(f"package ({kind}, {label})", scorer, text, reference.predictions)
+            cached = "" if kv_cache != "int8" else ", int8 cache"
+            package = evaluate(f"package ({kind}, {label}{cached})", scorer, text, reference.predictions)
             rows = [reference, package]
-            if (check := perplexity_check(label, reference, package, limits)) is not None:
+            if (check := cache_perplexity_check(label, kv_cache, reference, package, limits)) is not None:
                 checks.append(check)
         gates = GateReport(enabled=gate, checks=checks, text=text, rows=rows)
         report = ExportReport(
             checkpoint=checkpoint, package=out, graph_kind=kind, precision=label,
             float_bytes=(float_dir / MODEL).stat().st_size, package_bytes=(final_dir / MODEL).stat().st_size,
             quantization=quantization, verification=verification, gates=gates,
-            graph=describe_graph(final_dir / MODEL), seconds=0.0,
+            graph=describe_graph(final_dir / MODEL), seconds=0.0, kv_cache=cache,
         )
         if gate and not gates.passed:
             report.seconds = time.perf_counter() - start
@@ -302,6 +388,7 @@ def export_package(
             "graph": kind,
             "precision": label,
             "quantization": quantization,
+            "kv_cache": cache,
             "graph_optimization": optimization,
             "operator_census": report.graph.census,
             "verification": None if verification is None else verification.to_dict(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from edgegpt.cli.inspect import plan_table
 from edgegpt.export.package import ExportReport
 from edgegpt.quality import metrics_table
 
@@ -67,4 +68,7 @@ def gates_table(report: ExportReport) -> Table | str:
 
 
 def render_report(report: ExportReport) -> Group:
-    return Group(summary_table(report), census_table(report.graph.census), gates_table(report))
+    plan = (report.quantization or {}).get("plan")
+    mixed = plan and len(set(plan.values())) > 1  # a uniform plan is said in one line of the summary
+    parts = [summary_table(report), *([plan_table(plan)] if mixed else []), census_table(report.graph.census)]
+    return Group(*parts, gates_table(report))

@@ -144,12 +144,32 @@ def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint."),
     out: Optional[Path] = typer.Option(None, help="Package directory. Default: $EDGEGPT_HOME/model."),
     quantize: bool = typer.Option(
-        False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs."),
-    bits: int = typer.Option(8, help="With --quantize: 8 (int8, the default) or 4 (int4, smallest)."),
+        False, "--quantize", help="Quantize the weights (--bits): smaller, and faster on CPUs. `--quantize auto` "
+        "chooses 4 bits, 8 bits or float32 for each projection: the smallest package within --max-ppl-increase."),
+    bits: str = typer.Option("8", help="With --quantize: 8 (int8, the default), 4 (int4, smallest) or auto."),
+    max_ppl_increase: Optional[float] = typer.Option(
+        None, "--max-ppl-increase", help="With --quantize auto: the perplexity budget on held-out text, in percent "
+        "of float32's (default 1)."),
+    rounding: Optional[str] = typer.Option(
+        None, help="With --quantize (nbits): rtn (round to nearest), search (importance-weighted scale search, "
+        "the 8-bit default) or gptq (error compensation, the 4-bit default); search and gptq read calibration text."),
+    block_size: Optional[int] = typer.Option(None, help="With --quantize (nbits): 32 (default), 64 or 128 "
+                                             "weights per scale."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="With --quantize (nbits): no zero points (slightly "
+                                   "smaller, less exact)."),
+    accuracy_level: int = typer.Option(4, help="With --quantize (nbits): 4 (int8 activations inside MatMulNBits, "
+                                       "fastest on CPUs) or 1 (float32; much slower at 8 bits)."),
+    calibration_data: Optional[Path] = typer.Option(
+        None, "--calibration-data", help="Text for calibrating quantization. Default: the end of the checkpoint's "
+        "training text, else of the embedded Python documentation."),
     method: Optional[str] = typer.Option(None, help="With --quantize: nbits (MatMulNBits block-quantized weights, "
                                          "the default) or dynamic (int8 MatMulInteger, activations quantized at "
                                          "run time; 8 bits only)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 for CUDA packages (the CPU runtime refuses fp16)."),
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache", help="KV-cache precision: fp32 (default), int8 (a quarter of the memory per token, "
+        "CPU, fused graph; scales calibrated on the held-out text) or fp16 (only with --precision fp16, its "
+        "default)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the plain torch.onnx graph (portable reference) "
                                  "instead of the fused GroupQueryAttention graph."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Write the package even if a quality gate fails "
@@ -181,7 +201,10 @@ def export(
         try:
             report = export_package(
                 checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
-                precision=precision, quantize=quantize, bits=bits, method=method, gate=not no_gate,
+                precision=precision, quantize="auto" if bits == "auto" else quantize,
+                bits=parse_bits(bits), method=method, kv_cache=kv_cache, gate=not no_gate,
+                max_ppl_increase=max_ppl_increase, rounding=rounding, block_size=block_size, symmetric=symmetric,
+                accuracy_level=accuracy_level, calibration_data=calibration_data,
                 eval_data=eval_data, eval_tokens=eval_tokens, window=window,
                 progress=None if as_json else stderr.print,
             )
@@ -383,5 +406,30 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint or a model pac
         Console().print(describe(directory))
 
 
+def parse_bits(bits: str) -> int:
+    """--bits: 8, 4 or auto (auto is read with --quantize; alone it is an error export_package reports)."""
+    if bits == "auto":
+        return 8
+    try:
+        return int(bits)
+    except ValueError:
+        raise EdgeGPTError(f"--bits {bits} is not supported; choose 8, 4 or auto") from None
+
+
+def with_quantize_auto(argv: list[str]) -> list[str]:
+    """`export --quantize auto` is `--quantize --bits auto`: a flag cannot take an optional value in typer."""
+    if not argv or argv[0] != "export":
+        return argv
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "auto" and i > 0 and argv[i - 1] == "--quantize":
+            out += ["--bits", "auto"]
+        elif arg == "--quantize=auto":
+            out += ["--quantize", "--bits", "auto"]
+        else:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
-    app(prog_name="edgegpt")
+    app(args=with_quantize_auto(sys.argv[1:]), prog_name="edgegpt")
