@@ -96,13 +96,13 @@ def build_packages(checkpoint: Path, work: Path, names: list[str], text: EvalTex
                 contract = build_graph(model, directory / MODEL, True, "float32")
             else:
                 contract, _ = build_int8_cache_graph(model, text, directory / MODEL)
-            write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+            write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
             floats[cache] = directory, contract
         source, contract = floats[cache]
 
         def finish(directory: Path, contract=contract) -> None:
             optimize_offline(directory / MODEL)
-            write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract)
+            write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
 
         start = time.perf_counter()
         if weights is None:

@@ -7,8 +7,9 @@
                    perplexity stays within the budget ─► that package
 
 The candidates are real packages scored by the runtime (not a simulation in PyTorch): onnxruntime's
-int8 activations (accuracy_level 4) move perplexity as much as the weights do on SmolLM2-135M, and only
-the package shows both. The export's gate then scores the chosen package on the full held-out text.
+int8 activations inside MatMulNBits (accuracy_level 4) are part of what quantization costs, and only the
+package shows them together with the weights' share. The export's gate then scores the chosen package
+on the full held-out text.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
     say(f"quantizing {len(names)} projections at 4 bits ({options.rounding}) and 8 bits")
     four = replace(options, bits=4)
     quantized = quantize_weights(graph, four, {4}, calibration)
-    # GPTQ buys nothing at 8 bits (SmolLM2-135M: +0.16% against -0.07% for the search, weights alone)
+    # 8-bit candidates take the search: GPTQ's error compensation is for 4 bits, and the search is faster
     eight = replace(options, bits=8, rounding="search" if options.rounding == "gptq" else options.rounding)
     quantized.update(quantize_weights(graph, eight, {8}, calibration))
     weights = {name: graph.weight(name) for name in names}
