@@ -6,6 +6,7 @@ A corpus is a list of documents (strings). Every failure names the file and says
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sysconfig
 from pathlib import Path
@@ -70,6 +71,13 @@ def read_corpus(paths: list[Path]) -> list[str]:
 
 
 def default_corpus() -> list[str]:
+    """The embedded corpus (below), read once per process: parsing the standard library takes ~2 s, and
+    an export reads it for calibration as well as training does."""
+    return list(_default_corpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _default_corpus() -> tuple[str, ...]:
     """Documentation that ships inside Python itself: the `pydoc_data` help topics and the standard
     library's docstrings (read from source with `ast`, never imported, so nothing runs).
 
@@ -97,7 +105,7 @@ def default_corpus() -> list[str]:
                 if doc and len(doc) > 80:
                     name = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
                     documents.append(f"{name}\n\n{doc}")
-    return documents
+    return tuple(documents)
 
 
 def split_documents(documents: list[str], val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
