@@ -120,3 +120,13 @@ def same_tokens(got: list[int], expected: list[int]) -> bool:
     """Token-for-token agreement, up to RUNTIME_SAME_TOKENS under a float16 provider."""
     n = RUNTIME_SAME_TOKENS
     return got == expected if n is None else got[:n] == expected[:n]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A CliRunner result that failed the way edgegpt fails: exit 2, one `edgegpt: error:` line, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgegpt: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

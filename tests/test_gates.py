@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import EVAL_TOKENS
+from conftest import EVAL_TOKENS, assert_one_line_error
 from edgegpt.cli.app import app
 from edgegpt.export import GateFailed, GateLimits, export_package
 
 runner = CliRunner()
 STRICT = GateLimits(perplexity_increase={"int8": -0.5})  # perplexity would have to halve
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgegpt: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_failed_gate_writes_nothing_and_keeps_the_old_package(tiny_checkpoint, tiny_package, corpus_file, tmp_path):

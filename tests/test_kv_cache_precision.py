@@ -13,7 +13,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from conftest import EVAL_TOKENS
+from conftest import EVAL_TOKENS, assert_one_line_error
 from edgegpt.cli.app import app
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export import GateLimits, export_package
@@ -27,26 +27,13 @@ from edgegpt.export.cache_precision import (
 from edgegpt.export.fused import CacheScales, build_fused_graph, fused_graph_contract
 from edgegpt.export.writer import write_package_metadata
 from edgegpt.runtime import Generator, ModelPackage
+from edgegpt.scoring import log_softmax
 
 runner = CliRunner()
 # The int8 cache against the float32 one, on the tiny trained model: the largest |Δ log-probability| of
 # any token at any step, and its mean over steps. Measured: 0.071 and 0.018 over a prefill and 110 decode
 # steps (steps are max/127 of each channel: an error of at most 0.4% of the channel's range per value).
 MAX_LOGPROB_DELTA, MEAN_LOGPROB_DELTA = 0.15, 0.04
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgegpt: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
