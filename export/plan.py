@@ -7,10 +7,9 @@
                   is expected to save per byte it costs.
     plan(k)       the first k upgrades applied to an all-4-bit model.
 
-`capped_plan` takes upgrades while the package stays under a byte budget; `search_plan` finds the smallest
-k whose measured perplexity (the real package on held-out text, through a callback) stays within a
-budget, by bisection: perplexity falls as upgrades are added, nearly monotonically, and each measurement
-costs a package build and a scoring pass.
+`search_plan` finds the smallest k whose measured perplexity (the real package on held-out text, through a
+callback) stays within a budget, by bisection: perplexity falls as upgrades are added, nearly
+monotonically, and each measurement costs a package build and a scoring pass.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import numpy as np
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.blockquant import QuantizedMatrix
 
-FLOAT = 0
-LEVELS = (4, 8, FLOAT)
+FLOAT = 0  # a plan entry that keeps the projection in float32
 
 
 @dataclass(frozen=True)
@@ -82,20 +80,6 @@ def plan_after(names: list[str], upgrades: list[Upgrade], k: int) -> dict[str, i
 
 def plan_bytes(plan: dict[str, int], sizes: dict) -> int:
     return sum(sizes[name, bits] for name, bits in plan.items())
-
-
-def capped_plan(names: list[str], upgrades: list[Upgrade], sizes: dict, budget: int) -> dict[str, int]:
-    """The all-4-bit plan with upgrades taken in order while the projections fit in `budget` bytes."""
-    plan = {name: 4 for name in names}
-    total = plan_bytes(plan, sizes)
-    for step in upgrades:
-        before = plan[step.weight]
-        if before == FLOAT or (step.to_bits == 8 and before == 8):
-            continue
-        extra = sizes[step.weight, step.to_bits] - sizes[step.weight, before]
-        if total + extra <= budget:
-            plan[step.weight], total = step.to_bits, total + extra
-    return plan
 
 
 @dataclass

@@ -49,6 +49,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.blockquant import BLOCK_SIZES, ROUNDINGS, BlockFormat, QuantizedMatrix, quantize_matrix
 from edgegpt.export.onnx_export import MAX_IR_VERSION, quiet
+from edgegpt.export.plan import FLOAT
 
 if TYPE_CHECKING:
     from edgegpt.export.calibration import Calibration
@@ -78,8 +79,6 @@ DEFAULT_BLOCK_SIZE = {8: 32, 4: 32}
 # table: 1.7%).
 TABLE_FORMAT = BlockFormat(bits=8, block_size=32, symmetric=True)
 BLOCK_SIZE = TABLE_FORMAT.block_size
-TABLE_BITS = {8: 8, 4: 8}
-FLOAT = 0  # a plan entry that keeps the projection in float32
 
 
 @dataclass(frozen=True)

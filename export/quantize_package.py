@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import MODEL, TRAIN_STATE
@@ -138,10 +139,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
     def measure(plan: dict[str, int]) -> float:
         shutil.rmtree(trial, ignore_errors=True)
         trial.mkdir()
-        proto = write_quantized(graph, four, plan, quantized, trial)
-        import onnx
-
-        onnx.save_model(proto, str(trial / MODEL))
+        onnx.save_model(write_quantized(graph, four, plan, quantized, trial), str(trial / MODEL))
         finish(trial)
         return perplexity(trial) / reference - 1
 
@@ -149,8 +147,6 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
         plan, trials = search_plan(names, upgrades, sizes, budget, measure, say)
     finally:
         shutil.rmtree(trial, ignore_errors=True)
-    import onnx
-
     onnx.save_model(write_quantized(graph, four, plan, quantized, out_dir), str(out_dir / MODEL))
     recorded = settings(four, graph.tied, plan, calibration)
     counts = {bits: sum(1 for b in plan.values() if b == bits) for bits in (4, 8, FLOAT)}

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EVAL_TOKENS
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.export.quantize import BLOCK_SIZE, TABLE_BITS, quantize_graph, resolve_method
+from edgegpt.export.quantize import BLOCK_SIZE, TABLE_FORMAT, quantize_graph, resolve_method
 
 FORMATS = [(8, "nbits"), (8, "dynamic"), (4, "nbits")]
 SIZE_LIMITS = {8: 0.30, 4: 0.20}
@@ -139,7 +139,7 @@ def test_every_projection_is_quantized(packages, tiny_package, bits, method):
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             table = node.op_type == "GatherBlockQuantized" or node.output[0] == "logits"
-            assert (attrs["bits"], attrs["block_size"]) == (TABLE_BITS[bits] if table else bits, 32)
+            assert (attrs["bits"], attrs["block_size"]) == (TABLE_FORMAT.bits if table else bits, 32)
             assert attrs.get("accuracy_level", 4) == 4
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import EVAL_TOKENS
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.blockquant import BlockFormat, quantize_matrix
-from edgegpt.export.plan import FLOAT, Upgrade, capped_plan, ordered_upgrades, plan_after, search_plan
+from edgegpt.export.plan import FLOAT, Upgrade, ordered_upgrades, plan_after, search_plan
 from edgegpt.export.quantize import QuantOptions, prepare_graph, quantize_graph
 
 FORMATS = [BlockFormat(bits, size, symmetric)
@@ -91,7 +91,7 @@ def test_sizes_follow_the_format():
 # -- plans -------------------------------------------------------------------------------------------------
 
 
-def test_upgrades_go_to_the_most_loss_per_byte_first_and_caps_hold():
+def test_upgrades_go_to_the_most_loss_per_byte_first():
     names = ["a", "b", "c"]
     sensitivity = {("a", 4): 10.0, ("a", 8): 1.0, ("a", FLOAT): 0.0, ("b", 4): 2.0, ("b", 8): 0.1, ("b", FLOAT): 0.0,
                    ("c", 4): 5.0, ("c", 8): 4.9, ("c", FLOAT): 0.0}
@@ -103,8 +103,6 @@ def test_upgrades_go_to_the_most_loss_per_byte_first_and_caps_hold():
     # c's second step is worth more per byte than its first: they are taken together, to float32
     assert ("c", FLOAT) in [(u.weight, u.to_bits) for u in upgrades] and ("c", 8) not in [
         (u.weight, u.to_bits) for u in upgrades]
-    assert capped_plan(names, upgrades, sizes, budget=500) == {"a": 8, "b": 8, "c": 4}
-    assert capped_plan(names, upgrades, sizes, budget=300) == {"a": 4, "b": 4, "c": 4}
 
 
 def test_plan_search_finds_the_fewest_upgrades_within_budget_and_refuses_the_impossible():
@@ -216,8 +214,8 @@ def test_quantize_auto_meets_its_budget_and_records_the_plan(tiny_checkpoint, co
     console = Console(width=200, record=True)
     console.print(render_report(report))
     console.print(describe(tmp_path / "model"))
-    if len(set(q["plan"].values())) > 1:
-        assert console.export_text().count("quantization plan") == 2
+    mixed = len(set(q["plan"].values())) > 1  # a uniform plan is said in the summary, not as a grid
+    assert console.export_text().count("quantization plan") == (2 if mixed else 0)
 
 
 @pytest.mark.parametrize("kwargs,message", [
