@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SAMPLE_CHARS = 200_000
@@ -130,3 +131,22 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def grow_beside_a_full_cache(generator, check=None) -> tuple[list[int], object]:
+    """Feed 100 random tokens, by single steps and by chunks that cross growth boundaries, to a cache that
+    starts at 4 positions and to one allocated at max_length: the logits must be equal at every step.
+    check(grown) runs after each chunk. Returns the growing cache's capacity after each chunk and the
+    full cache."""
+    ids = np.random.default_rng(3).integers(0, generator.config.vocab_size, 100).tolist()
+    chunks = [ids[:3], *[[t] for t in ids[3:9]], ids[9:15], *[[t] for t in ids[15:40]], ids[40:100]]
+    full, grown = generator.empty_cache(capacity=generator.max_length), generator.empty_cache(capacity=4)
+    capacities = []
+    for chunk in chunks:
+        expected, full = generator.forward(chunk, full)
+        got, grown = generator.forward(chunk, grown)
+        np.testing.assert_array_equal(got, expected)
+        capacities.append(grown.capacity)
+        if check is not None:
+            check(grown)
+    return capacities, full

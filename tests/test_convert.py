@@ -3,6 +3,8 @@ generation config and chat template carried along; Q/K/V biases through the plai
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,19 +38,24 @@ def test_random_hf_llama_converts_to_a_checkpoint(tmp_path, tiny_checkpoint, tie
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text((tiny_checkpoint / "tokenizer.json").read_text())
+    ours, _ = converts_and_round_trips(hf, tmp_path, tolerance=1e-5)
+    assert ours.cfg.tie_embeddings is tied and ours.cfg.rope_theta == 50000.0
+
+
+def converts_and_round_trips(hf, tmp_path: Path, tolerance: float):
+    """tmp_path/hf (saved from `hf`) -> checkpoint: logits within `tolerance` of transformers'; and back to
+    tmp_path/hf2, bit-exact. Returns our model and the ids it was compared on."""
     direction, ckpt = convert(tmp_path / "hf", tmp_path / "ckpt")
     assert direction == "huggingface → checkpoint"
     ours, _ = load_checkpoint(ckpt)
-    assert ours.cfg.tie_embeddings is tied and ours.cfg.rope_theta == 50000.0
     ids = torch.randint(0, 512, (2, 50))
     with torch.no_grad():
-        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-5
-    # and back: the round trip is bit-exact
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= tolerance
     convert(ckpt, tmp_path / "hf2")
     again = load_file(tmp_path / "hf2" / "model.safetensors")
     original = load_file(tmp_path / "hf" / "model.safetensors")
-    assert again.keys() == original.keys()
-    assert all(torch.equal(again[k], original[k]) for k in original)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+    return ours, ids
 
 
 def test_refuses_what_it_cannot_represent(tmp_path):
@@ -153,17 +160,8 @@ def tiny_qwen2(tied: bool = True):
 def test_random_hf_qwen2_with_qkv_biases_converts_and_round_trips(tmp_path, tiny_checkpoint, tied):
     hf = tiny_qwen2(tied)
     save_hf(hf, tmp_path / "hf", tiny_checkpoint)
-    direction, ckpt = convert(tmp_path / "hf", tmp_path / "ckpt")
-    assert direction == "huggingface → checkpoint"
-    ours, _ = load_checkpoint(ckpt)
+    ours, ids = converts_and_round_trips(hf, tmp_path, tolerance=1e-4)
     assert ours.cfg.qkv_bias and ours.cfg.tie_embeddings is tied and ours.cfg.rope_theta == 1e6
-    ids = torch.randint(0, 512, (2, 50))
-    with torch.no_grad():
-        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
-    convert(ckpt, tmp_path / "hf2")
-    again = load_file(tmp_path / "hf2" / "model.safetensors")
-    original = load_file(tmp_path / "hf" / "model.safetensors")
-    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert type(back).__name__ == "Qwen2ForCausalLM"
     with torch.no_grad():

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from conftest import EVAL_TOKENS, assert_one_line_error
+from conftest import EVAL_TOKENS, assert_one_line_error, grow_beside_a_full_cache
 from edgegpt.cli.app import app
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export import GateLimits, export_package
@@ -115,15 +115,7 @@ def test_a_rolled_back_int8_cache_continues_exactly_as_a_fresh_prefill(int8):
 def test_a_growing_int8_cache_gives_the_logits_of_a_full_one(int8):
     """Growth copies int8 bytes: by single steps and by chunks that cross a boundary, the logits equal
     those of a cache allocated at max_length from the start."""
-    ids = np.random.default_rng(3).integers(0, int8.config.vocab_size, 100).tolist()
-    chunks = [ids[:3], *[[t] for t in ids[3:9]], ids[9:15], *[[t] for t in ids[15:40]], ids[40:100]]
-    full, grown = int8.empty_cache(capacity=int8.max_length), int8.empty_cache(capacity=4)
-    capacities = []
-    for chunk in chunks:
-        expected, full = int8.forward(chunk, full)
-        got, grown = int8.forward(chunk, grown)
-        np.testing.assert_array_equal(got, expected)
-        capacities.append(grown.capacity)
+    capacities, _ = grow_beside_a_full_cache(int8)
     assert sorted(set(capacities)) == [4, 8, 16, 32, 64, 128]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RUNTIME_ATOL, same_tokens
+from conftest import RUNTIME_ATOL, grow_beside_a_full_cache, same_tokens
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime import Generator, ModelPackage
 
@@ -320,18 +320,13 @@ def test_a_prompt_of_token_ids_generates_what_its_text_does(generator):
 def test_a_growing_cache_gives_the_logits_of_a_full_one(generator):
     """Across every growth boundary, by single steps and by chunks that cross one, the logits are those of
     a cache allocated at max_length from the start, and the buffers are their capacity's size."""
-    ids = np.random.default_rng(3).integers(0, generator.config.vocab_size, 100).tolist()
-    chunks = [ids[:3], *[[t] for t in ids[3:9]], ids[9:15], *[[t] for t in ids[15:40]], ids[40:100]]
-    full, grown = generator.empty_cache(capacity=generator.max_length), generator.empty_cache(capacity=4)
     static = generator.package.graph.kv_layout == "static"
-    capacities = []
-    for chunk in chunks:
-        expected, full = generator.forward(chunk, full)
-        got, grown = generator.forward(chunk, grown)
-        np.testing.assert_array_equal(got, expected)
-        capacities.append(grown.capacity)
+
+    def buffers_match_capacity(grown) -> None:
         if static:
             assert {t.shape()[2] for t in grown.tensors.values()} == {grown.capacity} and grown.capacity >= grown.length
+
+    capacities, full = grow_beside_a_full_cache(generator, buffers_match_capacity)
     if static:  # 4 -> 8 (the 6th token) -> 16 (a chunk crossing 8 and more) -> 32 -> 64 -> 128 = max_length
         assert sorted(set(capacities)) == [4, 8, 16, 32, 64, 128] and full.capacity == 128
     else:
