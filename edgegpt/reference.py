@@ -88,7 +88,7 @@ class TorchReference:
         """New token ids after prompt_ids, by the runtime's rules (eos_token_id None: never stops there;
         max_length: default the model's context; vocab_size: ids the tokenizer can decode)."""
         check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
-                       sampling.repetition_penalty)
+                       sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty)
         sampler = Sampler(sampling, seed, prompt_ids, vocab_size or self.model.cfg.vocab_size)
         eos = () if eos_token_id is None else (eos_token_id,)
         decoding = Decoding(len(prompt_ids), max_new_tokens, max_length or self.max_len, eos)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
-from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.errors import EdgeGPTError, PromptTooLong
 from edgegpt.core.formats import CHAT_TEMPLATE
 from edgegpt.runtime.batch import Row, generate_rows
 from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
@@ -51,9 +51,11 @@ T = TypeVar("T")
 
 class Stream(Generic[T]):
     """What stream() and stream_tokens() return: an iterator of text pieces (or token ids) that also says
-    why it ended, so `generate` and every existing loop over a stream keep working unchanged.
+    why it ended and how many tokens it read and wrote, so `generate` and every existing loop over a stream
+    keep working unchanged.
 
         stream = g.stream(prompt); text = "".join(stream); stream.finish_reason
+        stream.prompt_tokens, stream.completion_tokens   # what the OpenAI API calls `usage`
 
     finish_reason, None until the iteration ends (and after an exception):
         "eos"         the model produced the end-of-text token (not included; stop_at_eos=True)
@@ -63,9 +65,18 @@ class Stream(Generic[T]):
         "cancelled"   `cancel` was set, or close() was called before the end
     """
 
-    def __init__(self, source: typing.Generator[T, None, str]) -> None:
+    def __init__(self, source: typing.Generator[T, None, str], prompt_tokens: int = 0,
+                 decoding: Decoding | None = None) -> None:
         self._source = source
+        self._decoding = decoding
+        self.prompt_tokens = prompt_tokens  # tokens of the prompt as the model reads it (after truncation)
         self.finish_reason: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far (an end-of-text token that ended it is not counted; the tokens of a stop
+        string are: the model generated them)."""
+        return 0 if self._decoding is None else len(self._decoding.tokens)
 
     def __iter__(self) -> "Stream[T]":
         return self
@@ -93,7 +104,8 @@ class Generator:
         g.generate_batch(prompts, **options) -> [str] g.generate_ids -> [ids]; stream_tokens -> Stream of ids
         g.chat(messages, **options) -> str            g.stream_chat(messages, cancel=event, **options) -> Stream
         options (GenerateOptions): max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-        seed, stop, stop_at_eos, truncate; None means the package's generation_config.json.
+        presence_penalty, frequency_penalty, seed, stop, stop_at_eos, truncate; None means the package's
+        generation_config.json.
         A Stream's finish_reason says why it ended: "eos", "stop", "length", "max_length" or "cancelled".
 
     Chat: messages are [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...], rendered by
@@ -245,7 +257,7 @@ class Generator:
             larger = ""
             if self.max_length < self.config.max_len:
                 larger = f", load with a larger max_length (up to {self.config.max_len})"
-            raise EdgeGPTError(
+            raise PromptTooLong(
                 f"the prompt is {'over ' if cut else ''}{len(ids):,} tokens but the "
                 f"model's context is {self.max_length} tokens; shorten the prompt{larger} or keep its last tokens "
                 "with truncate='left' (--truncate left)"
@@ -275,7 +287,7 @@ class Generator:
         if options.truncate is not None:
             return ids[-max(1, self.max_length - options.max_new_tokens):]
         if len(ids) > self.max_length:
-            raise EdgeGPTError(f"the prompt is {len(ids):,} tokens but the model's context is {self.max_length} "
+            raise PromptTooLong(f"the prompt is {len(ids):,} tokens but the model's context is {self.max_length} "
                                "tokens; shorten it or keep its last tokens with truncate='left'")
         return ids
 
@@ -307,7 +319,8 @@ class Generator:
         if resolved.stop:
             raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
         prompt_ids = self._prompt_ids(prompt, resolved)
-        return Stream(self._tokens(prompt_ids, resolved, self._decoding(prompt_ids, resolved, cancel)))
+        decoding = self._decoding(prompt_ids, resolved, cancel)
+        return Stream(self._tokens(prompt_ids, resolved, decoding), len(prompt_ids), decoding)
 
     def generate_ids(
         self, prompt: str | Sequence[int], *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -327,7 +340,7 @@ class Generator:
         When it has ended, its finish_reason says why (Stream).
         """
         resolved = self._resolve(options)
-        return Stream(self._pieces(self._prompt_ids(prompt, resolved), resolved, cancel))
+        return self._text_stream(self._prompt_ids(prompt, resolved), resolved, cancel)
 
     def generate(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -356,7 +369,7 @@ class Generator:
         if not prompts:
             return []
         if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
-            return ["".join(self._pieces(i, o, None)) for i, o in zip(ids, per_row)]
+            return ["".join(self._text_stream(i, o, None)) for i, o in zip(ids, per_row)]
         rows = [Row(i, o, self._decoding(i, o, None, text=True), self._vocab_size) for i, o in zip(ids, per_row)]
         generate_rows(self._runner, rows, ids, self._checked)
         return [row.result() for row in rows]
@@ -380,7 +393,7 @@ class Generator:
         a chat template, a template that fails (runtime/chat_template.py), or a conversation too long.
         """
         resolved = self._resolve(options)
-        return Stream(self._pieces(self._chat_ids(messages, resolved), resolved, cancel))
+        return self._text_stream(self._chat_ids(messages, resolved), resolved, cancel)
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The text the model reads for `messages`: the package's chat template rendered the way Hugging
@@ -433,10 +446,10 @@ class Generator:
             raise EdgeGPTError(f"{self._chat_template().origin} rendered this conversation as no text at all")
         size = f"over {self.max_length:,}" if ids is None else f"{len(ids):,}"
         if options.truncate is not None:
-            raise EdgeGPTError(f"the conversation's last turn and system messages alone are {size} tokens but the "
+            raise PromptTooLong(f"the conversation's last turn and system messages alone are {size} tokens but the "
                                f"model's context is {self.max_length} tokens; shorten them or load with a larger "
                                "max_length (--max-length)")
-        raise EdgeGPTError(f"the conversation is {size} tokens but the model's context is {self.max_length} "
+        raise PromptTooLong(f"the conversation is {size} tokens but the model's context is {self.max_length} "
                            "tokens; drop its oldest turns with truncate='left' (--truncate left) or load with a "
                            "larger max_length (--max-length)")
 
@@ -489,11 +502,14 @@ class Generator:
         return (yield from decoding.run(lambda: self._checked(prefill()),
                                         lambda token: self._checked(feed(token)), sampler.choose))
 
+    def _text_stream(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Stream[str]:
+        decoding = self._decoding(prompt_ids, options, cancel, text=True)
+        return Stream(self._pieces(prompt_ids, options, decoding), len(prompt_ids), decoding)
+
     def _pieces(
-        self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None
+        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding
     ) -> typing.Generator[str, None, str]:
         """Text pieces of the decode loop, stop strings held back; returns the finish reason."""
-        decoding = self._decoding(prompt_ids, options, cancel, text=True)
         tokens = self._tokens(prompt_ids, options, decoding)
         try:
             for _ in tokens:

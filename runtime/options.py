@@ -28,6 +28,8 @@ class GenerateOptions(TypedDict, total=False):
     top_p: float | None  # 1.0 = off
     min_p: float | None  # 0 = off
     repetition_penalty: float | None  # 1.0 = off
+    presence_penalty: float | None  # 0 = off; OpenAI's, in [-2, 2] (runtime/sampling.py)
+    frequency_penalty: float | None  # 0 = off; OpenAI's, in [-2, 2]
     seed: int | None  # same seed, same text; None: fresh randomness
     stop: str | Sequence[str] | None  # text generation ends before the first of these; never included
     stop_at_eos: bool  # False: the end-of-text token does not end generation (benchmarks: exactly N tokens)
@@ -58,10 +60,14 @@ def resolve_options(defaults, options: Mapping[str, Any]) -> GenerationOptions:
         value = options.get(name)
         return getattr(defaults, name) if value is None else value
 
+    # generation_config.json has no presence or frequency penalty (Hugging Face has none): off unless asked.
+    occurrence = [0.0 if options.get(name) is None else options[name] for name in ("presence_penalty",
+                                                                                    "frequency_penalty")]
     sampling = SamplingParams(
-        pick("temperature"), pick("top_k"), pick("top_p"), pick("min_p"), pick("repetition_penalty")
+        pick("temperature"), pick("top_k"), pick("top_p"), pick("min_p"), pick("repetition_penalty"), *occurrence
     )
-    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.repetition_penalty)
+    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.repetition_penalty,
+                   sampling.presence_penalty, sampling.frequency_penalty)
     max_new_tokens = pick("max_new_tokens")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise EdgeGPTError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

@@ -1,13 +1,17 @@
 """Choosing the next token from a logits vector: small pure numpy functions (after litgpt).
 
-    logits [vocab] ─► repetition_penalty(seen) ─┬─ temperature == 0: argmax (greedy)
-                                                └─ / temperature ─► top_k ─► top_p ─► min_p ─► softmax ─► sample(rng)
+    logits [vocab] ─► repetition_penalty(seen) ─► presence/frequency penalties(counts) ─┐
+        ┌─────────────────────────────────────────────────────────────────────────────┘
+        ├─ temperature == 0: argmax (greedy)
+        └─ / temperature ─► top_k ─► top_p ─► min_p ─► softmax ─► sample(rng)
 
 The order is Hugging Face's (the penalty is a logits processor, then the warpers temperature, top-k,
 top-p, min-p), so a package's generation_config.json means the same thing to both. The penalty applies
-before the greedy argmax too: it is meant to change which token wins. top-k/top-p/min-p cannot change
-an argmax, so greedy ignores them. All randomness comes from the `numpy.random.Generator` a `Sampler`
-owns: the same seed gives the same tokens.
+before the greedy argmax too: it is meant to change which token wins. The presence and frequency penalties
+are OpenAI's (what the server's clients send): logit − frequency × count − presence × (count > 0), counting
+the tokens generated so far (not the prompt's), after the repetition penalty as llama.cpp applies them.
+top-k/top-p/min-p cannot change an argmax, so greedy ignores them. All randomness comes from the
+`numpy.random.Generator` a `Sampler` owns: the same seed gives the same tokens.
 
 This module is the one sampler of edgegpt: the runtime and the PyTorch reference
 (edgegpt/reference.py) both feed it numpy logits, so seeded they choose the same tokens.
@@ -42,6 +46,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0 = off; keep tokens with probability >= min_p × the top probability
     repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in prompt + output
+    presence_penalty: float = 0.0  # 0 = off; in [-2, 2], subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # 0 = off; in [-2, 2], subtracted once per time a token was generated
 
 
 def _number(value) -> bool:
@@ -49,7 +55,8 @@ def _number(value) -> bool:
 
 
 def check_sampling(
-    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0
+    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
 ) -> None:
     """Raise EdgeGPTError for values outside their ranges (bools are not numbers here)."""
     if not _number(temperature):
@@ -64,6 +71,9 @@ def check_sampling(
         raise EdgeGPTError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
     if not _number(repetition_penalty) or repetition_penalty <= 0:
         raise EdgeGPTError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _number(value) or not -2 <= value <= 2:
+            raise EdgeGPTError(f"{name} must be a number in [-2, 2] (0 = off), got {value!r}")
 
 
 def repetition_penalty_filter(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -76,6 +86,14 @@ def repetition_penalty_filter(logits: np.ndarray, seen: np.ndarray, penalty: flo
     hit = out[seen]
     out[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
     return out
+
+
+def occurrence_penalty_filter(logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit − frequency × counts − presence × (counts > 0); counts: int [vocab], how often
+    each id was generated so far. Both 0: unchanged."""
+    if (presence == 0.0 and frequency == 0.0) or not counts.any():
+        return logits
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -153,14 +171,21 @@ def next_token(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seen: np.ndarray | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    counts: np.ndarray | None = None,
 ) -> int:
-    """The next token id from logits [vocab]; seen: bool [vocab], ids the penalty applies to.
+    """The next token id from logits [vocab]; seen: bool [vocab], ids the repetition penalty applies to;
+    counts: int [vocab], how often each id was generated (the presence and frequency penalties).
     Parameters are assumed checked by `check_sampling`. Greedy draws no random number.
     Raises EdgeGPTError for NaN or all -inf logits (module doc)."""
     logits = _limit(np.asarray(logits, dtype=np.float64))
     if seen is not None:
         with np.errstate(over="ignore"):  # a huge logit may leave the float range: _limit handles it
             logits = _limit(repetition_penalty_filter(logits, seen, float(repetition_penalty)))
+    if counts is not None:
+        with np.errstate(over="ignore"):
+            logits = _limit(occurrence_penalty_filter(logits, counts, presence_penalty, frequency_penalty))
     if temperature == 0:
         return int(np.argmax(logits))
     with np.errstate(over="ignore"):  # only towards -inf: after the shift every logit is <= 0
@@ -184,13 +209,16 @@ class Sampler:
         self.vocab_size = vocab_size  # ids the tokenizer can decode; logits beyond are dropped
         self.seen = np.zeros(vocab_size, bool)
         self.seen[[i for i in prompt_ids if 0 <= i < vocab_size]] = True
+        self.counts = np.zeros(vocab_size, np.int64)  # generated ids only (the presence/frequency penalties)
 
     def choose(self, logits: np.ndarray) -> int:
         """The next id from logits [>= vocab_size] (a model's vocab may be padded past the tokenizer's)."""
         p = self.params
         token = next_token(
             logits[: self.vocab_size], self.rng, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-            self.seen if p.repetition_penalty != 1.0 else None,
+            self.seen if p.repetition_penalty != 1.0 else None, p.presence_penalty, p.frequency_penalty,
+            self.counts if p.presence_penalty or p.frequency_penalty else None,
         )
         self.seen[token] = True
+        self.counts[token] += 1
         return token

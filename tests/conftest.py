@@ -150,3 +150,25 @@ def grow_beside_a_full_cache(generator, check=None) -> tuple[list[int], object]:
         if check is not None:
             check(grown)
     return capacities, full
+
+
+# The tiny model's vocabulary has no chat markers; a template of plain text is what it can be asked with.
+PLAIN_CHAT = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def package_with(tiny_package: Path, directory: Path, template: str | None, **generation) -> Path:
+    """A copy of tiny_package with a chat template and generation_config.json values (no manifest)."""
+    import json
+    import shutil
+
+    from edgegpt.core.formats import CHAT_TEMPLATE, GENERATION_CONFIG, MANIFEST
+
+    copy = Path(shutil.copytree(tiny_package, directory))
+    (copy / MANIFEST).unlink(missing_ok=True)  # edited files would fail its sha256s (tests/test_untrusted.py)
+    if template is not None:
+        (copy / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+    if generation:
+        path = copy / GENERATION_CONFIG
+        path.write_text(json.dumps({**json.loads(path.read_text()), **generation}))
+    return copy

@@ -4,18 +4,16 @@ and `edgegpt chat`. The templates are real models' templates written out here: n
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import PLAIN_CHAT, package_with
 from edgegpt.cli.app import app
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CHAT_TEMPLATE, GENERATION_CONFIG, MANIFEST
 from edgegpt.runtime import Generator
 from edgegpt.runtime.chat_template import ChatTemplate
 
@@ -203,22 +201,6 @@ def test_bad_messages_are_one_clear_error(messages, message):
 
 
 # -- through the Generator and the command line, on the tiny package ---------------------------------
-
-# The tiny model's vocabulary has no chat markers; a template of plain text is what it can be asked with.
-PLAIN_CHAT = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-              "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def package_with(tiny_package: Path, directory: Path, template: str | None, **generation) -> Path:
-    copy = Path(shutil.copytree(tiny_package, directory))
-    (copy / MANIFEST).unlink(missing_ok=True)  # edited files would fail its sha256s (tests/test_untrusted.py)
-    if template is not None:
-        (copy / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
-    if generation:
-        path = copy / GENERATION_CONFIG
-        path.write_text(json.dumps({**json.loads(path.read_text()), **generation}))
-    return copy
-
 
 @pytest.fixture(scope="module")
 def chat_package(tiny_package, tmp_path_factory) -> Path:

@@ -13,6 +13,7 @@ from edgegpt.runtime.sampling import (
     check_sampling,
     min_p_filter,
     next_token,
+    occurrence_penalty_filter,
     repetition_penalty_filter,
     softmax,
     top_k_filter,
@@ -180,6 +181,27 @@ def test_sampler_same_seed_same_draws():
 def test_invalid_min_p_and_penalty_raise(min_p, penalty):
     with pytest.raises(EdgeGPTError):
         check_sampling(1.0, 0, 1.0, min_p, penalty)
+
+
+def test_presence_and_frequency_penalties_subtract_per_generated_occurrence():
+    logits = np.array([1.0, 1.0, 1.0])
+    counts = np.array([0, 1, 3])
+    assert occurrence_penalty_filter(logits, counts, 0.5, 0.25).tolist() == [1.0, 0.25, -0.25]
+    assert occurrence_penalty_filter(logits, counts, 0.0, 0.0) is logits
+
+
+def test_the_occurrence_penalties_count_generated_tokens_not_the_prompt():
+    logits = np.array([3.0, 2.5, 2.0])
+    frequency = Sampler(SamplingParams(frequency_penalty=0.4), None, [0, 0, 0], vocab_size=3)
+    assert [frequency.choose(logits) for _ in range(4)] == [0, 0, 1, 0]  # 3.0 - 0.4n against 2.5
+    presence = Sampler(SamplingParams(presence_penalty=2.0), None, [0], vocab_size=3)
+    assert [presence.choose(logits) for _ in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("presence, frequency", [(2.5, 0.0), (0.0, -2.1), (float("nan"), 0.0), (True, 0.0)])
+def test_invalid_occurrence_penalties_raise(presence, frequency):
+    with pytest.raises(EdgeGPTError, match="penalty must be a number in \\[-2, 2\\]"):
+        check_sampling(1.0, 0, 1.0, 0.0, 1.0, presence, frequency)
 
 
 # -- stop strings ---------------------------------------------------------------------------------------

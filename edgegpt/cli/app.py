@@ -1,4 +1,4 @@
-"""The `edgegpt` command line: train, export, eval, generate, chat, convert, bench, info.
+"""The `edgegpt` command line: train, export, eval, generate, chat, serve, convert, bench, info.
 
 Heavy modules (torch, onnx) are imported inside the commands that need them, so `edgegpt generate`
 starts as fast as the runtime does, and a base install (no torch) runs generate, chat, bench, info and
@@ -344,6 +344,36 @@ def chat(
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Argument(None, help="Model package. Default: $EDGEGPT_HOME/model."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. The default is reachable from this "
+                             "machine only; anything else should have an --api-key."),
+    port: int = typer.Option(8080, help="TCP port (0: any free one; the address is printed when ready)."),
+    parallel: int = typer.Option(1, help="Requests generated at the same time, each with its own cache, on "
+                                 "the one loaded model."),
+    max_queue: int = typer.Option(8, help="Requests that may wait for a free slot; beyond that: 503."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGEGPT_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on the API."),
+    model_name: Optional[str] = typer.Option(None, help="The model's id in the API (default: the package "
+                                             "folder's name)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted (413 beyond)."),
+    shutdown_timeout: float = typer.Option(10.0, help="Seconds running requests get to finish on SIGTERM "
+                                           "or Ctrl-C before they are cancelled."),
+    provider: ProviderOption = Provider.auto,
+    threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: physical cores)."),
+    max_length: MaxLengthOption = None,
+) -> None:
+    """Serve a model package over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health), for apps in any language. Needs the [serve] extra."""
+    with user_errors("serve", needs=("starlette", "uvicorn")):
+        from edgegpt.server import serve as run_server
+
+        run_server(model or workspace.model_dir(), host=host, port=port, parallel=parallel, max_queue=max_queue,
+                   api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
+                   shutdown_timeout=shutdown_timeout, provider=provider.value, threads=threads, max_length=max_length)
 
 
 @app.command()

@@ -30,6 +30,8 @@ EXTRA_OF_MODULE = {
     "onnxscript": "train",
     "safetensors": "train",
     "transformers": "distill",
+    "starlette": "serve",
+    "uvicorn": "serve",
 }
 
 
