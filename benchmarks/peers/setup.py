@@ -28,7 +28,7 @@ def builder_python(work: Path) -> Path:
 
 
 def llama_bin(work: Path) -> Path:
-    """Where the llama-bench and llama-quantize binaries of the build land."""
+    """Where the llama-bench, llama-quantize and llama-server binaries of the build land."""
     return work / "llama.cpp-build" / "bin"
 
 
@@ -55,7 +55,10 @@ def setup(work: Path) -> None:
         archive = sorted(glob.glob(str(src / "llama_cpp_python-*.tar.gz")))[-1]
         run_logged(["tar", "xzf", archive, "-C", src])
     build = work / "llama.cpp-build"
+    # llama-server (benchmarks/serve_load.py) needs no TLS and no web UI: without the last three options its
+    # build links OpenSSL when present and downloads the UI's prebuilt assets
     run_logged(["cmake", "-S", llama_source(work), "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
-    run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", "2"])
+                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"])
+    run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "llama-server", "-j", "2"])
     log(f"setup done under {work}")
