@@ -8,7 +8,9 @@ slot count varied, side by side with llama.cpp's llama-server (same number of sl
 Same weights: edgegpt's int8 package against llama.cpp Q8_0 made from the same checkpoint the way
 compare_runtimes.py makes it (cached under WORK/models/; llama-server is built by
 `compare_runtimes.py --setup`, see peers/setup.py). On a shared machine wrap the run in
-`flock /tmp/edgegpt-cpu.lock …`: the servers need both cores to themselves.
+`flock /tmp/edgegpt-cpu.lock …`: the servers need both cores to themselves. llama-server's two threads
+spin-wait for each other between operations, so with one core taken by other work it collapses (measured
+here: 1–15 tokens/s beside a test run); the caption gives the load average before and after.
 
 What one cell of the table is (runtime, slots S, clients C): a server with S slots (`edgegpt serve --parallel S
 --max-queue Q --max-length CONTEXT`, `llama-server -np S -c S×CONTEXT`, both with `--threads`; one fresh
@@ -339,7 +341,11 @@ def fmt(value: float | None, spec: str, scale: float = 1) -> str:
     return "—" if value is None else format(value * scale, spec)
 
 
-def report(args: argparse.Namespace, cells: dict, skipped: dict[str, str], gguf: Path | None) -> None:
+def report(args: argparse.Namespace, cells: dict, skipped: dict[str, str], gguf: Path | None,
+           load: tuple[float, float]) -> None:
+    """Print the table (Markdown with --markdown), which slot count served each client count fastest, what
+    was skipped or went wrong, and with --json the figures as one line. `load`: the 1-minute load average
+    before and after the run, since other work on the machine moves these figures more than anything."""
     from rich.console import Console
     from rich.table import Table
 
@@ -350,7 +356,8 @@ def report(args: argparse.Namespace, cells: dict, skipped: dict[str, str], gguf:
     rows, figures = [], {"machine": machine(), "edgegpt_model": str(args.model), "gguf": str(gguf) if gguf else None,
                          "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens,
                          "prompt_tokens": args.prompt_tokens, "temperature": args.temperature,
-                         "rounds": args.rounds, "context_per_slot": args.context, "cells": [], "skipped": skipped}
+                         "rounds": args.rounds, "context_per_slot": args.context, "load_average": load, "cells": [],
+                         "skipped": skipped}
     client_cpu = []
     for slots in args.slots:
         for clients in args.clients:
@@ -370,7 +377,8 @@ def report(args: argparse.Namespace, cells: dict, skipped: dict[str, str], gguf:
                 fmt(e and e["server_cpu"], ".2f"), fmt(ll and ll["server_cpu"], ".2f"), str(errors)))
             figures["cells"].append({"slots": slots, "clients": clients, EDGEGPT: e, LLAMA: ll, "ratio": ratio})
     title = f"serving under load: {ours} against {theirs}"
-    caption = (f"{machine()}; {args.threads} threads per server; each client {args.requests} streaming "
+    caption = (f"{machine()}, load average {load[0]:.1f} before and {load[1]:.1f} after; {args.threads} threads "
+               f"per server; each client {args.requests} streaming "
                f"/v1/completions back to back, ~{args.prompt_tokens}-token prompts, {args.max_tokens} tokens "
                f"each (ignore_eos), {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}; "
                f"tok/s: all completion tokens ÷ wall time (median of {args.rounds} interleaved rounds); TTFT "
@@ -498,6 +506,7 @@ def main() -> None:
         sys.exit("nothing to measure: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     prompts = Prompts(args.model / "tokenizer.json", args.prompt_tokens, args.max_tokens, args.temperature)
     cells: dict[tuple[str, int, int], Cell] = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as logs:
         try:
             for round_ in range(args.rounds):
@@ -516,7 +525,7 @@ def main() -> None:
                             log(f"SKIP {runtime}: {skipped[runtime]}")
         finally:
             Server.stop_all()
-    report(args, cells, skipped, gguf)
+    report(args, cells, skipped, gguf, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
