@@ -45,6 +45,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -356,7 +357,8 @@ def report(args: argparse.Namespace, cells: dict, skipped: dict[str, str], gguf:
     rows, figures = [], {"machine": machine(), "edgegpt_model": str(args.model), "gguf": str(gguf) if gguf else None,
                          "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens,
                          "prompt_tokens": args.prompt_tokens, "temperature": args.temperature,
-                         "rounds": args.rounds, "context_per_slot": args.context, "load_average": load, "cells": [],
+                         "rounds": args.rounds, "context_per_slot": args.context, "llama_args": args.llama_args,
+                         "load_average": load, "cells": [],
                          "skipped": skipped}
     client_cpu = []
     for slots in args.slots:
@@ -479,6 +481,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="each server's threads")
     parser.add_argument("--context", type=int, default=512, help="KV positions per slot (both servers)")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of the whole grid, runtimes interleaved")
+    parser.add_argument("--llama-args", default="",
+                        help='more llama-server options, after an = sign: --llama-args="-kvu" (measured: no change)')
     parser.add_argument("--only", nargs="*", choices=(EDGEGPT, LLAMA), default=[EDGEGPT, LLAMA])
     parser.add_argument("--startup-timeout", type=float, default=180, help="seconds for a server to become healthy")
     parser.add_argument("--request-timeout", type=float, default=120, help="seconds of silence that fail a request")
@@ -516,7 +520,7 @@ def main() -> None:
                             continue
                         command = (edgegpt_command(args.model, slots, args) if runtime == EDGEGPT else
                                    llama_server.command(llama_server.binary(args.work), gguf, slots, args.threads,
-                                                        args.context))
+                                                        args.context) + shlex.split(args.llama_args))
                         try:
                             serve_and_measure(Server(f"{runtime} -np {slots}", command, Path(logs)), prompts, slots,
                                               args, cells, runtime)
