@@ -352,8 +352,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on. The default is reachable from this "
                              "machine only; anything else should have an --api-key."),
     port: int = typer.Option(8080, help="TCP port (0: any free one; the address is printed when ready)."),
-    parallel: int = typer.Option(1, help="Requests generated at the same time, each with its own cache, on "
-                                 "the one loaded model."),
+    parallel: int = typer.Option(4, help="Requests generated at the same time, each with its own cache, "
+                                 "decoded together in one batch (a fused CPU package) on the one loaded model."),
     max_queue: int = typer.Option(8, help="Requests that may wait for a free slot; beyond that: 503."),
     api_key: Optional[str] = typer.Option(None, envvar="EDGEGPT_API_KEY", show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' on the API."),

@@ -29,7 +29,7 @@ def serve(
     *,
     host: str = LOOPBACK,
     port: int = 8080,
-    parallel: int = 1,
+    parallel: int = 4,
     max_queue: int = 8,
     api_key: str | None = None,
     model_name: str | None = None,

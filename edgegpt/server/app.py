@@ -50,7 +50,7 @@ log = logging.getLogger("edgegpt.server")
 @dataclass(frozen=True)
 class Settings:
     model_name: str
-    parallel: int = 1
+    parallel: int = 4
     max_queue: int = 8
     api_key: str | None = None
     max_body_bytes: int = 1 << 20  # 1 MiB: a long document fits, a runaway upload does not
