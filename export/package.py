@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
@@ -65,6 +65,9 @@ from edgegpt.quality import (
 from edgegpt.reference import TorchReference
 from edgegpt.scoring import strided_windows
 
+if TYPE_CHECKING:
+    from edgegpt.export.draft import DraftReport
+
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 
 
@@ -83,6 +86,7 @@ class ExportReport:
     seconds: float
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
     kv_cache: dict[str, Any] = field(default_factory=lambda: {"dtype": "float32"})  # the manifest's kv_cache
+    draft: DraftReport | None = None  # the draft/ package, with --draft (export/draft.py)
 
     @property
     def size_ratio(self) -> float:
@@ -102,6 +106,7 @@ class ExportReport:
             "opset": self.graph.opset,
             "ir_version": self.graph.ir_version,
             "operators": {"count": self.graph.op_count, "census": self.graph.census},
+            "draft": None if self.draft is None else self.draft.to_dict(),
             "written": bool(self.manifest),
             "seconds": round(self.seconds, 2),
         }
@@ -244,6 +249,41 @@ def open_package(directory: Path, precision: str, max_length: int | None = None)
     return Generator.load(directory, provider="cuda" if precision == "float16" else "cpu", max_length=max_length)
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """The export's options, checked once: a draft is exported with exactly the target's."""
+
+    fuse: bool
+    precision: str  # "float32" or "float16"
+    quantize: bool | str  # False, True or "auto"
+    bits: int
+    options: QuantOptions | None
+    budget: float | None  # --quantize auto's perplexity budget, a ratio
+    kv_cache: str
+    gate: bool
+    limits: GateLimits
+    runnable: bool  # the runtime can run the package here (float16 needs CUDA)
+
+    @property
+    def kind(self) -> str:
+        return "fused" if self.fuse else "plain"
+
+    @property
+    def label(self) -> str:
+        return "mixed" if self.quantize == "auto" else f"int{self.bits}" if self.quantize else self.precision
+
+
+@dataclass
+class Source:
+    """One checkpoint, loaded and checked, with the texts its package is calibrated and judged on."""
+
+    checkpoint: Path
+    model: GPT
+    tokenizer: Any
+    text: EvalText | None  # held-out text for the gates (None: no gate needs it and none was found)
+    calibration: Any  # quantize_package.CalibrationText, or None
+
+
 def export_package(
     checkpoint: Path,
     out: Path,
@@ -265,6 +305,7 @@ def export_package(
     eval_data: Path | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int | None = None,
+    draft: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically). The gates
@@ -273,6 +314,8 @@ def export_package(
     kv_cache: "fp32", "int8" or "fp16" (export/cache_precision.py); None: the precision's own float cache.
     quantize: True (`bits`, `method` and the nbits options: export/quantize.py) or "auto" (a per-projection
     plan within `max_ppl_increase` percent: export/quantize_package.py).
+    draft: a smaller checkpoint with the same tokenizer, exported with the same options into the package's
+    `draft/` folder and gated on its own, for speculative decoding (export/draft.py).
     Raises GateFailed (an EdgeGPTError carrying the report) when a gate fails and `gate` is on.
     """
     say = progress or (lambda message: None)
@@ -291,108 +334,132 @@ def export_package(
     # a mistake in the command, not a setting.
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
         raise EdgeGPTError(f"--eval-tokens must be a positive number of tokens, got {eval_tokens!r}")
-    label = "mixed" if quantize == "auto" else f"int{bits}" if quantize else precision
+    runnable = precision == "float32" or cuda_available()  # the runtime runs float16 on CUDA only
+    plan = ExportPlan(fuse=fuse, precision=precision, quantize=quantize, bits=bits, options=options, budget=budget,
+                      kv_cache=kv_cache, gate=gate, limits=limits, runnable=runnable)
     model, tokenizer = load_checkpoint(checkpoint)
     window = resolve_window(window, model.cfg.max_len)
     check_destination(checkpoint, out)
     generation_config(tokenizer, checkpoint)  # fail before the slow steps if the tokenizer has no end-of-text token
-    runnable = precision == "float32" or cuda_available()  # the runtime runs float16 on CUDA only
+    drafted = None
+    if draft is not None:  # refused before anything slow: a wrong tokenizer or a draft no smaller
+        from edgegpt.export.draft import load_draft
+
+        drafted = load_draft(Path(draft), checkpoint, model.cfg, tokenizer)
+        check_destination(Path(draft), out)
     if gate and not runnable:
         raise EdgeGPTError("the float16 gate scores the package on CUDA, which this onnxruntime cannot use; "
                            "export on a machine with onnxruntime-gpu and a GPU, or pass --no-gate")
     # A quantized or float16 package is judged on text: without any, its gate cannot run. An int8 cache
-    # is calibrated on it, gate or not.
+    # is calibrated on it, gate or not; a draft's acceptance is measured on it.
     text = None
     if runnable:
-        needed = (gate and label != "float32") or kv_cache == "int8" or quantize == "auto"
+        needed = (gate and plan.label != "float32") or kv_cache == "int8" or quantize == "auto" or draft is not None
         text = load_eval_text(checkpoint, eval_data, needed, tokenizer, model.cfg, eval_tokens, window)
     calibration = None
     if options is not None and needs_calibration(options, quantize == "auto"):
         calibration = calibration_text(checkpoint, calibration_data, tokenizer)
     elif calibration_data is not None:
         raise EdgeGPTError("--calibration-data is read by --quantize with the search or gptq rounding; drop it")
-    kind = "fused" if fuse else "plain"
     say(f"exporting {checkpoint} to {out}")  # only once the inputs are known good: errors stay one line
 
     with staged_directory(out) as stage:
-        float_dir = stage / "work" / "float"
-        float_dir.mkdir(parents=True)
-        say(f"building the {kind} {precision} graph")
-        contract = build_graph(model, float_dir / MODEL, fuse, precision)
-        optimization = "none at export; ORT_ENABLE_ALL at load"
-        if precision == "float32" and not quantize:  # the shipped file is what the checks below judge
-            optimization = optimize_offline(float_dir / MODEL)
-        write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
-        checks, verification = [], None
-        if precision == "float32":
-            say("checking the float32 graph against PyTorch")
-            verification = verify_generator(torch_reference(model), open_package(float_dir, precision),
-                                            limits.logit_tolerance)
-            checks.append(logit_check(verification))
-        final_dir, quantization, cache = float_dir, None, cache_record(kv_cache)
-        if kv_cache == "int8":  # the float32 graph above is the one checked against PyTorch; this one is gated
-            say("calibrating the int8 KV cache on the held-out text")
-            final_dir = stage / "work" / "int8-cache"
-            final_dir.mkdir()
-            contract, cache = build_int8_cache_graph(model, text, final_dir / MODEL)
-            if not quantize:
-                optimization = optimize_offline(final_dir / MODEL)
-            write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
-        if quantize:
-            source, final_dir = final_dir, stage / "work" / "quantized"
-            final_dir.mkdir()
+        target = Source(checkpoint, model, tokenizer, text, calibration)
+        report, fields = build_package(target, stage, out, plan, say, start)
+        if drafted is not None:
+            from edgegpt.export.draft import export_draft
 
-            def finish(directory: Path) -> str:
-                optimized = optimize_offline(directory / MODEL)
-                write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract,
-                                       checkpoint=checkpoint)
-                return optimized
-
-            if quantize == "auto":
-                quantization = quantize_auto(model, source, final_dir, options, calibration,
-                                             text.tokens[: SEARCH_TOKENS + 1], text.char_table, text.window, budget,
-                                             finish, say)
-            else:
-                quantization = quantize_fixed(model, source, final_dir, options, calibration, say)
-            optimization = finish(final_dir)
-        rows = []
-        if text is not None:
-            n_windows = len(strided_windows(len(text.tokens), text.window))
-            say(f"scoring held-out text with PyTorch and the {label} package "
-                f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
-            reference = evaluate("PyTorch float32", TorchReference(model), text)
-            scorer = PackageScorer(open_package(final_dir, precision, max_length=window))
-            cached = "" if kv_cache != "int8" else ", int8 cache"
-            package = evaluate(f"package ({kind}, {label}{cached})", scorer, text, reference.predictions)
-            rows = [reference, package]
-            if (check := cache_perplexity_check(label, kv_cache, reference, package, limits)) is not None:
-                checks.append(check)
-        gates = GateReport(enabled=gate, checks=checks, text=text, rows=rows)
-        report = ExportReport(
-            checkpoint=checkpoint, package=out, graph_kind=kind, precision=label,
-            float_bytes=(float_dir / MODEL).stat().st_size, package_bytes=(final_dir / MODEL).stat().st_size,
-            quantization=quantization, verification=verification, gates=gates,
-            graph=describe_graph(final_dir / MODEL), seconds=0.0, kv_cache=cache,
-        )
-        if gate and not gates.passed:
-            report.seconds = time.perf_counter() - start
-            raise GateFailed(failure_message(gates), report)
-
-        say("writing the package")
-        for path in final_dir.iterdir():
-            os.replace(path, stage / path.name)
-        shutil.rmtree(stage / "work")
-        report.manifest = write_manifest(stage, {
-            "opset": report.graph.opset,
-            "ir_version": report.graph.ir_version,
-            "graph": kind,
-            "precision": label,
-            "quantization": quantization,
-            "kv_cache": cache,
-            "graph_optimization": optimization,
-            "operator_census": report.graph.census,
-            "verification": None if verification is None else verification.to_dict(),
-            "gates": gates.to_dict(),
-        })
+            report.draft = export_draft(drafted, target, stage, out, plan, say)
+            fields["draft"] = report.draft.entry
+        report.manifest = write_manifest(stage, fields)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say: Callable[[str], None],
+                  start: float) -> tuple[ExportReport, dict[str, Any]]:
+    """Build, check and gate `source`'s package in the directory `stage` (everything but manifest.json);
+    returns the report (for the package that will be at `out`) and the manifest's fields. Raises GateFailed
+    when a gate fails and the plan's gate is on."""
+    model, tokenizer, checkpoint, text = source.model, source.tokenizer, source.checkpoint, source.text
+    precision, quantize, kind, label, limits = plan.precision, plan.quantize, plan.kind, plan.label, plan.limits
+    float_dir = stage / "work" / "float"
+    float_dir.mkdir(parents=True)
+    say(f"building the {kind} {precision} graph")
+    contract = build_graph(model, float_dir / MODEL, plan.fuse, precision)
+    optimization = "none at export; ORT_ENABLE_ALL at load"
+    if precision == "float32" and not quantize:  # the shipped file is what the checks below judge
+        optimization = optimize_offline(float_dir / MODEL)
+    write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
+    checks, verification = [], None
+    if precision == "float32":
+        say("checking the float32 graph against PyTorch")
+        verification = verify_generator(torch_reference(model), open_package(float_dir, precision),
+                                        limits.logit_tolerance)
+        checks.append(logit_check(verification))
+    final_dir, quantization, cache = float_dir, None, cache_record(plan.kv_cache)
+    if plan.kv_cache == "int8":  # the float32 graph above is the one checked against PyTorch; this one is gated
+        say("calibrating the int8 KV cache on the held-out text")
+        final_dir = stage / "work" / "int8-cache"
+        final_dir.mkdir()
+        contract, cache = build_int8_cache_graph(model, text, final_dir / MODEL)
+        if not quantize:
+            optimization = optimize_offline(final_dir / MODEL)
+        write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
+    if quantize:
+        quantized_from, final_dir = final_dir, stage / "work" / "quantized"
+        final_dir.mkdir()
+
+        def finish(directory: Path) -> str:
+            optimized = optimize_offline(directory / MODEL)
+            write_package_metadata(directory, cfg=model.cfg, tokenizer=tokenizer, graph=contract,
+                                   checkpoint=checkpoint)
+            return optimized
+
+        if quantize == "auto":
+            quantization = quantize_auto(model, quantized_from, final_dir, plan.options, source.calibration,
+                                         text.tokens[: SEARCH_TOKENS + 1], text.char_table, text.window, plan.budget,
+                                         finish, say)
+        else:
+            quantization = quantize_fixed(model, quantized_from, final_dir, plan.options, source.calibration, say)
+        optimization = finish(final_dir)
+    rows = []
+    if text is not None:
+        n_windows = len(strided_windows(len(text.tokens), text.window))
+        say(f"scoring held-out text with PyTorch and the {label} package "
+            f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
+        reference = evaluate("PyTorch float32", TorchReference(model), text)
+        scorer = PackageScorer(open_package(final_dir, precision, max_length=text.window))
+        cached = "" if plan.kv_cache != "int8" else ", int8 cache"
+        package = evaluate(f"package ({kind}, {label}{cached})", scorer, text, reference.predictions)
+        rows = [reference, package]
+        if (check := cache_perplexity_check(label, plan.kv_cache, reference, package, limits)) is not None:
+            checks.append(check)
+    gates = GateReport(enabled=plan.gate, checks=checks, text=text, rows=rows)
+    report = ExportReport(
+        checkpoint=checkpoint, package=out, graph_kind=kind, precision=label,
+        float_bytes=(float_dir / MODEL).stat().st_size, package_bytes=(final_dir / MODEL).stat().st_size,
+        quantization=quantization, verification=verification, gates=gates,
+        graph=describe_graph(final_dir / MODEL), seconds=0.0, kv_cache=cache,
+    )
+    if plan.gate and not gates.passed:
+        report.seconds = time.perf_counter() - start
+        raise GateFailed(failure_message(gates), report)
+
+    say("writing the package")
+    for path in final_dir.iterdir():
+        os.replace(path, stage / path.name)
+    shutil.rmtree(stage / "work")
+    fields = {
+        "opset": report.graph.opset,
+        "ir_version": report.graph.ir_version,
+        "graph": kind,
+        "precision": label,
+        "quantization": quantization,
+        "kv_cache": cache,
+        "graph_optimization": optimization,
+        "operator_census": report.graph.census,
+        "verification": None if verification is None else verification.to_dict(),
+        "gates": gates.to_dict(),
+    }
+    return report, fields

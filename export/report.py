@@ -51,18 +51,22 @@ def summary_table(report: ExportReport) -> Table:
                       f"{v.relative_error:.2e} (limit {v.tolerance:.2e}; max |Δlogits| {absolute:.2e} on logits "
                       f"up to {v.logit_scale:.1f})")
     table.add_row("opset / IR version", f"{report.graph.opset} / {report.graph.ir_version}")
+    if report.draft is not None:
+        table.add_row("draft", report.draft.describe())
     table.add_row("seconds", f"{report.seconds:.1f}")
     return table
 
 
-def gates_table(report: ExportReport) -> Table | str:
+def gates_table(report: ExportReport, whose: str = "") -> Table | str:
+    """`whose`: "draft " for the draft's gates, printed after the target's."""
     gates = report.gates
     checks = "; ".join(f"{c.describe()} {'PASS' if c.passed else 'FAIL'}" for c in gates.checks) or "none"
     state = "on" if gates.enabled else "OFF (--no-gate: recorded in the manifest)"
     if not gates.rows:
-        return f"quality gates ({state}): {checks}; no held-out text scored (pass --eval-data PATH to see perplexity)"
+        return f"{whose}quality gates ({state}): {checks}; no held-out text scored (pass --eval-data PATH to see " \
+            "perplexity)"
     verdicts = ["reference", "PASS" if gates.passed else "FAIL"]
-    table = metrics_table(gates.rows, gates.text, title=f"quality gates ({state})", verdicts=verdicts)
+    table = metrics_table(gates.rows, gates.text, title=f"{whose}quality gates ({state})", verdicts=verdicts)
     table.caption = f"{table.caption}\n{checks}"
     return table
 
@@ -71,4 +75,7 @@ def render_report(report: ExportReport) -> Group:
     plan = (report.quantization or {}).get("plan")
     mixed = plan and len(set(plan.values())) > 1  # a uniform plan is said in one line of the summary
     parts = [summary_table(report), *([plan_table(plan)] if mixed else []), census_table(report.graph.census)]
-    return Group(*parts, gates_table(report))
+    parts.append(gates_table(report))
+    if report.draft is not None:  # the draft's own gates, against its own checkpoint
+        parts.append(gates_table(report.draft.report, whose="draft "))
+    return Group(*parts)

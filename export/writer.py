@@ -6,7 +6,8 @@
     generation_config.json  sampling and stopping defaults
     manifest.json           versions, sha256 of every other file, precision, quantization, the KV
                             cache's precision (and an int8 cache's calibration), census,
-                            verification and quality gates
+                            verification and quality gates (and with --draft, the draft's entry)
+    draft/                  with --draft: the draft's own complete package (export/draft.py)
 
 The manifest is written last, over the files as they are on disk, so its hashes describe exactly
 what the package holds.
@@ -86,23 +87,34 @@ def write_package_metadata(directory: Path, *, cfg: ModelConfig, tokenizer: Toke
         write_bytes_atomic(directory / CHAT_TEMPLATE, (Path(checkpoint) / CHAT_TEMPLATE).read_bytes())
 
 
+def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
+    """The manifest's `files`: the sha256 of each named file of `directory`."""
+    return {name: sha256_file(Path(directory) / name) for name in names}
+
+
 def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json last, over the files as they are on disk; returns the manifest.
 
     `manifest_fields` carries opset, ir_version, graph, precision, quantization, kv_cache (the cache's
     dtype; for int8 its quantization and calibration: export/cache_precision.py), operator_census,
-    verification and gates.
+    verification and gates, and with a draft its entry (export/draft.py), whose folder is the only
+    directory the package may hold: its files are hashed in that entry, not in `files`.
     """
     directory = Path(directory)
-    present = sorted(p.name for p in directory.iterdir())
-    if sorted(set(present) - set(OPTIONAL_FILES)) != sorted(set(PACKAGE_FILES) - {MANIFEST}):
-        raise RuntimeError(f"package staging directory holds unexpected files: {present}")
+    draft = manifest_fields.get("draft")
+    folders = {draft["directory"]} if draft else set()
+    everything = sorted(p.name for p in directory.iterdir())
+    present = [name for name in everything if name not in folders]
+    expected = sorted(set(PACKAGE_FILES) - {MANIFEST})
+    if (sorted(set(present) - set(OPTIONAL_FILES)) != expected or not all((directory / n).is_file() for n in present)
+            or not all((directory / f).is_dir() for f in folders)):
+        raise RuntimeError(f"package staging directory holds unexpected files: {everything}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "edgegpt_version": edgegpt.__version__,
         "versions": versions(),
         **manifest_fields,
-        "files": {name: sha256_file(directory / name) for name in present},
+        "files": file_hashes(directory, present),
     }
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest

@@ -1,6 +1,7 @@
 """Checks that make a model package safe to load when it comes from somewhere else.
 
     manifest.json ─► sha256 of every file it lists, streamed ─► equal?      (damage, truncation, edits)
+                  ─► and of every file of the draft/ folder its `draft` entry lists (export/draft.py)
     model.onnx    ─► opset imports and node domains           ─► known?      (custom-op libraries)
                   ─► external-data locations of every tensor  ─► inside the package, listed?  (path escape)
 
@@ -43,8 +44,14 @@ def verify_manifest(directory: Path, manifest: Any, required: tuple[str, ...]) -
     """
     source = directory / MANIFEST
     files = manifest.get("files") if isinstance(manifest, dict) else None
+    return verify_files(directory, files, required, f"{source}", f"{source}: 'files'")
+
+
+def verify_files(directory: Path, files: Any, required: tuple[str, ...], source: str, key: str) -> frozenset[str]:
+    """Check each file of `directory` named in `files` ({plain file name: sha256}) against its digest; `source`
+    names the manifest in messages, `key` the field of it `files` came from."""
     if not isinstance(files, dict):
-        raise EdgeGPTError(f"{source}: 'files' must map file names to sha256 digests; re-run `edgegpt export`")
+        raise EdgeGPTError(f"{key} must map file names to sha256 digests; re-run `edgegpt export`")
     for name, digest in files.items():
         if not is_plain_name(name):
             # Hashing "../x" would read outside the package; edgegpt lists plain file names only.
@@ -66,6 +73,38 @@ def verify_manifest(directory: Path, manifest: Any, required: tuple[str, ...]) -
                 "modified after export); re-run `edgegpt export` or copy the package again"
             )
     return frozenset(files)
+
+
+def verify_draft(directory: Path, manifest: Any, required: tuple[str, ...]) -> dict[str, Any] | None:
+    """manifest.json's `draft` entry (export/draft.py), checked, with every file of the draft's folder it
+    lists verified against its sha256 (`required` and the draft's own manifest.json among them); None when
+    the package has no draft. The draft is not loaded: only its files are read, to hash them."""
+    source = directory / MANIFEST
+    entry = manifest.get("draft") if isinstance(manifest, dict) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise EdgeGPTError(f"{source}: 'draft' must be an object, got {type(entry).__name__}; re-run `edgegpt export`")
+    folder = entry.get("directory")
+    if not is_plain_name(folder):
+        raise EdgeGPTError(f"{source}: the draft's directory must be a folder name inside the package, "
+                           f"got {folder!r:.80}")
+    for key, least in (("parameters", 1), ("max_len", 1), ("acceptance_tokens", 0)):
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise EdgeGPTError(f"{source}: the draft's {key} must be an integer of at least {least}, "
+                               f"got {value!r:.80}")
+    acceptance = entry.get("acceptance")
+    if acceptance is not None and (isinstance(acceptance, bool) or not isinstance(acceptance, (int, float))
+                                   or not 0 <= acceptance <= 1):
+        raise EdgeGPTError(f"{source}: the draft's acceptance must be a fraction from 0 to 1 or null, "
+                           f"got {acceptance!r:.80}")
+    path = directory / folder
+    if not path.is_dir():
+        raise EdgeGPTError(f"{source} lists a draft model in {folder}/, which is missing ({path}); copy the whole "
+                           "package again or re-run `edgegpt export --draft`")
+    verify_files(path, entry.get("files"), (*required, MANIFEST), f"{source} (draft)", f"{source}: the draft's 'files'")
+    return entry
 
 
 def is_plain_name(name: Any) -> bool:

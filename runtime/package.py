@@ -7,6 +7,8 @@
       generation_config.json   sampling and stopping defaults, the end-of-text token(s)
       chat_template.jinja      optional: how to render a conversation (Hugging Face's chat_template)
       manifest.json            provenance and the sha256 of every file: verified when present
+      draft/                   optional: a smaller model's complete package, for speculative decoding;
+                               listed (and its files hashed) in manifest.json's `draft` entry
 
 Every field the runtime relies on is checked here, once, so a damaged or hand-edited package fails at
 load with a message naming the file and the field, never later with a shape error inside onnxruntime.
@@ -28,7 +30,7 @@ from tokenizers import Tokenizer
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
-from edgegpt.runtime.integrity import check_graph, verify_manifest
+from edgegpt.runtime.integrity import check_graph, verify_draft, verify_manifest
 from edgegpt.runtime.sampling import check_sampling
 
 REQUIRED_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG)
@@ -127,10 +129,22 @@ class ModelPackage:
     generation: GenerationDefaults
     tokenizer: Tokenizer
     chat_template: str | None = None  # chat_template.jinja's text; None: the model has no chat format
+    # manifest.json's `draft` entry (docs/FORMATS.md: directory, checkpoint, parameters, max_len, acceptance,
+    # acceptance_tokens, files), its files verified at load; None: the package has no draft.
+    draft_info: Mapping[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL
+
+    @property
+    def draft_path(self) -> Path | None:
+        """The draft model's package folder (load it with ModelPackage.load or Generator.load), or None when
+        the manifest lists no draft."""
+        if self.draft_info is None:
+            return None
+        path = self.path / self.draft_info["directory"]
+        return path if path.is_dir() else None
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -150,9 +164,11 @@ class ModelPackage:
                 raise EdgeGPTError(
                     f"{path} is not a complete model package: {name} is missing; re-run `edgegpt export`"
                 )
-        listed = None  # no manifest (a hand-built package): nothing to verify the files against
+        listed = draft = None  # no manifest (a hand-built package): nothing to verify the files against
         if (path / MANIFEST).is_file():
-            listed = verify_manifest(path, _read_object(path / MANIFEST), REQUIRED_FILES)
+            manifest = _read_object(path / MANIFEST)
+            listed = verify_manifest(path, manifest, REQUIRED_FILES)
+            draft = verify_draft(path, manifest, REQUIRED_FILES)
         check_graph(path / MODEL, listed)
         model, graph = parse_config(_read_object(path / CONFIG), str(path / CONFIG))
         tokenizer = _load_tokenizer(path / TOKENIZER)
@@ -169,7 +185,7 @@ class ModelPackage:
                 raise EdgeGPTError(f"{path / GENERATION_CONFIG}: {key} {token} is not a token of tokenizer.json")
         chat_template = _read_chat_template(path, listed)
         return cls(path=path, model=model, graph=graph, generation=generation, tokenizer=tokenizer,
-                   chat_template=chat_template)
+                   chat_template=chat_template, draft_info=draft)
 
 
 def parse_config(config: Any, source: str) -> tuple[ModelSpec, GraphContract]:

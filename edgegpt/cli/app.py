@@ -180,9 +180,14 @@ def export(
         DEFAULT_EVAL_TOKENS, help="Score at most this many held-out tokens (keeps export fast)."),
     window: Optional[int] = typer.Option(None, help="The gates score in windows of this many tokens, stride half "
                                          "a window. Default: the model's context, at most 1024."),
+    draft: Optional[Path] = typer.Option(
+        None, "--draft", help="A smaller checkpoint with the same tokenizer (`edgegpt train --teacher CHECKPOINT`): "
+        "exported with the same options into the package's draft/ folder, gated on its own, for speculative "
+        "decoding; the report and manifest give how often it agrees with the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line."),
 ) -> None:
-    """Export a checkpoint to an ONNX model package, checked against PyTorch by quality gates."""
+    """Export a checkpoint to an ONNX model package, checked against PyTorch by quality gates (with --draft,
+    a draft model for speculative decoding beside it)."""
 
     def show(report) -> None:
         if as_json:
@@ -205,7 +210,7 @@ def export(
                 bits=parse_bits(bits), method=method, kv_cache=kv_cache, gate=not no_gate,
                 max_ppl_increase=max_ppl_increase, rounding=rounding, block_size=block_size, symmetric=symmetric,
                 accuracy_level=accuracy_level, calibration_data=calibration_data,
-                eval_data=eval_data, eval_tokens=eval_tokens, window=window,
+                eval_data=eval_data, eval_tokens=eval_tokens, window=window, draft=draft,
                 progress=None if as_json else stderr.print,
             )
         except GateFailed as failed:  # the table first (it says why), then the one-line error
