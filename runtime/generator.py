@@ -38,6 +38,7 @@ from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_
 from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.sampling import Sampler
 from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
+from edgegpt.runtime.speculative import Drafters, LookupDrafter, ModelDrafter, SpeculationStats, run_speculative
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
     from typing_extensions import Unpack
@@ -66,10 +67,12 @@ class Stream(Generic[T]):
     """
 
     def __init__(self, source: typing.Generator[T, None, str], prompt_tokens: int = 0,
-                 decoding: Decoding | None = None) -> None:
+                 decoding: Decoding | None = None, speculation: SpeculationStats | None = None) -> None:
         self._source = source
         self._decoding = decoding
         self.prompt_tokens = prompt_tokens  # tokens of the prompt as the model reads it (after truncation)
+        # With a draft or lookup: guesses proposed and kept, target passes (runtime/speculative.py); else None.
+        self.speculation = speculation
         self.finish_reason: str | None = None
 
     @property
@@ -137,8 +140,10 @@ class Generator:
     (generation_config.json's eos_token_id), the way every training document boundary looks to the model.
     """
 
-    def __init__(self, package: ModelPackage, session, provider: str, max_length: int | None = None) -> None:
+    def __init__(self, package: ModelPackage, session, provider: str, max_length: int | None = None,
+                 draft: Generator | None = None) -> None:
         self.package = package
+        self.draft = draft  # a smaller model with the same tokenizer that guesses ahead (runtime/speculative.py)
         self.config: ModelSpec = package.model
         self.provider = provider  # "cpu" or "cuda": the one actually used
         # Tokens one sequence may hold (prompt + generated): what a sequence's cache may grow to.
@@ -154,11 +159,30 @@ class Generator:
 
     @classmethod
     def load(
-        cls, path: str | Path, provider: str = "auto", threads: int | None = None, max_length: int | None = None
+        cls, path: str | Path, provider: str = "auto", threads: int | None = None, max_length: int | None = None,
+        draft: str | Path | None = "auto",
     ) -> "Generator":
         """Load a package directory; provider "auto" | "cpu" | "cuda"; threads default: physical cores;
         max_length (default: the model's max_len) caps prompt + generated tokens, and so what a
-        sequence's cache may grow to (it starts small: runtime/kv_cache.py)."""
+        sequence's cache may grow to (it starts small: runtime/kv_cache.py). draft: a draft model package
+        for speculative decoding; "auto" takes the package's own (`edgegpt export --draft`), None none."""
+        target = cls._load(path, provider, threads, max_length)
+        path_of_draft = target.package.draft_path if draft == "auto" else draft
+        if path_of_draft is not None:
+            target.draft = target._load_draft(Path(path_of_draft), threads)
+        return target
+
+    def _load_draft(self, path: Path, threads: int | None) -> "Generator":
+        """The draft package, on this Generator's provider, refused unless it reads the same tokens."""
+        draft = Generator._load(path, self.provider, threads, None)
+        if draft.package.tokenizer.get_vocab() != self.package.tokenizer.get_vocab():
+            raise EdgeGPTError(f"the draft {path} has another tokenizer than {self.package.path} "
+                               f"({draft._vocab_size} vs {self._vocab_size} tokens); a draft must be distilled from "
+                               "this model (`edgegpt train --teacher`), which gives it the same tokenizer")
+        return draft
+
+    @classmethod
+    def _load(cls, path: str | Path, provider: str, threads: int | None, max_length: int | None) -> "Generator":
         if provider not in PROVIDERS:  # before the package's dtype picks one for "auto"
             raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         package = ModelPackage.load(path)
@@ -320,7 +344,8 @@ class Generator:
             raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
         prompt_ids = self._prompt_ids(prompt, resolved)
         decoding = self._decoding(prompt_ids, resolved, cancel)
-        return Stream(self._tokens(prompt_ids, resolved, decoding), len(prompt_ids), decoding)
+        stats = self._speculation(resolved)
+        return Stream(self._tokens(prompt_ids, resolved, decoding, stats), len(prompt_ids), decoding, stats)
 
     def generate_ids(
         self, prompt: str | Sequence[int], *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -493,24 +518,49 @@ class Generator:
             options.stop_at_eos, TextStream(self.package.tokenizer, options.stop) if text else None, cancel,
         )
 
+    def _speculation(self, options: GenerationOptions) -> SpeculationStats | None:
+        """Stats to fill when this generation guesses ahead (a draft loaded or lookup asked for), else None."""
+        return SpeculationStats() if options.speculate and (self.draft is not None or options.lookup) else None
+
     def _tokens(
-        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding
+        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding,
+        speculation: SpeculationStats | None = None,
     ) -> typing.Generator[int, None, str]:
-        """The one decode loop (Decoding.run) on this Generator's session; returns the finish reason."""
+        """The one decode loop (Decoding.run, or with `speculation` its guessing form) on this Generator's
+        session; returns the finish reason."""
         sampler = Sampler(options.sampling, options.seed, prompt_ids, self._vocab_size)
-        prefill, feed = self.steps(prompt_ids)
-        return (yield from decoding.run(lambda: self._checked(prefill()),
-                                        lambda token: self._checked(feed(token)), sampler.choose))
+        if speculation is None:
+            prefill, feed = self.steps(prompt_ids)
+            return (yield from decoding.run(lambda: self._checked(prefill()),
+                                            lambda token: self._checked(feed(token)), sampler.choose))
+        drafters = [LookupDrafter()] if options.lookup else []
+        if self.draft is not None:
+            drafters.append(ModelDrafter(self.draft, options.seed))
+        cache = self.empty_cache()
+
+        def forward(tokens: list[int]) -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.forward(tokens, cache)
+            return self._checked(logits)
+
+        def truncate(length: int) -> None:
+            nonlocal cache
+            cache = cache.truncated(length)
+
+        return (yield from run_speculative(decoding, prompt_ids, forward, truncate, sampler, Drafters(drafters),
+                                           self.max_length, speculation))
 
     def _text_stream(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Stream[str]:
         decoding = self._decoding(prompt_ids, options, cancel, text=True)
-        return Stream(self._pieces(prompt_ids, options, decoding), len(prompt_ids), decoding)
+        stats = self._speculation(options)
+        return Stream(self._pieces(prompt_ids, options, decoding, stats), len(prompt_ids), decoding, stats)
 
     def _pieces(
-        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding
+        self, prompt_ids: list[int], options: GenerationOptions, decoding: Decoding,
+        speculation: SpeculationStats | None = None,
     ) -> typing.Generator[str, None, str]:
         """Text pieces of the decode loop, stop strings held back; returns the finish reason."""
-        tokens = self._tokens(prompt_ids, options, decoding)
+        tokens = self._tokens(prompt_ids, options, decoding, speculation)
         try:
             for _ in tokens:
                 if piece := decoding.take_text():

@@ -34,6 +34,8 @@ class GenerateOptions(TypedDict, total=False):
     stop: str | Sequence[str] | None  # text generation ends before the first of these; never included
     stop_at_eos: bool  # False: the end-of-text token does not end generation (benchmarks: exactly N tokens)
     truncate: str | None  # None: a prompt longer than the context is an error; "left": keep its last tokens
+    speculate: bool  # False: no guessing ahead, even with a draft loaded or lookup on (runtime/speculative.py)
+    lookup: bool  # True: guess from the text so far (prompt lookup); with a draft, lookup goes first
 
 
 OPTION_NAMES = tuple(GenerateOptions.__annotations__)
@@ -47,6 +49,8 @@ class GenerationOptions:
     stop: tuple[str, ...]
     stop_at_eos: bool
     truncate: str | None = None
+    speculate: bool = True
+    lookup: bool = False
 
 
 def resolve_options(defaults, options: Mapping[str, Any]) -> GenerationOptions:
@@ -79,8 +83,14 @@ def resolve_options(defaults, options: Mapping[str, Any]) -> GenerationOptions:
     truncate = options.get("truncate")
     if truncate is not None and not (isinstance(truncate, str) and truncate == "left"):
         raise EdgeGPTError(f"truncate must be None (a too-long prompt is an error) or 'left', got {truncate!r:.80}")
+    switches = {}
+    for name, default in (("speculate", True), ("lookup", False)):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise EdgeGPTError(f"{name} must be True or False, got {value!r:.40}")
+        switches[name] = default if value is None else value
     return GenerationOptions(
-        int(max_new_tokens), sampling, seed, check_stop(options.get("stop")), stop_at_eos, truncate
+        int(max_new_tokens), sampling, seed, check_stop(options.get("stop")), stop_at_eos, truncate, **switches
     )
 
 

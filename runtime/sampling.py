@@ -179,28 +179,47 @@ def next_token(
     counts: int [vocab], how often each id was generated (the presence and frequency penalties).
     Parameters are assumed checked by `check_sampling`. Greedy draws no random number.
     Raises EdgeGPTError for NaN or all -inf logits (module doc)."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    logits = penalized(logits, params, seen, counts)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    return sample(warped_probabilities(logits, params), rng)
+
+
+def penalized(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None,
+              counts: np.ndarray | None) -> np.ndarray:
+    """logits (float64) after the logits processors: the repetition, presence and frequency penalties."""
     logits = _limit(np.asarray(logits, dtype=np.float64))
     if seen is not None:
         with np.errstate(over="ignore"):  # a huge logit may leave the float range: _limit handles it
-            logits = _limit(repetition_penalty_filter(logits, seen, float(repetition_penalty)))
+            logits = _limit(repetition_penalty_filter(logits, seen, float(params.repetition_penalty)))
     if counts is not None:
         with np.errstate(over="ignore"):
-            logits = _limit(occurrence_penalty_filter(logits, counts, presence_penalty, frequency_penalty))
-    if temperature == 0:
-        return int(np.argmax(logits))
+            logits = _limit(occurrence_penalty_filter(logits, counts, params.presence_penalty,
+                                                      params.frequency_penalty))
+    return logits
+
+
+def warped_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Probabilities (float64) from penalized logits through the warpers: temperature (> 0), top-k, top-p,
+    min-p. What `sample` draws from."""
     with np.errstate(over="ignore"):  # only towards -inf: after the shift every logit is <= 0
-        logits = (logits - logits.max()) / temperature
-    logits = top_k_filter(logits, int(top_k))
-    logits = top_p_filter(logits, float(top_p))
-    logits = min_p_filter(logits, float(min_p))
-    return sample(softmax(logits), rng)
+        logits = (logits - logits.max()) / params.temperature
+    logits = top_k_filter(logits, int(params.top_k))
+    logits = top_p_filter(logits, float(params.top_p))
+    logits = min_p_filter(logits, float(params.min_p))
+    return softmax(logits)
 
 
 class Sampler:
     """One sequence's token chooser: the params, its own random generator and the ids seen so far.
 
     Per sequence, never shared between threads or rows: `choose` advances the generator and records the
-    chosen id for the repetition penalty. The runtime and the PyTorch reference both use this class.
+    chosen id for the penalties. The runtime and the PyTorch reference both use this class.
+
+    Speculative decoding (runtime/speculative.py) needs the distribution itself: `probabilities(logits)`
+    is exactly what `choose` samples from (greedy: all the mass on the argmax), `record(token)` what it
+    remembers afterwards, and `fork(rng)` a copy of the remembered ids for a draft to run ahead with.
     """
 
     def __init__(self, params: SamplingParams, seed: int | None, prompt_ids: Iterable[int], vocab_size: int) -> None:
@@ -211,14 +230,39 @@ class Sampler:
         self.seen[[i for i in prompt_ids if 0 <= i < vocab_size]] = True
         self.counts = np.zeros(vocab_size, np.int64)  # generated ids only (the presence/frequency penalties)
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
     def choose(self, logits: np.ndarray) -> int:
         """The next id from logits [>= vocab_size] (a model's vocab may be padded past the tokenizer's)."""
-        p = self.params
-        token = next_token(
-            logits[: self.vocab_size], self.rng, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-            self.seen if p.repetition_penalty != 1.0 else None, p.presence_penalty, p.frequency_penalty,
-            self.counts if p.presence_penalty or p.frequency_penalty else None,
-        )
+        logits = self._penalized(logits)
+        token = int(np.argmax(logits)) if self.greedy else sample(warped_probabilities(logits, self.params), self.rng)
+        self.record(token)
+        return token
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution `choose` would sample from now: float64 [vocab_size] (greedy: one-hot)."""
+        logits = self._penalized(logits)
+        if self.greedy:
+            probs = np.zeros(self.vocab_size)
+            probs[int(np.argmax(logits))] = 1.0
+            return probs
+        return warped_probabilities(logits, self.params)
+
+    def record(self, token: int) -> None:
+        """Remember a chosen (or accepted) token for the penalties."""
         self.seen[token] = True
         self.counts[token] += 1
-        return token
+
+    def fork(self, rng: np.random.Generator) -> "Sampler":
+        """A copy that remembers the same ids and draws from `rng`: a draft's sampler."""
+        twin = object.__new__(Sampler)
+        twin.params, twin.rng, twin.vocab_size = self.params, rng, self.vocab_size
+        twin.seen, twin.counts = self.seen.copy(), self.counts.copy()
+        return twin
+
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        return penalized(logits[: self.vocab_size], p, self.seen if p.repetition_penalty != 1.0 else None,
+                         self.counts if p.presence_penalty or p.frequency_penalty else None)
