@@ -281,3 +281,39 @@ def test_lookup_pauses_when_it_is_rarely_right():
         guesses, _ = lookup.propose(history, 4, sampler)
         lookup.settle(len(history), len(guesses), 0)
     assert lookup.propose(history, 4, sampler) == ([], None)  # paused: no guesses for a while
+
+
+# -- the commands ------------------------------------------------------------------------------------------
+
+def test_generate_and_bench_take_the_speculation_flags(tiny_package, plain):
+    from typer.testing import CliRunner
+
+    from edgegpt.cli.app import app
+
+    runner = CliRunner()
+    greedy = ["--model", str(tiny_package), "--temperature", "0", "--max-new-tokens", "30"]
+    expected = "The import statement" + plain.generate("The import statement", temperature=0, max_new_tokens=30)
+    for flags in (["--lookup"], ["--draft", str(tiny_package)], ["--draft", str(tiny_package), "--lookup"],
+                  ["--lookup", "--no-speculation"]):
+        result = runner.invoke(app, ["generate", "The import statement", *greedy, *flags])
+        assert result.exit_code == 0 and result.stdout == expected + "\n", (flags, result.output)
+    missing = runner.invoke(app, ["generate", "x", *greedy, "--draft", str(tiny_package.parent / "nothing")])
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+    from edgegpt.cli.bench import run_bench
+
+    report = run_bench(tiny_package, prompt_len=8, new_tokens=16, runs=1, provider="cpu", draft=tiny_package)
+    assert report["speculation"]["acceptance"] == 1.0 and report["speculation"]["tokens_per_step"] > 1
+    assert run_bench(tiny_package, prompt_len=8, new_tokens=16, runs=1, provider="cpu")["speculation"] is None
+
+
+def test_the_server_speculates_with_a_draft_and_gives_the_plain_text(tiny_package, plain):
+    from serving import Server
+
+    body = {"prompt": "The import statement", "temperature": 0, "max_tokens": 30}
+    expected = plain.generate("The import statement", temperature=0, max_new_tokens=30)
+    with Server(tiny_package, "--draft", str(tiny_package)) as server:
+        assert server.request("POST", "/v1/completions", body)[1]["choices"][0]["text"] == expected
+        assert server.request("POST", "/v1/completions", {**body, "lookup": True, "speculate": False}
+                              )[1]["choices"][0]["text"] == expected
+        assert server.request("POST", "/v1/completions", {**body, "lookup": "yes"})[0] == 400

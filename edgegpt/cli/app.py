@@ -17,10 +17,13 @@ import typer
 
 from edgegpt.cli.errors import OneLineUsageErrors, user_errors
 from edgegpt.cli.options import (
+    DraftOption,
+    LookupOption,
     MaxLengthOption,
     MaxNewTokensOption,
     MinPOption,
     ModelOption,
+    NoSpeculationOption,
     Provider,
     ProviderOption,
     RepetitionPenaltyOption,
@@ -31,6 +34,7 @@ from edgegpt.cli.options import (
     TopPOption,
     Truncate,
     TruncateOption,
+    speculation_load,
 )
 from edgegpt.core import workspace
 from edgegpt.core.errors import EdgeGPTError
@@ -267,6 +271,9 @@ def generate(
     max_length: MaxLengthOption = None,
     chat: bool = typer.Option(False, "--chat", help="Ask PROMPT as one question (a user message) through the "
                               "package's chat template and print the answer alone."),
+    draft: DraftOption = None,
+    lookup: LookupOption = False,
+    no_speculation: NoSpeculationOption = False,
 ) -> None:
     """Continue PROMPT, streaming the text as it is generated (with --chat: answer it). A prompt given as an
     argument is printed before its continuation; one read from a file or standard input is not."""
@@ -276,10 +283,11 @@ def generate(
         echo = prompt is not None and prompt != "-" and prompt_file is None
         prompt = read_prompt(prompt, prompt_file)
 
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length)
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
+                                   draft=speculation_load(draft, no_speculation))
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop or None, seed=seed,
-                       truncate=truncate.option)
+                       truncate=truncate.option, lookup=lookup and not no_speculation)
         if chat:
             pieces = generator.stream_chat([{"role": "user", "content": prompt}], **options)
         else:
@@ -331,6 +339,9 @@ def chat(
     provider: ProviderOption = Provider.auto,
     truncate: TruncateOption = Truncate.left,
     max_length: MaxLengthOption = None,
+    draft: DraftOption = None,
+    lookup: LookupOption = False,
+    no_speculation: NoSpeculationOption = False,
 ) -> None:
     """Talk to a model: each line you type is a turn of the conversation and the reply streams back.
     With the package's chat template (an instruct model) the conversation is kept as messages and a
@@ -340,12 +351,14 @@ def chat(
         from edgegpt.cli.chat import chat_loop, default_stop
         from edgegpt.runtime import Generator
 
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length)
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
+                                   draft=speculation_load(draft, no_speculation))
         # --stop adds to the transcript's blank line rather than replacing it: without that stop a reply
         # would run on into the next turns of the conversation.
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty,
-                       stop=[*default_stop(generator), *stop] if stop else None, seed=seed, truncate=truncate.option)
+                       stop=[*default_stop(generator), *stop] if stop else None, seed=seed, truncate=truncate.option,
+                       lookup=lookup and not no_speculation)
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)
@@ -370,15 +383,21 @@ def serve(
     provider: ProviderOption = Provider.auto,
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: physical cores)."),
     max_length: MaxLengthOption = None,
+    draft: DraftOption = None,
+    lookup: LookupOption = False,
+    no_speculation: NoSpeculationOption = False,
 ) -> None:
     """Serve a model package over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health), for apps in any language. Needs the [serve] extra."""
+    /v1/models, /health), for apps in any language. Needs the [serve] extra. With a draft (or --lookup) each
+    slot guesses ahead on its own instead of the slots sharing a batch: speculation speeds up one request
+    at a time, batching many at once."""
     with user_errors("serve", needs=("starlette", "uvicorn")):
         from edgegpt.server import serve as run_server
 
         run_server(model or workspace.model_dir(), host=host, port=port, parallel=parallel, max_queue=max_queue,
                    api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                   shutdown_timeout=shutdown_timeout, provider=provider.value, threads=threads, max_length=max_length)
+                   shutdown_timeout=shutdown_timeout, provider=provider.value, threads=threads, max_length=max_length,
+                   draft=speculation_load(draft, no_speculation), lookup=lookup and not no_speculation)
 
 
 @app.command()
@@ -409,9 +428,13 @@ def bench(
     positions: Optional[str] = typer.Option(
         None, help="Also decode tokens/s after this many cached tokens, e.g. 64,900."),
     max_length: MaxLengthOption = None,
+    draft: DraftOption = None,
+    lookup: LookupOption = False,
+    no_speculation: NoSpeculationOption = False,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process."""
+    """Load time, time to first token, decode tokens/s and peak memory of a package, in a fresh process;
+    with a draft or --lookup also the share of guesses kept and the tokens each pass of the model made."""
     with user_errors("bench"):
         from edgegpt.cli.bench import bench_table, run_bench
 
@@ -421,7 +444,8 @@ def bench(
             raise EdgeGPTError(f"--positions takes comma-separated integers, got {positions!r}") from None
         report = run_bench(model or workspace.model_dir(), prompt_len=prompt_len, new_tokens=new_tokens,
                            threads=threads, provider=provider.value, runs=runs, positions=at,
-                           max_length=max_length)
+                           max_length=max_length, draft=speculation_load(draft, no_speculation),
+                           lookup=lookup and not no_speculation)
         if as_json:
             print(json.dumps(report, indent=2))
         else:

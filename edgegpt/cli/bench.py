@@ -35,9 +35,11 @@ FLAT_STEPS = 32  # decode steps timed at each flatness position
 
 def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads: int | None = None,
               provider: str = "auto", runs: int = 5, positions: tuple[int, ...] = (),
-              max_length: int | None = None) -> dict[str, Any]:
+              max_length: int | None = None, draft: str | Path | None = "auto", lookup: bool = False) -> dict[str, Any]:
     """Run the benchmark in a fresh child process and return its report (see the module docstring).
-    max_length: Generator.load's (default: the model's context)."""
+    max_length, draft: Generator.load's (default: the model's context; the package's own draft, if any);
+    lookup: prompt lookup. With a draft or lookup the report has `speculation`: guesses kept and tokens
+    per pass of the model."""
     if prompt_len < 1 or new_tokens < 1 or runs < 1:
         raise EdgeGPTError("--prompt-len, --new-tokens and --runs must be at least 1")
     if max_length is not None and max_length < 1:  # the child reads 0 as "the default"
@@ -48,7 +50,8 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
     if any(p < 0 for p in positions):
         raise EdgeGPTError(f"--positions are numbers of cached tokens, 0 or more; got {min(positions)}")
     args = [sys.executable, "-m", "edgegpt.cli.bench", "--child", str(model), str(prompt_len), str(new_tokens),
-            str(threads or 0), provider, str(runs), ",".join(map(str, positions)), str(max_length or 0)]
+            str(threads or 0), provider, str(runs), ",".join(map(str, positions)), str(max_length or 0),
+            "off" if draft is None else str(draft), "lookup" if lookup else "-"]
     with tempfile.TemporaryFile(mode="w+") as err_file:
         start = time.perf_counter()
         child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err_file, text=True)
@@ -69,19 +72,21 @@ def run_bench(model: Path, prompt_len: int = 32, new_tokens: int = 128, threads:
 
 
 def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider: str, runs: int,
-           positions: list[int], max_length: int) -> dict[str, Any]:
+           positions: list[int], max_length: int, draft: str | None = "auto", lookup: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from edgegpt.runtime import Generator
 
     t0 = time.perf_counter()
-    generator = Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None)
+    generator = Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None,
+                               draft=draft)
     first_load = time.perf_counter() - t0
     if prompt_len + new_tokens > generator.max_length:
         raise EdgeGPTError(f"--prompt-len + --new-tokens exceed the context of {generator.max_length} (--max-length)")
     vocab = min(generator.config.vocab_size, generator.package.tokenizer.get_vocab_size())
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    greedy = dict(temperature=0, stop_at_eos=False, truncate=None)
+    greedy = dict(temperature=0, stop_at_eos=False, truncate=None, lookup=lookup)
+    speculation: list = []  # the last timed generation's SpeculationStats (None without speculation)
     next(iter(generator.stream_tokens(prompt, max_new_tokens=1, **greedy)))
     print("first-token", flush=True)  # the parent's cold-start clock stops here
 
@@ -92,6 +97,7 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
         next(tokens)
         t1 = time.perf_counter()
         steps = sum(1 for _ in tokens)
+        speculation[:] = [tokens.speculation]
         return t1 - t0, steps / (time.perf_counter() - t1)
 
     once()  # warm-up: first runs pay for allocations and page faults
@@ -103,7 +109,8 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
     loads = [first_load]
     for _ in range(runs - 1):
         t0 = time.perf_counter()
-        Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None)
+        Generator.load(model, provider=provider, threads=threads or None, max_length=max_length or None,
+                       draft=draft)
         loads.append(time.perf_counter() - t0)
     flat = {str(p): _decode_at(generator, p, runs) for p in positions}
     package = generator.package
@@ -124,6 +131,9 @@ def _child(model: str, prompt_len: int, new_tokens: int, threads: int, provider:
         "decode_runs": [round(s[1], 1) for s in samples],
         "decode_tokens_per_s_at": flat,
         "peak_rss_mb": peak_rss_mb,
+        "speculation": None if speculation[0] is None else {
+            "draft": None if generator.draft is None else str(generator.draft.package.path), "lookup": lookup,
+            "acceptance": speculation[0].acceptance, "tokens_per_step": speculation[0].tokens_per_step},
     }
 
 
@@ -168,6 +178,12 @@ def bench_table(report: dict[str, Any]):
     ]
     rows += [(f"decode at position {p}", f"{r:,.0f} tokens/s", f"{FLAT_STEPS} steps")
              for p, r in report["decode_tokens_per_s_at"].items()]
+    if report.get("speculation"):
+        spec = report["speculation"]
+        how = " + ".join(filter(None, ["draft " + Path(spec["draft"]).name if spec["draft"] else "",
+                                        "lookup" if spec["lookup"] else ""]))
+        rows += [("guesses kept", f"{100 * spec['acceptance']:.1f} %", f"speculation: {how}"),
+                 ("tokens per pass", f"{spec['tokens_per_step']:.2f}", "tokens each forward of the model made")]
     rows += [("peak RSS", f"{report['peak_rss_mb']:.0f} MB", "the benchmark process's high-water mark"),
              (MODEL, f"{report['model_bytes'] / 1e6:.1f} MB", "")]
     for row in rows:
@@ -177,14 +193,15 @@ def bench_table(report: dict[str, Any]):
 
 def main() -> None:
     """Child entry point (internal):
-    python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS MAX_LENGTH"""
+    python -m edgegpt.cli.bench --child MODEL PROMPT NEW THREADS PROVIDER RUNS POSITIONS MAX_LENGTH DRAFT LOOKUP"""
     argv = sys.argv[1:]
-    if len(argv) != 9 or argv[0] != "--child":
+    if len(argv) != 11 or argv[0] != "--child":
         raise SystemExit("internal entry point; use `edgegpt bench`")
-    model, prompt_len, new_tokens, threads, provider, runs, positions, max_length = argv[1:]
+    model, prompt_len, new_tokens, threads, provider, runs, positions, max_length, draft, lookup = argv[1:]
     try:
         report = _child(model, int(prompt_len), int(new_tokens), int(threads), provider, int(runs),
-                        [int(p) for p in positions.split(",") if p], int(max_length))
+                        [int(p) for p in positions.split(",") if p], int(max_length),
+                        None if draft == "off" else draft, lookup == "lookup")
     except EdgeGPTError as e:
         print("first-token-failed", flush=True)
         print(str(e), file=sys.stderr)

@@ -66,3 +66,19 @@ StopOption = Annotated[Optional[List[str]], typer.Option(
     help="End the text before this string; repeatable. In chat these add to the blank line that always "
     "ends a reply.")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Same seed, same text.")]
+
+# -- speculative decoding (runtime/speculative.py) --------------------------------------------------------
+
+DraftOption = Annotated[Optional[Path], typer.Option(
+    help="A draft model package (a smaller model with the same tokenizer) that guesses tokens ahead for the "
+    "model to check in one pass. Default: the package's own draft/ (`edgegpt export --draft`), if it has one.")]
+LookupOption = Annotated[bool, typer.Option(
+    "--lookup", help="Guess ahead from the text so far (prompt lookup): faster where the output repeats the "
+    "input (rewrites, summaries, answers from a document, code edits); turns itself down where it does not.")]
+NoSpeculationOption = Annotated[bool, typer.Option(
+    "--no-speculation", help="Never guess ahead: no draft (not even the package's own) and no lookup.")]
+
+
+def speculation_load(draft: Path | None, no_speculation: bool) -> str | Path | None:
+    """Generator.load's `draft`: the given package, else the model package's own ("auto"); none when off."""
+    return None if no_speculation else (draft if draft is not None else "auto")

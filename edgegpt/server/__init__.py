@@ -38,6 +38,8 @@ def serve(
     provider: str = "auto",
     threads: int | None = None,
     max_length: int | None = None,
+    draft: str | Path | None = "auto",
+    lookup: bool = False,
 ) -> None:
     """Load the package and serve it until SIGINT or SIGTERM; then let running requests finish for up to
     shutdown_timeout seconds, cancel what is left and return."""
@@ -53,9 +55,9 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise EdgeGPTError("--api-key is empty; give a key, or leave it out to serve without one")
     listener = bind(host, port)
-    generator = Generator.load(model, provider=provider, threads=threads, max_length=max_length)
+    generator = Generator.load(model, provider=provider, threads=threads, max_length=max_length, draft=draft)
     name = model_name or Path(model).resolve().name
-    settings = Settings(name, parallel, max_queue, api_key, max_body_bytes)
+    settings = Settings(name, parallel, max_queue, api_key, max_body_bytes, lookup)
     app = create_app(generator, settings)
     # uvicorn cancels the requests still open when its graceful timeout ends, mid-reply; cancelling their
     # generations a moment before lets each end properly: a streamed reply with an error event and [DONE].

@@ -54,6 +54,7 @@ class Settings:
     max_queue: int = 8
     api_key: str | None = None
     max_body_bytes: int = 1 << 20  # 1 MiB: a long document fits, a runaway upload does not
+    lookup: bool = False  # prompt lookup for requests that do not say (their "lookup" field)
 
 
 def create_app(generator, settings: Settings) -> Starlette:
@@ -64,10 +65,12 @@ def create_app(generator, settings: Settings) -> Starlette:
     async def lifespan(app):
         state["slots"] = app.state.slots = Slots(settings.parallel, settings.max_queue)
         # Parallel requests share each decode step when the package allows (runtime/continuous.py): four
-        # together made 2.2x the tokens per second of four one after another. Otherwise each slot decodes
-        # on its own, side by side on the one session.
-        batcher = ContinuousBatcher(generator, settings.parallel) if settings.parallel > 1 and supports(generator) \
-            else None
+        # together made 2.2x the tokens per second of four one after another. Otherwise, and when guessing
+        # ahead was asked for (a draft, lookup: runtime/speculative.py, one sequence at a time), each slot
+        # decodes on its own, side by side on the one session.
+        speculating = generator.draft is not None or settings.lookup
+        batcher = ContinuousBatcher(generator, settings.parallel) \
+            if settings.parallel > 1 and supports(generator) and not speculating else None
         state["source"] = batcher or generator
         try:
             yield
@@ -115,6 +118,8 @@ def create_app(generator, settings: Settings) -> Starlette:
         if request.model is not None and request.model != settings.model_name:
             raise unknown_model(request.model)
         cancel = threading.Event()
+        if settings.lookup and "lookup" not in request.options:
+            request.options["lookup"] = True
         stream = await _in_thread(open_stream, state["source"], generator, request, cancel)
         generation = Generation(stream, cancel)
         await generation.start(state["slots"])
@@ -184,6 +189,9 @@ def open_stream(source, generator, request: Request, cancel: threading.Event):
     """The runtime Stream for a request, from `source` (the Generator or its ContinuousBatcher): options
     and prompt are checked now; nothing runs until it is iterated."""
     options = dict(request.options)
+    if source is not generator:  # the batcher: no speculation there (one pass serves every row)
+        options.pop("lookup", None)
+        options.pop("speculate", None)
     try:
         if request.kind == COMPLETION:
             return source.stream(request.prompt, cancel=cancel, **options)

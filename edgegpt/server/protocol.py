@@ -14,7 +14,8 @@ Fields (OpenAI's names):
 edgegpt's own, as extra fields (the `openai` client sends them with extra_body=...):
     top_k, min_p, repetition_penalty, ignore_eos (true: the end-of-text token does not end the reply,
     as llama.cpp's server's ignore_eos; benchmarks use it to generate exactly max_tokens tokens),
-    truncate ("left": keep the end of a prompt too long for the context; in chat, drop the oldest turns)
+    truncate ("left": keep the end of a prompt too long for the context; in chat, drop the oldest turns),
+    lookup and speculate (booleans: guess ahead from the text so far; false: no guessing ahead at all)
 Accepted and ignored, because they change nothing here: user, metadata, store, service_tier, and the
 off values of logprobs, top_logprobs, logit_bias, tools, tool_choice, response_format {"type": "text"},
 echo, best_of, suffix. Anything else is a 400 naming the field: a request that asks for something edgegpt
@@ -43,7 +44,8 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
                  "frequency_penalty", "n", "stream", "stream_options", "top_k", "min_p", "repetition_penalty",
-                 "ignore_eos", "truncate", "user", "metadata", "store", "service_tier", "logprobs", "logit_bias"}
+                 "ignore_eos", "truncate", "lookup", "speculate", "user", "metadata", "store", "service_tier",
+                 "logprobs", "logit_bias"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                                "parallel_tool_calls", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
@@ -141,6 +143,9 @@ def _options(body: dict, kind: str) -> dict[str, Any]:
     }
     if _boolean(body, "ignore_eos", False):
         options["stop_at_eos"] = False
+    for switch in ("lookup", "speculate"):
+        if body.get(switch) is not None:
+            options[switch] = _boolean(body, switch, False)
     if body.get("truncate") is not None:
         if body["truncate"] != "left":
             raise bad(f"truncate must be \"left\" or null, got {_short(body['truncate'])}", "truncate")
