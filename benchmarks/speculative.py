@@ -1,0 +1,437 @@
+"""Speculative decoding side by side: plain decoding, a draft model, prompt lookup and both, in one run.
+
+    python benchmarks/speculative.py --target-checkpoint SMALL_CKPT --draft-checkpoint DRAFT_CKPT \\
+        --smol /tmp/q/smol-int8 [--work /tmp/spec] [--runs 3] [--genai] [--json]
+
+Two parts (each runs when its models are given):
+
+shakespeare  a `small` target and a draft distilled from it (`edgegpt train --teacher TARGET_CKPT`), both
+             exported int8 (`export_package(..., quantize=True)`, cached under --work; or pass packages with
+             --target/--draft), continuing prompts cut from the tinyshakespeare validation split (the last
+             10% of its characters): --prompt-tokens of text, then exactly --new-tokens tokens (eos ignored).
+             Modes: plain, draft, lookup, draft+lookup.
+smol         SmolLM2-135M-Instruct int8 through its chat template (stream_chat), plain and prompt lookup, on
+             grounded prompts (fix the typos of / rewrite / summarise / answer a question quoting a paragraph
+             of Python's own documentation, pydoc topics, pasted into the prompt) and on open-ended ones.
+
+Sampling settings: greedy; temperature 0.8; temperature 0.8 with repetition penalty 1.1 (top-k, top-p and
+min-p off everywhere, so "temperature 0.8" is exactly that). Each generation is timed from its first
+token to its last: decode tokens/s = (tokens - 1) / that time, so the prompt's prefill is left out and the
+draft's own prefill of the prompt is counted (it happens after the first token). A run is every prompt
+once in every mode; a row's figure for a run is its tokens over its time summed over the prompts, and the
+table shows the median over --runs runs. Modes interleave (their order rotates with the prompt), because
+this kind of shared 2-core machine moves by up to ±20% between passes; "x plain" is the median over runs
+of the ratio to plain decoding in the same run. Acceptance = guesses kept / guesses checked; tokens/step
+= tokens made per forward pass of the target after the prompt (plain decoding: 1). "same text": the
+greedy prompts whose text equals plain decoding's. It need not be all of them with int8 weights: the
+MatMulNBits kernels (accuracy level 4, int8 activations) give a position's logits that differ by ~0.5
+(median of the largest difference; ~1 at most) between a one-token pass and a four-token one (measured on
+SmolLM2-135M int8; fp32: 3e-5), both equally far from fp32, so a near-tie can go the other way in a
+verification and the text then goes its own way.
+
+Timed runs hold the shared lock /tmp/edgegpt-cpu.lock (flock(2), the one `flock /tmp/edgegpt-cpu.lock
+CMD` takes), wait up to --quiet-wait seconds for the 1-minute load average to fall below --quiet-load,
+and report the load averages in the caption.
+
+--genai also runs onnxruntime-genai 0.18 (PEERS/venv-peers, its model builder in PEERS/venv-builder,
+PEERS = --peers-work, made by compare_runtimes.py --setup) on the same target checkpoint, int8: plain, with
+the same draft (converted by its builder) and with its n-gram lookup, in a fresh process per run
+(benchmarks/peers/genai_speculative.py). Its rows: "x plain" = its median over plain edgegpt's (not paired),
+"x own plain" = the ratio to genai's plain decoding in the same process; tokens/step counts every target
+pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides each verification).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import REPO, SHAKESPEARE, machine
+
+PYDOC_TOPICS = Path("/work/cache/bench/pydoc-topics.txt")
+LOCK = Path("/tmp/edgegpt-cpu.lock")
+OFF = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+SAMPLINGS = {
+    "greedy": {"temperature": 0.0, "repetition_penalty": 1.0, **OFF},
+    "T 0.8": {"temperature": 0.8, "repetition_penalty": 1.0, **OFF},
+    "T 0.8 rep 1.1": {"temperature": 0.8, "repetition_penalty": 1.1, **OFF},
+}
+# mode -> (uses the draft model, prompt lookup)
+MODES = {"plain": (False, False), "draft": (True, False), "lookup": (False, True), "draft+lookup": (True, True)}
+
+# Grounded prompts: (pydoc topic, task). The question of an "answer" task follows the colon.
+GROUNDED = (
+    ('The "return" statement', "typos"),
+    ('The "global" statement', "rewrite"),
+    ("Truth Value Testing", "summarise"),
+    ("Modules", "answer: Can a program assign a new dictionary to a module's __dict__ attribute?"),
+    ("Boolean operations", "typos"),
+    ('The "assert" statement', "rewrite"),
+    ('The "global" statement', "summarise"),
+    ('The "return" statement', "answer: What happens when return leaves a try statement that has a finally clause?"),
+)
+TASKS = {
+    "typos": "Fix the typos in the following text. Reply with the corrected text only.",
+    "rewrite": "Rewrite the following text so that it is easier to read, keeping every fact in it.",
+    "summarise": "Summarise the following text in a few sentences.",
+    "answer": "Answer the question using only the text below, and quote the sentence of the text that answers it.",
+}
+OPEN_ENDED = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are some good habits for staying healthy while working at a desk all day?",
+    "Explain how a rainbow forms, as you would to a ten-year-old.",
+    "Write a poem about the first snow of winter.",
+    "Give me some ideas for a birthday party for my grandmother, who loves gardening.",
+    "Why do people enjoy listening to sad music?",
+)
+
+
+@dataclass
+class Prompt:
+    name: str
+    kind: str  # what it is: "continuation", "grounded" or "open-ended"
+    start: Callable[..., object]  # (generator, **options) -> Stream
+    ids: list[int] | None = None  # the prompt's token ids, when it is a plain continuation
+
+
+@dataclass
+class Row:
+    """One (part, prompt kind, sampling, mode): per-run sums, and what speculation did over all runs."""
+
+    part: str
+    kind: str
+    sampling: str
+    mode: str
+    tokens: list[int] = field(default_factory=list)  # per run: tokens after the first, over the prompts
+    seconds: list[float] = field(default_factory=list)
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+    made: int = 0
+    outputs: dict[str, list] = field(default_factory=dict)  # prompt -> first greedy run's output
+    same: int | None = None  # greedy: prompts whose text equals plain decoding's
+
+    def rates(self) -> list[float]:
+        return [n / s for n, s in zip(self.tokens, self.seconds) if s > 0]
+
+    def figures(self, plain: Row | None) -> dict:
+        rates = self.rates()
+        ratios = [a / b for a, b in zip(rates, plain.rates())] if plain else []
+        speculated = self.mode != "plain"
+        return {
+            "part": self.part, "prompts": self.kind, "sampling": self.sampling, "mode": self.mode,
+            "acceptance": round(self.accepted / self.proposed, 3) if speculated and self.proposed else None,
+            "tokens_per_step": round(self.made / self.steps, 2) if speculated and self.steps else 1.0,
+            "decode_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
+            "runs_tokens_per_s": [round(r, 1) for r in rates],
+            "x_plain": round(statistics.median(ratios), 3) if ratios else None,
+            "same_text": None if self.same is None else f"{self.same}/{len(self.outputs)}",
+        }
+
+
+def loadavg() -> tuple[float, float, float]:
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+@contextmanager
+def quiet_machine(args: argparse.Namespace, notes: dict) -> Iterator[None]:
+    """Hold the shared CPU lock, wait (a while) for the load to settle, and note the load averages."""
+    notes["load_before_lock"] = loadavg()
+    if args.no_lock:  # trying the script out: no figures to keep
+        notes["load_at_start"] = notes["load_at_end"] = loadavg()
+        yield
+        return
+    with open(LOCK, "a") as lock:
+        t0 = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        notes["lock_wait_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        while loadavg()[0] >= args.quiet_load and time.monotonic() - t0 < args.quiet_wait:
+            time.sleep(5)
+        notes["load_at_start"] = loadavg()
+        try:
+            yield
+        finally:
+            notes["load_at_end"] = loadavg()
+
+
+def timed(stream) -> tuple[int, float, list]:
+    """(tokens after the first, seconds from the first to the last, the items) of one generation."""
+    items, first = [], None
+    for item in stream:
+        if first is None:
+            first = time.perf_counter()
+        items.append(item)
+    end = time.perf_counter()
+    return max(stream.completion_tokens - 1, 0), (end - first) if first is not None else 0.0, items
+
+
+# -- the prompts ---------------------------------------------------------------------------------------------
+
+
+def shakespeare_prompts(tokenizer, count: int, length: int, new: int) -> list[Prompt]:
+    """`count` prompts of `length` tokens, evenly spaced over the validation split (its last 10%)."""
+    text = SHAKESPEARE.read_text()
+    ids = tokenizer.encode(text[int(len(text) * 0.9):]).ids
+    step = (len(ids) - length) // count
+    prompts = []
+    for i in range(count):
+        window = ids[i * step: i * step + length]
+
+        def start(g, window=window, **options):
+            return g.stream_tokens(window, max_new_tokens=new, stop_at_eos=False, **options)
+        prompts.append(Prompt(f"val@{i * step}", "continuation", start, window))
+    return prompts
+
+
+def pydoc_topics(path: Path) -> dict[str, str]:
+    """Section title -> its text (a title is underlined with as many asterisks)."""
+    lines = path.read_text().split("\n")
+    heads = [i - 1 for i in range(1, len(lines)) if lines[i] and set(lines[i]) == {"*"}
+             and len(lines[i]) == len(lines[i - 1])]
+    return {lines[h]: "\n".join(lines[h + 2: nxt]).strip() for h, nxt in zip(heads, [*heads[1:], len(lines)])}
+
+
+def paragraph(section: str, most_chars: int = 1600) -> str:
+    """The section's leading paragraphs, up to most_chars, without its grammar rules (lines indented by 3)."""
+    kept, size = [], 0
+    for block in re.split(r"\n\s*\n", section):
+        if block.startswith("   "):
+            continue
+        if size + len(block) > most_chars and kept:
+            break
+        kept.append(block)
+        size += len(block)
+    return "\n\n".join(kept)
+
+
+def with_typos(text: str, seed: int) -> str:
+    """Swap two neighbouring letters in about one word of ten (words of 5+ letters)."""
+    rng = random.Random(seed)
+
+    def swap(m: re.Match) -> str:
+        word = m.group(0)
+        if rng.random() >= 0.1:
+            return word
+        i = rng.randrange(1, len(word) - 2)
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    return re.sub(r"[A-Za-z]{5,}", swap, text)
+
+
+def smol_prompts(new: int) -> list[Prompt]:
+    topics = pydoc_topics(PYDOC_TOPICS)
+    prompts = []
+    for i, (title, task) in enumerate(GROUNDED):
+        kind, _, question = task.partition(": ")
+        text = paragraph(topics[title])
+        if kind == "typos":
+            text = with_typos(text, i)
+        content = f"{TASKS[kind]}\n\n{text}" + (f"\n\nQuestion: {question}" if question else "")
+        prompts.append(Prompt(f"{kind} {title}", "grounded", chat_start([{"role": "user", "content": content}], new)))
+    for i, content in enumerate(OPEN_ENDED):
+        prompts.append(Prompt(f"open {i}", "open-ended", chat_start([{"role": "user", "content": content}], new)))
+    return prompts
+
+
+def chat_start(messages: list[dict], new: int):
+    def start(g, **options):
+        return g.stream_chat(messages, max_new_tokens=new, **options)
+    return start
+
+
+# -- measuring --------------------------------------------------------------------------------------------
+
+
+def measure(part: str, prompts: list[Prompt], generators: dict[str, object], samplings: list[str], runs: int,
+            rows: dict[tuple, Row]) -> None:
+    """Every prompt in every sampling setting and mode, `runs` times, interleaved; fills `rows`."""
+    modes = list(generators)
+    for prompt in prompts[:1]:  # warm-up: sessions, allocations, the draft's and the lookup's first calls
+        for sampling in samplings:
+            for mode in modes:
+                timed(prompt.start(generators[mode], seed=0, lookup=MODES[mode][1], **SAMPLINGS[sampling]))
+    for run in range(runs):
+        for p, prompt in enumerate(prompts):
+            for sampling in samplings:
+                shift = (p + run) % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    row = rows.setdefault((part, prompt.kind, sampling, mode), Row(part, prompt.kind, sampling, mode))
+                    if len(row.tokens) <= run:
+                        row.tokens.append(0)
+                        row.seconds.append(0.0)
+                    stream = prompt.start(generators[mode], seed=1000 * run + p, lookup=MODES[mode][1],
+                                          **SAMPLINGS[sampling])
+                    n, seconds, items = timed(stream)
+                    row.tokens[run] += n
+                    row.seconds[run] += seconds
+                    if stream.speculation is not None:
+                        s = stream.speculation
+                        row.proposed += s.proposed
+                        row.accepted += s.accepted
+                        row.steps += s.target_steps
+                        row.made += s.tokens
+                    if run == 0 and sampling == "greedy":
+                        # text pieces may split differently when tokens come several at a time: compare the text
+                        row.outputs[prompt.name] = "".join(items) if items and isinstance(items[0], str) else items
+        done = {key: row for key, row in rows.items() if key[0] == part}
+        plain = {key[1:3]: row.rates()[-1] for key, row in done.items() if key[3] == "plain"}
+        print(f"{part} run {run + 1}/{runs}: " + ", ".join(
+            f"{k[1][:4]} {k[2]} {k[3]} {r.rates()[-1] / plain[k[1:3]]:.2f}x" for k, r in done.items()
+            if k[3] != "plain"), file=sys.stderr, flush=True)
+    for key, row in rows.items():
+        if key[0] == part and key[2] == "greedy":
+            reference = rows[(part, key[1], "greedy", "plain")].outputs
+            row.same = sum(row.outputs[name] == reference[name] for name in row.outputs)
+
+
+def package(args: argparse.Namespace, given: Path | None, checkpoint: Path | None, name: str) -> Path | None:
+    """The int8 package to run: the one given, or `checkpoint` exported under --work (once)."""
+    if given is not None or checkpoint is None:
+        return given
+    out = args.work / f"{name}-int8"
+    done = out / ".exported-from"
+    stamp = f"{checkpoint.resolve()}:{(checkpoint / 'model.safetensors').stat().st_mtime_ns}"
+    if not done.exists() or done.read_text() != stamp:
+        from edgegpt.export.package import export_package
+
+        print(f"exporting {checkpoint} int8 to {out}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        export_package(checkpoint, out / "model", quantize=True, gate=False)
+        print(f"  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        done.write_text(stamp)
+    return out / "model"
+
+
+def train_summary(path: Path | None) -> dict | None:
+    """The last JSON line of `edgegpt train --json`'s output (steps, elapsed_s, val_nats_per_char, ...)."""
+    if path is None:
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def cost(summary: dict | None) -> str:
+    if not summary:
+        return "not given"
+    return (f"{summary['elapsed_s'] / 60:.1f} min, {summary['steps']:,} steps, {summary['parameters'] / 1e6:.1f}M "
+            f"parameters, val {summary['val_nats_per_char']:.3f} nats/char")
+
+
+def print_table(results: list[dict], caption: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="speculative decoding, batch 1, decode tokens/s after the first token", caption=caption)
+    for name in ("part", "prompts", "sampling", "mode", "acceptance", "tokens/step", "decode tok/s", "runs",
+                 "x plain", "same text", "x own plain"):
+        table.add_column(name, justify="left" if name in ("part", "prompts", "sampling", "mode") else "right")
+    for r in results:
+        table.add_row(r["part"], r["prompts"], r["sampling"], r["mode"],
+                      "–" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
+                      f"{r['tokens_per_step']:.2f}",
+                      "–" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.0f}",
+                      " ".join(f"{x:.0f}" for x in r["runs_tokens_per_s"]),
+                      "–" if r["x_plain"] is None else f"{r['x_plain']:.2f}",
+                      r["same_text"] or "", "" if r.get("genai_x_plain") is None else f"{r['genai_x_plain']:.2f}")
+    Console(width=200).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target-checkpoint", type=Path, help="the small target's checkpoint (exported int8 here)")
+    parser.add_argument("--draft-checkpoint", type=Path, help="the draft's checkpoint (same tokenizer)")
+    parser.add_argument("--target", type=Path, help="instead: the target's model package")
+    parser.add_argument("--draft", type=Path, help="instead: the draft's model package")
+    parser.add_argument("--smol", type=Path, help="SmolLM2-135M-Instruct int8 model package (chat template)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/spec"), help="exported packages, genai models")
+    parser.add_argument("--target-summary", type=Path, help="the output of `edgegpt train --json` for the target")
+    parser.add_argument("--draft-summary", type=Path, help="the output of `edgegpt train --json` for the draft")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=6, help="shakespeare prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128, help="shakespeare: tokens per generation")
+    parser.add_argument("--chat-tokens", type=int, default=200, help="smol: most tokens per reply")
+    parser.add_argument("--samplings", nargs="*", default=list(SAMPLINGS), choices=list(SAMPLINGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quiet-load", type=float, default=1.0, help="wait for the 1-min load to fall below this")
+    parser.add_argument("--quiet-wait", type=float, default=180, help="at most this many seconds")
+    parser.add_argument("--no-lock", action="store_true", help="trying the script out: no lock, no waiting")
+    parser.add_argument("--genai", action="store_true", help="also onnxruntime-genai 0.18 on the shakespeare target")
+    parser.add_argument("--peers-work", dest="peers", type=Path, default=Path("/tmp/peers"),
+                        help="compare_runtimes.py --setup's folder (venv-peers, venv-builder)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+
+    from edgegpt.runtime import Generator
+
+    target = package(args, args.target, args.target_checkpoint, "target")
+    draft = package(args, args.draft, args.draft_checkpoint, "draft")
+    parts: list[tuple[str, list[Prompt], dict]] = []
+    if target is not None and draft is not None:
+        plain = Generator.load(target, provider="cpu", threads=args.threads, draft=None)
+        guided = Generator.load(target, provider="cpu", threads=args.threads, draft=draft)
+        prompts = shakespeare_prompts(plain.package.tokenizer, args.prompts, args.prompt_tokens, args.new_tokens)
+        parts.append(("shakespeare", prompts, {"plain": plain, "draft": guided, "lookup": plain,
+                                               "draft+lookup": guided}))
+    if args.smol is not None:
+        smol = Generator.load(args.smol, provider="cpu", threads=args.threads, draft=None)
+        parts.append(("smol", smol_prompts(args.chat_tokens), {"plain": smol, "lookup": smol}))
+    if not parts:
+        parser.error("give --target-checkpoint and --draft-checkpoint (or --target and --draft), and/or --smol")
+
+    notes: dict = {"machine": machine(), "threads": args.threads, "runs": args.runs}
+    rows: dict[tuple, Row] = {}
+    genai_rows: list[dict] = []
+    with quiet_machine(args, notes):
+        t0 = time.perf_counter()
+        for name, prompts, generators in parts:
+            measure(name, prompts, generators, args.samplings, args.runs, rows)
+        if args.genai and args.target_checkpoint and args.draft_checkpoint:
+            from peers import genai_speculative
+
+            genai_rows = genai_speculative.run(args, [p.ids for p in parts[0][1]])
+        notes["timed_s"] = round(time.perf_counter() - t0)
+
+    order = {"parts": [p[0] for p in parts], "kinds": ["continuation", "grounded", "open-ended"],
+             "samplings": list(SAMPLINGS), "modes": list(MODES)}
+    keys = sorted(rows, key=lambda k: (order["parts"].index(k[0]), order["kinds"].index(k[1]),
+                                       order["samplings"].index(k[2]), order["modes"].index(k[3])))
+    results = [rows[k].figures(rows.get((k[0], k[1], k[2], "plain"))) for k in keys]
+    for row in genai_rows:  # genai's runs are not paired with edgegpt's: the ratio of the medians
+        plain = next((r for r in results if r["part"] == row["part"] and r["sampling"] == row["sampling"]
+                      and r["mode"] == "plain"), None)
+        if plain and row["decode_tokens_per_s"]:
+            row["x_plain"] = round(row["decode_tokens_per_s"] / plain["decode_tokens_per_s"], 3)
+    results += genai_rows
+    notes["draft_training"] = cost(train_summary(args.draft_summary))
+    notes["target_training"] = cost(train_summary(args.target_summary))
+    notes["target"], notes["draft"], notes["smol"] = str(target), str(draft), str(args.smol)
+    caption = (f"{notes['machine']}, {args.threads} threads, {args.runs} runs (median); load average "
+               f"{' '.join(map(str, notes['load_at_start']))} at start, {' '.join(map(str, notes['load_at_end']))} at "
+               f"end (before the lock: {' '.join(map(str, notes['load_before_lock']))}); timed {notes['timed_s']} s. "
+               f"Draft training: {notes['draft_training']}; target: {notes['target_training']}.")
+    print_table(results, caption)
+    for r in results:
+        if r.get("skipped"):
+            print(f"{r['mode']} {r['sampling']}: skipped: {r['skipped']}")
+    if args.json:
+        print(json.dumps({"notes": notes, "rows": results}))
+
+
+if __name__ == "__main__":
+    main()
