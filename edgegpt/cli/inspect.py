@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CONFIG, MANIFEST, TRAIN_STATE, WEIGHTS, is_checkpoint, is_package, plan_grid
+from edgegpt.core.formats import CONFIG, MANIFEST, MODEL, TRAIN_STATE, WEIGHTS, is_checkpoint, is_package, plan_grid
 from edgegpt.core.io import read_json
 
 
@@ -138,7 +138,40 @@ def describe_package(directory: Path) -> Group:
     if gates:
         parts.append(_gates_table(gates))
     parts.append(_files_table(directory))
+    draft = _section(manifest, "draft", manifest_path)
+    if draft:
+        parts.append(_draft_table(directory, draft))
     return Group(*parts)
+
+
+def _draft_table(directory: Path, draft: dict[str, Any]) -> Table:
+    """The draft model for speculative decoding (manifest.json's `draft` entry, export/draft.py): where it is,
+    how large, and how often its greedy choice agreed with this model's on held-out text."""
+    name = draft.get("directory")
+    folder = directory / name if isinstance(name, str) and name else None
+    table = Table(title="draft model (speculative decoding)", show_header=False)
+    table.add_row("folder", f"{name}/" if folder is None or folder.is_dir() else f"{name}/ (MISSING)")
+    if folder is not None and folder.is_dir():
+        files = [p for p in folder.iterdir() if p.is_file()]
+        if (folder / MODEL).is_file():
+            table.add_row("size", f"{_size(folder / MODEL)} model.onnx, "
+                          f"{sum(p.stat().st_size for p in files) / 1e6:,.2f} MB in all")
+        own = read_object(folder / MANIFEST) if (folder / MANIFEST).is_file() else {}
+        if own:
+            table.add_row("graph", f"{own.get('graph', '?')}, {own.get('precision', '?')}")
+    parameters = draft.get("parameters")
+    if isinstance(parameters, int):
+        table.add_row("parameters", f"{parameters / 1e6:.2f}M")
+    if draft.get("max_len") is not None:
+        table.add_row("context", f"{draft['max_len']} tokens")
+    acceptance, tokens = draft.get("acceptance"), draft.get("acceptance_tokens")
+    if isinstance(acceptance, (int, float)) and isinstance(tokens, int):
+        table.add_row("acceptance", f"{acceptance:.1%} of {tokens:,} held-out tokens (its greedy choice is this "
+                      "model's)")
+    else:
+        table.add_row("acceptance", "not measured")
+    table.add_row("exported from", str(draft.get("checkpoint", "?")))
+    return table
 
 
 def plan_table(plan: dict[str, int]) -> Table:
