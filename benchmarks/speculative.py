@@ -35,7 +35,7 @@ and report the load averages in the caption.
 
 --genai also runs onnxruntime-genai 0.18 (PEERS/venv-peers, its model builder in PEERS/venv-builder,
 PEERS = --peers-work, made by compare_runtimes.py --setup) on the same target checkpoint, int8: plain, with
-the same draft (converted by its builder) and with its n-gram lookup, in a fresh process per run
+the same draft (converted by its builder) and with its n-gram lookup, in a fresh process after each run
 (benchmarks/peers/genai_speculative.py). Its rows: "x plain" = its median over plain edgegpt's (not paired),
 "x own plain" = the ratio to genai's plain decoding in the same process; tokens/step counts every target
 pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides each verification).
@@ -253,45 +253,51 @@ def chat_start(messages: list[dict], new: int):
 # -- measuring --------------------------------------------------------------------------------------------
 
 
-def measure(part: str, prompts: list[Prompt], generators: dict[str, object], samplings: list[str], runs: int,
-            rows: dict[tuple, Row]) -> None:
-    """Every prompt in every sampling setting and mode, `runs` times, interleaved; fills `rows`."""
+def warm_up(prompts: list[Prompt], generators: dict[str, object], samplings: list[str]) -> None:
+    """Sessions, allocations, the draft's and the lookup's first calls: one prompt in every setting."""
+    for sampling in samplings:
+        for mode, generator in generators.items():
+            timed(prompts[0].start(generator, seed=0, lookup=MODES[mode][1], **SAMPLINGS[sampling]))
+
+
+def measure_run(part: str, prompts: list[Prompt], generators: dict[str, object], samplings: list[str], run: int,
+                rows: dict[tuple, Row]) -> None:
+    """Run `run`: every prompt in every sampling setting and mode, the modes interleaved; fills `rows`."""
     modes = list(generators)
-    for prompt in prompts[:1]:  # warm-up: sessions, allocations, the draft's and the lookup's first calls
+    for p, prompt in enumerate(prompts):
         for sampling in samplings:
-            for mode in modes:
-                timed(prompt.start(generators[mode], seed=0, lookup=MODES[mode][1], **SAMPLINGS[sampling]))
-    for run in range(runs):
-        for p, prompt in enumerate(prompts):
-            for sampling in samplings:
-                shift = (p + run) % len(modes)
-                for mode in modes[shift:] + modes[:shift]:
-                    row = rows.setdefault((part, prompt.kind, sampling, mode), Row(part, prompt.kind, sampling, mode))
-                    if len(row.tokens) <= run:
-                        row.tokens.append(0)
-                        row.seconds.append(0.0)
-                    stream = prompt.start(generators[mode], seed=1000 * run + p, lookup=MODES[mode][1],
-                                          **SAMPLINGS[sampling])
-                    n, seconds, items = timed(stream)
-                    row.tokens[run] += n
-                    row.seconds[run] += seconds
-                    if stream.speculation is not None:
-                        s = stream.speculation
-                        row.proposed += s.proposed
-                        row.accepted += s.accepted
-                        row.steps += s.target_steps
-                        row.made += s.tokens
-                    if run == 0 and sampling == "greedy":
-                        # text pieces may split differently when tokens come several at a time: compare the text
-                        row.outputs[prompt.name] = "".join(items) if items and isinstance(items[0], str) else items
-        done = {key: row for key, row in rows.items() if key[0] == part}
-        plain = {key[1:3]: row.rates()[-1] for key, row in done.items() if key[3] == "plain"}
-        print(f"{part} run {run + 1}/{runs}: " + ", ".join(
-            f"{k[1][:4]} {k[2]} {k[3]} {r.rates()[-1] / plain[k[1:3]]:.2f}x" for k, r in done.items()
-            if k[3] != "plain"), file=sys.stderr, flush=True)
+            shift = (p + run) % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                row = rows.setdefault((part, prompt.kind, sampling, mode), Row(part, prompt.kind, sampling, mode))
+                if len(row.tokens) <= run:
+                    row.tokens.append(0)
+                    row.seconds.append(0.0)
+                stream = prompt.start(generators[mode], seed=1000 * run + p, lookup=MODES[mode][1],
+                                      **SAMPLINGS[sampling])
+                n, seconds, items = timed(stream)
+                row.tokens[run] += n
+                row.seconds[run] += seconds
+                if stream.speculation is not None:
+                    s = stream.speculation
+                    row.proposed += s.proposed
+                    row.accepted += s.accepted
+                    row.steps += s.target_steps
+                    row.made += s.tokens
+                if run == 0 and sampling == "greedy":
+                    # text pieces may split differently when tokens come several at a time: compare the text
+                    row.outputs[prompt.name] = "".join(items) if items and isinstance(items[0], str) else items
+    done = {key: row for key, row in rows.items() if key[0] == part}
+    plain = {key[1:3]: row.rates()[-1] for key, row in done.items() if key[3] == "plain"}
+    print(f"{part} run {run + 1}: " + ", ".join(
+        f"{k[1][:4]} {k[2]} {k[3]} {r.rates()[-1] / plain[k[1:3]]:.2f}x" for k, r in done.items()
+        if k[3] != "plain"), file=sys.stderr, flush=True)
+
+
+def same_text(rows: dict[tuple, Row]) -> None:
+    """Greedy rows: how many prompts gave plain decoding's text (first run)."""
     for key, row in rows.items():
-        if key[0] == part and key[2] == "greedy":
-            reference = rows[(part, key[1], "greedy", "plain")].outputs
+        if key[2] == "greedy":
+            reference = rows[(key[0], key[1], "greedy", "plain")].outputs
             row.same = sum(row.outputs[name] == reference[name] for name in row.outputs)
 
 
@@ -394,18 +400,40 @@ def main() -> None:
     if not parts:
         parser.error("give --target-checkpoint and --draft-checkpoint (or --target and --draft), and/or --smol")
 
+    genai_paths: dict | Exception | None = None
+    if args.genai and args.target_checkpoint and args.draft_checkpoint:
+        from peers import genai_speculative
+
+        try:  # built before the timed part
+            genai_paths = genai_speculative.prepare(args.work, args.peers, args.target_checkpoint,
+                                                    args.draft_checkpoint, args.threads)
+        except Exception as e:
+            genai_paths = e
     notes: dict = {"machine": machine(), "threads": args.threads, "runs": args.runs}
     rows: dict[tuple, Row] = {}
     genai_rows: list[dict] = []
+    genai_samples: list[dict] = []
+    if isinstance(genai_paths, Exception):
+        genai_rows = [genai_speculative.skipped_row(f"{type(genai_paths).__name__}: {genai_paths}")]
     with quiet_machine(args, notes):
         t0 = time.perf_counter()
         for name, prompts, generators in parts:
-            measure(name, prompts, generators, args.samplings, args.runs, rows)
-        if args.genai and args.target_checkpoint and args.draft_checkpoint:
-            from peers import genai_speculative
-
-            genai_rows = genai_speculative.run(args, [p.ids for p in parts[0][1]])
+            warm_up(prompts, generators, args.samplings)
+        # Runs interleave everything, genai included (a fresh process per run): a noisy spell of this shared
+        # machine then hits every row alike.
+        for run in range(args.runs):
+            for name, prompts, generators in parts:
+                measure_run(name, prompts, generators, args.samplings, run, rows)
+            if isinstance(genai_paths, dict) and not genai_rows:
+                try:
+                    genai_samples.append(genai_speculative.run_once(args, [p.ids for p in parts[0][1]],
+                                                                    genai_paths, run))
+                except Exception as e:  # reported as a row; the rest of the table still stands
+                    genai_rows = [genai_speculative.skipped_row(f"{type(e).__name__}: {e}")]
         notes["timed_s"] = round(time.perf_counter() - t0)
+    same_text(rows)
+    if genai_samples and not genai_rows:
+        genai_rows = genai_speculative.rows(genai_samples)
 
     order = {"parts": [p[0] for p in parts], "kinds": ["continuation", "grounded", "open-ended"],
              "samplings": list(SAMPLINGS), "modes": list(MODES)}

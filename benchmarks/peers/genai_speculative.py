@@ -77,31 +77,31 @@ def set_threads(config_path: Path, section: str, threads: int) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def run(args: argparse.Namespace, ids: list[list[int]]) -> list[dict]:
-    """The rows of benchmarks/speculative.py's table for genai (plain, draft, lookup per sampling setting)."""
+def skipped_row(reason: str) -> dict:
+    return {"part": "shakespeare", "prompts": "continuation", "sampling": "-", "mode": "onnxruntime-genai",
+            "skipped": reason[:300], "acceptance": None, "tokens_per_step": 1.0, "decode_tokens_per_s": None,
+            "runs_tokens_per_s": [], "x_plain": None, "same_text": None}
+
+
+def run_once(args: argparse.Namespace, ids: list[list[int]], paths: dict[str, Path], run: int) -> dict:
+    """One run in a fresh genai process: {"sampling|mode": {tokens, seconds, proposed, accepted, ...}}."""
     from .processes import log, spawn
     from .setup import peers_python
 
-    try:
-        paths = prepare(args.work, args.peers, args.target_checkpoint, args.draft_checkpoint, args.threads)
-        python = peers_python(args.peers)
-        prompt_file = args.work / "genai-prompts.json"
-        prompt_file.write_text(json.dumps(ids))
-        samples: list[dict] = []
-        for r in range(args.runs):
-            stdout, _, _ = spawn([python, Path(__file__), "--plain", paths["plain"], "--draft", paths["draft"],
-                                  "--prompts", prompt_file, "--new", args.new_tokens, "--samplings",
-                                  *args.samplings, "--seed", r])
-            result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-            samples.append(result)
-            log(f"genai run {r + 1}/{args.runs}: " + ", ".join(
-                f"{k} {v['tokens'] / v['seconds']:.0f}" for k, v in result.items() if v.get("seconds")))
-    except Exception as e:  # reported as a row, the rest of the table still stands
-        log(f"genai skipped: {type(e).__name__}: {e}")
-        return [{"part": "shakespeare", "prompts": "continuation", "sampling": "-", "mode": "onnxruntime-genai",
-                 "skipped": f"{type(e).__name__}: {str(e)[:300]}", "acceptance": None, "tokens_per_step": 1.0,
-                 "decode_tokens_per_s": None, "runs_tokens_per_s": [], "x_plain": None, "same_text": None}]
-    rows = []
+    prompt_file = args.work / "genai-prompts.json"
+    prompt_file.write_text(json.dumps(ids))
+    stdout, _, _ = spawn([peers_python(args.peers), Path(__file__), "--plain", paths["plain"], "--draft",
+                          paths["draft"], "--prompts", prompt_file, "--new", args.new_tokens, "--samplings",
+                          *args.samplings, "--seed", run])
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    log(f"genai run {run + 1}/{args.runs}: " + ", ".join(
+        f"{k} {v['tokens'] / v['seconds']:.0f}" for k, v in result.items() if v.get("seconds")))
+    return result
+
+
+def rows(samples: list[dict]) -> list[dict]:
+    """The rows of benchmarks/speculative.py's table for genai (plain, draft, lookup per sampling setting)."""
+    table = []
     for key in samples[0]:
         sampling, mode = key.split("|")
         rates = [s[key]["tokens"] / s[key]["seconds"] for s in samples if s[key].get("seconds")]
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, ids: list[list[int]]) -> list[dict]:
         steps = sum(s[key].get("target_steps", 0) for s in samples)
         made = sum(s[key].get("emitted", 0) for s in samples)
         error = next((s[key]["error"] for s in samples if s[key].get("error")), None)
-        rows.append({
+        table.append({
             "part": "shakespeare", "prompts": "continuation", "sampling": sampling, "mode": f"genai {mode}",
             "acceptance": round(accepted / proposed, 3) if proposed else None,
             "tokens_per_step": round(made / steps, 2) if steps and mode != "plain" else 1.0,
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, ids: list[list[int]]) -> list[dict]:
                 round(statistics.median([a / b for a, b in zip(rates, plain_rates)]), 3) if rates else None),
             **({"skipped": error} if error else {}),
         })
-    return rows
+    return table
 
 
 # -- the measuring process (runs in PEERS/venv-peers) ------------------------------------------------------------
