@@ -38,7 +38,8 @@ PEERS = --peers-work, made by compare_runtimes.py --setup) on the same target ch
 the same draft (converted by its builder) and with its n-gram lookup, in a fresh process after each run
 (benchmarks/peers/genai_speculative.py). Its rows: "x plain" = its median over plain edgegpt's (not paired),
 "x own plain" = the ratio to genai's plain decoding in the same process; tokens/step counts every target
-pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides each verification).
+pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides some verifications) and its
+plain steps where the lookup found nothing.
 """
 
 from __future__ import annotations

@@ -156,10 +156,12 @@ def generate(og, model, ids: list[int], new: int, sampling: str, vocab: int, see
     except Exception:  # plain decoding has none
         stats = {}
     if stats:
+        # Steps where nothing was guessed (a lookup miss) run as plain decoding steps, outside its rounds.
+        fallback = int(stats.get("standard_fallback_steps", 0))
         out.update(proposed=int(stats.get("draft_tokens_evaluated", stats.get("draft_tokens_proposed", 0))),
                    accepted=int(stats.get("draft_tokens_accepted", 0)),
-                   target_steps=int(stats.get("target_forward_passes", 0)),
-                   emitted=int(stats.get("tokens_emitted", 0)))
+                   target_steps=int(stats.get("target_forward_passes", 0)) + fallback,
+                   emitted=int(stats.get("tokens_emitted", 0)) + fallback)
     return out
 
 
