@@ -17,8 +17,13 @@ for all K+1 positions (SmolLM2-135M int8 on 2 cores: 1 token 8.8 ms, 4 tokens 13
     context) exactly as one at a time; the target's cache is set back to Decoding.fed (the rejected
     positions are overwritten by the next pass) and the draft's to the part of its guesses that held.
 
-The result is distributed exactly as plain sampling (greedy: p is one-hot, so a draft is kept only when
-it is the argmax: the same text). Seeded runs repeat, but draw other random numbers than plain decoding,
+The result is distributed exactly as plain sampling of the logits the passes compute (greedy: p is
+one-hot, so a draft is kept only when it is the argmax). On float32 packages a pass of K+1 tokens gives
+the one-token logits to ~3e-5, so greedy text is the plain text (tests/test_speculative.py). On int8
+packages it does not: onnxruntime's MatMulNBits computes a multi-token pass differently (SmolLM2 int8:
+logits moved by a median of 0.53 between a 1-token and a 4-token pass, each as close to float32 as the
+other), so greedy text with speculation is a different, equally good text, not the plain one.
+Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
 How many to guess adapts: K starts at 4, grows by 2 after a step that kept every guess and shrinks by 1
