@@ -19,10 +19,10 @@ for all K+1 positions (SmolLM2-135M int8 on 2 cores: 1 token 8.8 ms, 4 tokens 13
 
 The result is distributed exactly as plain sampling of the logits the passes compute (greedy: p is
 one-hot, so a draft is kept only when it is the argmax). On float32 packages a pass of K+1 tokens gives
-the one-token logits to ~3e-5, so greedy text is the plain text (tests/test_speculative.py). On int8
-packages it does not: onnxruntime's MatMulNBits computes a multi-token pass differently (SmolLM2 int8:
-logits moved by a median of 0.53 between a 1-token and a 4-token pass, each as close to float32 as the
-other), so greedy text with speculation is a different, equally good text, not the plain one.
+the one-token logits to ~2e-5, so greedy text is the plain text (tests/test_speculative.py). On int8
+packages it does not: onnxruntime's MatMulNBits computes a multi-token pass differently, so greedy text
+with speculation is another text, not the plain one (`benchmarks/pass_numerics.py`, SmolLM2-135M: |Δ logit|
+between a 1-token and a 4-token pass, median 0.50 int8, 2.3e-5 float32).
 Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
@@ -200,11 +200,10 @@ def verify(guesses: list[int], distributions: list[np.ndarray] | None, logits: n
             continue
         if sampler.greedy:
             token = int(np.argmax(p))
-        else:
-            q = np.zeros_like(p) if distributions is None else distributions[i]
+        else:  # from max(0, p - q), normalised; q all on the guess (lookup): p without the guess
+            residual = np.maximum(p - distributions[i], 0.0) if distributions is not None else p.copy()
             if distributions is None:
-                q[guess] = 1.0
-            residual = np.maximum(p - q, 0.0)
+                residual[guess] = 0.0
             token = sample(residual / residual.sum(), sampler.rng) if residual.sum() > 0 else sample(p, sampler.rng)
         sampler.record(token)
         return [*tokens, token], len(tokens)

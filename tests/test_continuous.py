@@ -14,7 +14,7 @@ from edgegpt.runtime.continuous import ContinuousBatcher
 PROMPTS = ["The import statement", "def ", "A class", "Exceptions are raised", "The ", "for loops"]
 OPTIONS = [dict(temperature=0, max_new_tokens=60, stop_at_eos=False),
            dict(temperature=1.0, seed=3, max_new_tokens=40, top_k=30),
-           dict(temperature=0.8, seed=5, max_new_tokens=50, repetition_penalty=1.3, stop=["\n\n"]),
+           dict(temperature=0.8, seed=5, max_new_tokens=50, repetition_penalty=1.3, stop=["e "]),
            dict(temperature=0, max_new_tokens=7),
            dict(temperature=1.0, seed=11, max_new_tokens=70, min_p=0.05, stop_at_eos=False),
            dict(temperature=0, max_new_tokens=90, frequency_penalty=0.5, stop_at_eos=False)]
@@ -55,13 +55,13 @@ def test_sequences_joining_a_running_batch_get_their_text_alone(gen, rows, monke
     for prompt, options in jobs:
         stream = gen.stream(prompt, **options)
         alone.append(("".join(stream), stream.finish_reason))
+    assert {reason for _, reason in alone} == {"length", "stop"}  # a stop string ends one inside the batch
     batcher = ContinuousBatcher(gen, rows)
     try:
         assert run_together(batcher, jobs) == alone
         assert batcher.peak == rows  # they did run together (more jobs than rows: some waited)
     finally:
         batcher.close()
-    assert {reason for _, reason in alone} >= {"length", "eos"} or {reason for _, reason in alone} >= {"length"}
 
 
 def test_token_counts_match_the_generator(gen):
@@ -85,14 +85,13 @@ def test_a_cancelled_or_closed_sequence_leaves_and_the_others_go_on(gen):
         closed = batcher.stream("def ", **long)
         assert next(cancelled) is not None and next(closed) is not None
         cancel.set()
-        rest = list(cancelled)
+        list(cancelled)
         assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 100
         closed.close()
         assert closed.finish_reason == "cancelled"
         # Both rows are free again: two new sequences run to the end, equal to their text alone.
         again = [batcher.stream(p, **long) for p in ("A class", "for loops")]
         assert ["".join(s) for s in again] == [gen.generate(p, **long) for p in ("A class", "for loops")]
-        assert rest is not None
     finally:
         batcher.close()
 

@@ -34,7 +34,7 @@ from edgegpt.cli.options import (
     TopPOption,
     Truncate,
     TruncateOption,
-    speculation_load,
+    speculation,
 )
 from edgegpt.core import workspace
 from edgegpt.core.errors import EdgeGPTError
@@ -283,11 +283,12 @@ def generate(
         echo = prompt is not None and prompt != "-" and prompt_file is None
         prompt = read_prompt(prompt, prompt_file)
 
+        draft, lookup = speculation(draft, lookup, no_speculation)
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
-                                   draft=speculation_load(draft, no_speculation))
+                                   draft=draft)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop or None, seed=seed,
-                       truncate=truncate.option, lookup=lookup and not no_speculation)
+                       truncate=truncate.option, lookup=lookup)
         if chat:
             pieces = generator.stream_chat([{"role": "user", "content": prompt}], **options)
         else:
@@ -351,14 +352,15 @@ def chat(
         from edgegpt.cli.chat import chat_loop, default_stop
         from edgegpt.runtime import Generator
 
+        draft, lookup = speculation(draft, lookup, no_speculation)
         generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
-                                   draft=speculation_load(draft, no_speculation))
+                                   draft=draft)
         # --stop adds to the transcript's blank line rather than replacing it: without that stop a reply
         # would run on into the next turns of the conversation.
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty,
                        stop=[*default_stop(generator), *stop] if stop else None, seed=seed, truncate=truncate.option,
-                       lookup=lookup and not no_speculation)
+                       lookup=lookup)
         chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
                                                                                 flush=True), options)
         print(file=sys.stderr)
@@ -394,10 +396,11 @@ def serve(
     with user_errors("serve", needs=("starlette", "uvicorn")):
         from edgegpt.server import serve as run_server
 
+        draft, lookup = speculation(draft, lookup, no_speculation)
         run_server(model or workspace.model_dir(), host=host, port=port, parallel=parallel, max_queue=max_queue,
                    api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
                    shutdown_timeout=shutdown_timeout, provider=provider.value, threads=threads, max_length=max_length,
-                   draft=speculation_load(draft, no_speculation), lookup=lookup and not no_speculation)
+                   draft=draft, lookup=lookup)
 
 
 @app.command()
@@ -442,10 +445,10 @@ def bench(
             at = tuple(int(p) for p in positions.split(",") if p.strip()) if positions else ()
         except ValueError:
             raise EdgeGPTError(f"--positions takes comma-separated integers, got {positions!r}") from None
+        draft, lookup = speculation(draft, lookup, no_speculation)
         report = run_bench(model or workspace.model_dir(), prompt_len=prompt_len, new_tokens=new_tokens,
                            threads=threads, provider=provider.value, runs=runs, positions=at,
-                           max_length=max_length, draft=speculation_load(draft, no_speculation),
-                           lookup=lookup and not no_speculation)
+                           max_length=max_length, draft=draft, lookup=lookup)
         if as_json:
             print(json.dumps(report, indent=2))
         else:

@@ -79,6 +79,9 @@ NoSpeculationOption = Annotated[bool, typer.Option(
     "--no-speculation", help="Never guess ahead: no draft (not even the package's own) and no lookup.")]
 
 
-def speculation_load(draft: Path | None, no_speculation: bool) -> str | Path | None:
-    """Generator.load's `draft`: the given package, else the model package's own ("auto"); none when off."""
-    return None if no_speculation else (draft if draft is not None else "auto")
+def speculation(draft: Path | None, lookup: bool, no_speculation: bool) -> tuple[str | Path | None, bool]:
+    """(Generator.load's `draft`, the `lookup` option) for the three flags: the given draft, else the model
+    package's own ("auto"); neither draft nor lookup with --no-speculation."""
+    if no_speculation:
+        return None, False
+    return (draft if draft is not None else "auto"), lookup

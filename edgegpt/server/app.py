@@ -14,6 +14,7 @@ Nothing in a request names a file: the model is the one the server was started w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -64,8 +66,8 @@ def create_app(generator, settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["slots"] = app.state.slots = Slots(settings.parallel, settings.max_queue)
-        # Parallel requests share each decode step when the package allows (runtime/continuous.py): four
-        # together made 2.2x the tokens per second of four one after another. Otherwise, and when guessing
+        # Parallel requests share each decode step when the package allows (runtime/continuous.py): 4
+        # clients got 2x the tokens/s of one slot (benchmarks/serve_load.py). Otherwise, and when guessing
         # ahead was asked for (a draft, lookup: runtime/speculative.py, one sequence at a time), each slot
         # decodes on its own, side by side on the one session.
         speculating = generator.draft is not None or settings.lookup
@@ -120,12 +122,13 @@ def create_app(generator, settings: Settings) -> Starlette:
         cancel = threading.Event()
         if settings.lookup and "lookup" not in request.options:
             request.options["lookup"] = True
-        stream = await _in_thread(open_stream, state["source"], generator, request, cancel)
+        # Tokenizing a long prompt or rendering a template takes milliseconds: off the event loop.
+        stream = await run_in_threadpool(open_stream, state["source"], generator, request, cancel)
         generation = Generation(stream, cancel)
         await generation.start(state["slots"])
         if request.stream:
             return EventStream(events(request, generation), generation)
-        watcher = _spawn(generation.watch_disconnect(http.receive))
+        watcher = asyncio.ensure_future(generation.watch_disconnect(http.receive))
         try:
             text = await generation.text()
         finally:
@@ -189,9 +192,6 @@ def open_stream(source, generator, request: Request, cancel: threading.Event):
     """The runtime Stream for a request, from `source` (the Generator or its ContinuousBatcher): options
     and prompt are checked now; nothing runs until it is iterated."""
     options = dict(request.options)
-    if source is not generator:  # the batcher: no speculation there (one pass serves every row)
-        options.pop("lookup", None)
-        options.pop("speculate", None)
     try:
         if request.kind == COMPLETION:
             return source.stream(request.prompt, cancel=cancel, **options)
@@ -260,7 +260,7 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        watcher = _spawn(self.generation.watch_disconnect(receive))
+        watcher = asyncio.ensure_future(self.generation.watch_disconnect(receive))
         try:
             async for event in self.events:
                 if self.generation.disconnected:
@@ -272,16 +272,3 @@ class EventStream(StreamingResponse):
         finally:
             watcher.cancel()
             await self.events.aclose()  # runs the generation's own cleanup now (cancel if unfinished)
-
-
-async def _in_thread(function, *args):
-    """Tokenizing a long prompt or rendering a template takes milliseconds: off the event loop."""
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(function, *args)
-
-
-def _spawn(coroutine):
-    import asyncio
-
-    return asyncio.ensure_future(coroutine)
