@@ -278,6 +278,8 @@ def test_init_from_teacher_refuses_a_gpt2_teacher(tmp_path, small_corpus, gpt2_t
     (["--alpha", "1.5"], "--alpha"),
     (["--temperature", "0"], "--temperature"),
     (["--vocab-size", "600"], "--vocab-size"),
+    (["--as-draft", "--alpha", "0.3"], "drop --alpha and --temperature"),
+    (["--as-draft", "--temperature", "1.5"], "drop --alpha and --temperature"),
 ])
 def test_bad_distillation_options(args, words, tmp_path, small_corpus, llama_teacher):
     line = one_line_error(runner.invoke(app, ["train", "--teacher", str(llama_teacher), *args, "--data",
@@ -289,6 +291,41 @@ def test_distillation_options_without_teacher(tmp_path, small_corpus):
     line = one_line_error(runner.invoke(app, ["train", "--alpha", "0.3", "--data", str(small_corpus),
                                               "--out", str(tmp_path / "out")]))
     assert "need --teacher" in line
+
+
+def test_as_draft_needs_a_teacher(tmp_path, small_corpus):
+    line = one_line_error(runner.invoke(app, ["train", "--as-draft", "--data", str(small_corpus),
+                                              "--out", str(tmp_path / "out")]))
+    assert "--as-draft" in line and "give --teacher" in line
+
+
+def test_as_draft_is_the_acceptance_recipe():
+    from edgegpt.train.options import DRAFT_RECIPE, TrainOptions
+
+    assert TrainOptions(teacher="t", as_draft=True).distillation() == DRAFT_RECIPE == (0.0, 1.0)
+    assert TrainOptions(teacher="t", alpha=0.25, temperature=3.0).distillation() == (0.25, 3.0)
+
+
+@pytest.mark.slow  # a training run
+def test_a_draft_learns_only_the_teachers_distribution(tmp_path, small_corpus, llama_teacher):
+    from edgegpt.train.loop import Reporter, train
+    from edgegpt.train.options import TrainOptions
+
+    class Recorder(Reporter):
+        parts: list[dict] = []
+        losses: list[float] = []
+
+        def step(self, step, loss, tokens_per_s, progress, parts=None):
+            self.parts.append(parts)
+            self.losses.append(loss)
+
+    recorder = Recorder()
+    opts = TrainOptions(preset="nano", teacher=str(llama_teacher), as_draft=True, max_steps=2, batch_size=2,
+                        eval_every=2)
+    train([small_corpus], [], tmp_path / "out", opts, tmp_path / "cache", reporter=recorder)
+    for parts, loss in zip(recorder.parts, recorder.losses):  # the loss is the KL term alone, labels unweighted
+        assert parts["ce"] > 0 and loss == pytest.approx(parts["kd"], rel=1e-6)
+    assert json.loads((tmp_path / "out" / "train_state.json").read_text())["options"]["as_draft"] is True  # resumes so
 
 
 def test_sentencepiece_style_teacher_tokenizer_is_understood():

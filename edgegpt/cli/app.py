@@ -98,6 +98,10 @@ def train(
     init_from_teacher: bool = typer.Option(
         TRAIN.init_from_teacher, "--init-from-teacher", help="With --teacher: start from every k-th teacher "
         "layer (the student takes the teacher's width; --layers sets its depth, default half)."),
+    as_draft: bool = typer.Option(
+        TRAIN.as_draft, "--as-draft", help="With --teacher: train a draft for speculative decoding of the "
+        "teacher (`edgegpt export TEACHER --draft OUT`): learn the teacher's own distribution (alpha 0, "
+        "temperature 1), which keeps more guesses than the default recipe."),
     eval_every: int = typer.Option(TRAIN.eval_every, help="Validate (and keep the best weights) every N steps."),
     compile: bool = typer.Option(
         TRAIN.compile, "--compile", help="Use torch.compile (helps on GPUs, not on laptop CPUs)."),
@@ -119,7 +123,7 @@ def train(
             lr=lr, dropout=dropout, max_steps=max_steps, time_budget=time_budget, eval_every=eval_every, seed=seed,
             device=device, compile=compile, save_every=save_every, layers=layers,
             tokenizer=str(tokenizer) if tokenizer else None, teacher=str(teacher.resolve()) if teacher else None,
-            alpha=alpha, temperature=temperature, init_from_teacher=init_from_teacher,
+            alpha=alpha, temperature=temperature, init_from_teacher=init_from_teacher, as_draft=as_draft,
         )
         summary = run_training(
             list(data or []), list(val_data or []), out or workspace.checkpoint_dir(), opts,

@@ -377,7 +377,8 @@ def report_start(run: Training, reporter: Reporter) -> None:
         "parameters": run.model.num_parameters(), "device": str(plan.device), "train_tokens": len(run.tokens.train),
         "val_tokens": len(run.tokens.val), "tokens_per_step": plan.tokens_per_step, "resumed_at": run.step,
         "processes": plan.world.size, "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, "
-        f"alpha {opts.alpha}, temperature {opts.temperature})" if teacher else None,
+        f"alpha {opts.distillation()[0]}, temperature {opts.distillation()[1]:g}{', as a draft' if opts.as_draft else ''})"
+        if teacher else None,
     })
 
 
@@ -458,7 +459,7 @@ def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward(inputs)
             teacher_logits = teacher.logits(inputs) if teacher is not None else None
-            loss = distillation_loss(logits, teacher_logits, labels, opts.alpha, opts.temperature)
+            loss = distillation_loss(logits, teacher_logits, labels, *opts.distillation())
             (loss.total / len(chunks)).backward()
         for key, value in zip(("loss", "ce", "kd"), loss):
             sums[key] += value.item() / len(chunks)
