@@ -26,10 +26,15 @@ between a 1-token and a 4-token pass, median 0.50 int8, 2.3e-5 float32).
 Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
-How many to guess adapts: K starts at 4, grows by 2 after a step that kept every guess and shrinks by 1
-otherwise (1..8). Lookup also turns itself off when it is rarely right: below 25% kept over recent steps
-it pauses for a number of steps that doubles each time (8 up to 256), then tries again, so on text that
-never repeats it costs a few verifications of one extra token now and then.
+How many to guess (GuessLength): the k in 0..8 that makes the most tokens per unit of time. Each guess is
+kept with a running probability a (counts of kept and checked guesses, older passes weighing less), so k
+guesses make 1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs PASS_COST(k) one-token
+passes and each guess the drafter's own cost. k = 0 is plain decoding: when no k beats it, the drafter
+pauses for a number of passes that doubles each time (8 up to 256) and then tries again with a fresh
+a = 1/2; so on text that never repeats lookup costs a verification of one or two extra tokens now and
+then, and a draft that disagrees with the target is soon left alone. The choice is a function of what was
+kept only, never of measured time, so a seeded run draws the same numbers and makes the same text every
+time.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ from edgegpt.runtime.decoding import Decoding
 from edgegpt.runtime.sampling import Sampler, sample
 
 MOST_GUESSES = 8
-FIRST_GUESSES = 4
 
 
 @dataclass
@@ -74,27 +78,75 @@ class Drafter(Protocol):
         """After a verification: history[:valid] still holds; `accepted` of `proposed` guesses were kept."""
 
 
-class GuessLength:
-    """K, adapted to how many guesses were kept (module doc)."""
+# What a pass of k + 1 tokens costs in one-token passes: 1.6 at k = 4 for `small` int8 (0.875 -> 1.40 ms)
+# and 1.5 at k = 3 for SmolLM2-135M int8 (8.8 -> 13.2 ms), 2 cores; the first extra token costs most.
+def PASS_COST(k: int) -> float:
+    return 1.0 if k == 0 else 1.1 + 0.13 * k
 
-    def __init__(self) -> None:
-        self.k = FIRST_GUESSES
+
+# What one guess costs in one-token target passes: a `nano` draft's step is ~0.1 of a `small` target's
+# (0.083 vs 0.875 ms, both int8, 2 cores); a lookup is a dictionary probe.
+DRAFT_GUESS_COST = 0.1
+LOOKUP_GUESS_COST = 0.01
+FIRST_PAUSE, LONGEST_PAUSE = 8, 256
+# How fast older passes stop counting in the kept rate, and the fresh start's weight (a = 1/2 over 2 guesses).
+KEPT_DECAY = 0.8
+PRIOR_KEPT, PRIOR_CHECKED = 1.0, 2.0
+
+
+class GuessLength:
+    """How many guesses to make next, from how many were kept (module doc)."""
+
+    def __init__(self, guess_cost: float) -> None:
+        self.guess_cost = guess_cost
+        self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED
+        self.paused, self.pause = 0, FIRST_PAUSE // 2  # doubled when the first pause starts
+        self.passes = 0  # passes with guesses since the last pause
+
+    @property
+    def rate(self) -> float:
+        """The running probability that a guess is kept, given the guesses before it were."""
+        return self.kept / self.checked
+
+    def best(self) -> int:
+        """The k with the most expected tokens per cost; 0 when guessing does not pay."""
+        a = self.rate
+
+        def tokens_per_cost(k: int) -> float:
+            return sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost)
+
+        return max(range(MOST_GUESSES + 1), key=tokens_per_cost)
+
+    def next(self) -> int:
+        """Guesses to make before the next pass (0 while paused)."""
+        if self.paused:
+            self.paused -= 1
+            if not self.paused:
+                self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED  # try again afresh
+            return 0
+        k = self.best()
+        if k == 0:
+            # Guessing stopped paying: a short pause if it had paid for a while, else twice the last one.
+            self.pause = FIRST_PAUSE if self.passes >= 2 * FIRST_PAUSE else min(2 * self.pause, LONGEST_PAUSE)
+            self.paused, self.passes = self.pause, 0
+        return k
 
     def update(self, proposed: int, accepted: int) -> None:
+        """After a pass that checked `proposed` guesses and kept the first `accepted`."""
         if proposed:
-            self.k = min(MOST_GUESSES, self.k + 2) if accepted == proposed else max(1, self.k - 1)
+            self.passes += 1
+            self.kept = KEPT_DECAY * self.kept + accepted
+            self.checked = KEPT_DECAY * self.checked + accepted + (accepted < proposed)
 
 
 class LookupDrafter:
     """Prompt lookup: guesses are the tokens after the latest earlier occurrence of the last n-gram."""
 
-    def __init__(self, longest: int = 3, pause_below: float = 0.25) -> None:
-        self.longest, self.pause_below = longest, pause_below
-        self.length = GuessLength()
+    def __init__(self, longest: int = 3) -> None:
+        self.longest = longest
+        self.length = GuessLength(LOOKUP_GUESS_COST)
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> where the tokens after its latest copy start
         self._indexed = 0  # history positions indexed so far
-        self._rate = 0.5  # recent share of guesses kept (exponential average)
-        self._paused, self._pause = 0, 8
 
     def propose(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], None]:
         # Index every n-gram that has a token after it (so the current last n-gram finds an earlier copy).
@@ -103,10 +155,9 @@ class LookupDrafter:
                 if end + 1 >= n:
                     self._after[tuple(history[end + 1 - n : end + 1])] = end + 1
         self._indexed = max(self._indexed, len(history) - 1)
-        if self._paused:
-            self._paused -= 1
+        k = min(k, self.length.next())
+        if k < 1:
             return [], None
-        k = min(k, self.length.k)
         for n in range(min(self.longest, len(history)), 0, -1):
             start = self._after.get(tuple(history[-n:]))
             if start is not None:
@@ -114,15 +165,7 @@ class LookupDrafter:
         return [], None
 
     def settle(self, valid: int, proposed: int, accepted: int) -> None:
-        if not proposed:
-            return
         self.length.update(proposed, accepted)
-        self._rate = 0.7 * self._rate + 0.3 * (accepted / proposed)
-        if self._rate < self.pause_below:
-            self._paused, self._pause = self._pause, min(2 * self._pause, 256)
-            self._rate = 0.5  # a fresh start after the pause
-        elif accepted:
-            self._pause = 8
 
 
 class ModelDrafter:
@@ -130,13 +173,13 @@ class ModelDrafter:
 
     def __init__(self, draft, seed: int | None) -> None:
         self.draft = draft
-        self.length = GuessLength()
+        self.length = GuessLength(DRAFT_GUESS_COST)
         self.rng = np.random.default_rng(None if seed is None else [seed, 1])  # its own stream of draws
         self.cache = None
 
     def propose(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]:
         # Positions: the history, then k - 1 guesses fed back (the last guess is never fed).
-        k = min(k, self.length.k, self.draft.max_length - len(history) + 1)
+        k = min(k, self.draft.max_length - len(history) + 1, self.length.next())
         if k < 1:
             return [], []
         if self.cache is None:

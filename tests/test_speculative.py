@@ -265,6 +265,7 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch, wrong_rule):
 
 def test_lookup_guesses_what_followed_the_last_ngram():
     lookup = LookupDrafter()
+    lookup.length.kept = lookup.length.checked  # as if every guess so far was kept: k is not the limit
     sampler = Sampler(SamplingParams(), None, [], 50)
     history = [5, 6, 7, 8, 9, 5, 6, 7]
     assert lookup.propose(history, 3, sampler) == ([8, 9, 5], None)  # after the earlier "5 6 7"
@@ -281,6 +282,38 @@ def test_lookup_pauses_when_it_is_rarely_right():
         guesses, _ = lookup.propose(history, 4, sampler)
         lookup.settle(len(history), len(guesses), 0)
     assert lookup.propose(history, 4, sampler) == ([], None)  # paused: no guesses for a while
+
+
+def test_guess_length_follows_the_kept_rate():
+    always = speculative.GuessLength(speculative.DRAFT_GUESS_COST)
+    for _ in range(10):
+        k = always.next()
+        always.update(k, k)
+    assert always.next() == speculative.MOST_GUESSES  # every guess kept: as many as a pass takes
+
+    never = speculative.GuessLength(speculative.DRAFT_GUESS_COST)
+    passes_with_guesses = 0
+    for _ in range(200):
+        k = never.next()
+        passes_with_guesses += k > 0
+        never.update(k, 0)
+    # One try after each pause, and the pauses double (8, 16, 32, 64, 128): 5 of 200 passes guess.
+    assert passes_with_guesses == 5 and never.pause == 128
+
+    middling = speculative.GuessLength(speculative.DRAFT_GUESS_COST)
+    middling.kept, middling.checked = 6.0, 10.0  # 60% kept: a few guesses pay, not many
+    assert 1 <= middling.next() <= 4
+
+
+def test_guess_length_is_the_same_for_the_same_history():
+    """A function of what was kept only: a seeded run makes the same choices, so the same text."""
+    first, second = (speculative.GuessLength(speculative.LOOKUP_GUESS_COST) for _ in range(2))
+    outcomes = np.random.default_rng(0).integers(0, 9, 300)
+    for outcome in outcomes:
+        k1, k2 = first.next(), second.next()
+        assert k1 == k2
+        first.update(k1, min(k1, int(outcome)))
+        second.update(k2, min(k2, int(outcome)))
 
 
 # -- the commands ------------------------------------------------------------------------------------------
