@@ -26,15 +26,17 @@ between a 1-token and a 4-token pass, median 0.50 int8, 2.3e-5 float32).
 Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
-How many to guess (GuessLength): the k in 0..8 that makes the most tokens per unit of time. Each guess is
-kept with a running probability a (counts of kept and checked guesses, older passes weighing less), so k
-guesses make 1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs PASS_COST(k) one-token
-passes and each guess the drafter's own cost. k = 0 is plain decoding: when no k beats it, the drafter
-pauses for a number of passes that doubles each time (8 up to 256) and then tries again with a fresh
-a = 1/2; so on text that never repeats lookup costs a verification of one or two extra tokens now and
-then, and a draft that disagrees with the target is soon left alone. The choice is a function of what was
-kept only, never of measured time, so a seeded run draws the same numbers and makes the same text every
-time.
+How many to guess (GuessLength): k starts at 4, grows by 2 after a pass that kept every guess and shrinks
+by 1 otherwise (1..8), which follows the runs of easy and hard text quickly. Whether to guess at all comes
+from a slower estimate: each guess is kept with a running probability a (kept / checked guesses, older
+passes weighing less), so k guesses make 1 + a + ... + a^k tokens per pass, a pass of k + 1 tokens costs
+PASS_COST(k) one-token passes and each guess the drafter's own cost; when no k promises 5% more tokens per
+cost than plain decoding, the drafter pauses for a number of passes that doubles each time (8 up to 256)
+and then tries again with a fresh a = 1/2. So a draft that disagrees with the target, or lookup on text
+that never repeats, soon costs no more than a verification of a guess or two now and then. Lookup keeps
+one such account per n-gram length: a repeated 3-gram is mostly a copy in progress, a repeated token
+mostly chance. All of it is a function of what was kept, never of measured time, so a seeded run draws
+the same numbers and makes the same text every time.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from edgegpt.runtime.decoding import Decoding
 from edgegpt.runtime.sampling import Sampler, sample
 
 MOST_GUESSES = 8
+FIRST_GUESSES = 4
 
 
 @dataclass
@@ -84,13 +87,16 @@ def PASS_COST(k: int) -> float:
     return 1.0 if k == 0 else 1.1 + 0.13 * k
 
 
-# What one guess costs in one-token target passes: a `nano` draft's step is ~0.1 of a `small` target's
-# (0.083 vs 0.875 ms, both int8, 2 cores); a lookup is a dictionary probe.
-DRAFT_GUESS_COST = 0.1
-LOOKUP_GUESS_COST = 0.01
+# What one guess costs in one-token target passes, verification included: a `nano` draft's step is ~0.13 of
+# a `small` target's (0.10 vs 0.78 ms, both int8, 2 cores, timed inside speculative runs; its catch-up step of
+# two tokens 0.18 ms); a lookup is a dictionary probe, and checking a sampled guess a softmax.
+DRAFT_GUESS_COST = 0.15
+LOOKUP_GUESS_COST = 0.04
+# Guessing must promise this much more than plain decoding: the cost model is a few percent off either way.
+LEAST_GAIN = 1.05
 FIRST_PAUSE, LONGEST_PAUSE = 8, 256
 # How fast older passes stop counting in the kept rate, and the fresh start's weight (a = 1/2 over 2 guesses).
-KEPT_DECAY = 0.8
+KEPT_DECAY = 0.9
 PRIOR_KEPT, PRIOR_CHECKED = 1.0, 2.0
 
 
@@ -99,6 +105,7 @@ class GuessLength:
 
     def __init__(self, guess_cost: float) -> None:
         self.guess_cost = guess_cost
+        self.k = FIRST_GUESSES
         self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED
         self.paused, self.pause = 0, FIRST_PAUSE // 2  # doubled when the first pause starts
         self.passes = 0  # passes with guesses since the last pause
@@ -108,14 +115,11 @@ class GuessLength:
         """The running probability that a guess is kept, given the guesses before it were."""
         return self.kept / self.checked
 
-    def best(self) -> int:
-        """The k with the most expected tokens per cost; 0 when guessing does not pay."""
+    def pays(self) -> bool:
+        """Whether some k promises more tokens per cost than plain decoding, at the running rate."""
         a = self.rate
-
-        def tokens_per_cost(k: int) -> float:
-            return sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost)
-
-        return max(range(MOST_GUESSES + 1), key=tokens_per_cost)
+        return any(sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost) >= LEAST_GAIN
+                   for k in range(1, MOST_GUESSES + 1))
 
     def next(self) -> int:
         """Guesses to make before the next pass (0 while paused)."""
@@ -124,29 +128,34 @@ class GuessLength:
             if not self.paused:
                 self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED  # try again afresh
             return 0
-        k = self.best()
-        if k == 0:
-            # Guessing stopped paying: a short pause if it had paid for a while, else twice the last one.
+        if not self.pays():
+            # A short pause if guessing had paid for a while, else twice the last one.
             self.pause = FIRST_PAUSE if self.passes >= 2 * FIRST_PAUSE else min(2 * self.pause, LONGEST_PAUSE)
             self.paused, self.passes = self.pause, 0
-        return k
+            return 0
+        return self.k
 
     def update(self, proposed: int, accepted: int) -> None:
         """After a pass that checked `proposed` guesses and kept the first `accepted`."""
         if proposed:
             self.passes += 1
+            self.k = min(MOST_GUESSES, self.k + 2) if accepted == proposed else max(1, self.k - 1)
             self.kept = KEPT_DECAY * self.kept + accepted
             self.checked = KEPT_DECAY * self.checked + accepted + (accepted < proposed)
 
 
 class LookupDrafter:
-    """Prompt lookup: guesses are the tokens after the latest earlier occurrence of the last n-gram."""
+    """Prompt lookup: guesses are the tokens after the latest earlier occurrence of the last n-gram.
+
+    How often they hold depends on the n-gram's length (a repeated 3-gram is mostly a copy in progress, a
+    repeated token mostly chance), so each length keeps its own GuessLength."""
 
     def __init__(self, longest: int = 3) -> None:
         self.longest = longest
-        self.length = GuessLength(LOOKUP_GUESS_COST)
+        self.lengths = {n: GuessLength(LOOKUP_GUESS_COST) for n in range(1, longest + 1)}
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> where the tokens after its latest copy start
         self._indexed = 0  # history positions indexed so far
+        self._matched = 0  # the n-gram length of the last guesses
 
     def propose(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], None]:
         # Index every n-gram that has a token after it (so the current last n-gram finds an earlier copy).
@@ -155,17 +164,17 @@ class LookupDrafter:
                 if end + 1 >= n:
                     self._after[tuple(history[end + 1 - n : end + 1])] = end + 1
         self._indexed = max(self._indexed, len(history) - 1)
-        k = min(k, self.length.next())
-        if k < 1:
-            return [], None
         for n in range(min(self.longest, len(history)), 0, -1):
             start = self._after.get(tuple(history[-n:]))
             if start is not None:
-                return history[start : start + k], None
+                k = min(k, self.lengths[n].next())  # the longest match decides; a shorter one is weaker
+                self._matched = n
+                return (history[start : start + k], None) if k > 0 else ([], None)
         return [], None
 
     def settle(self, valid: int, proposed: int, accepted: int) -> None:
-        self.length.update(proposed, accepted)
+        if self._matched:
+            self.lengths[self._matched].update(proposed, accepted)
 
 
 class ModelDrafter:

@@ -265,7 +265,8 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch, wrong_rule):
 
 def test_lookup_guesses_what_followed_the_last_ngram():
     lookup = LookupDrafter()
-    lookup.length.kept = lookup.length.checked  # as if every guess so far was kept: k is not the limit
+    for length in lookup.lengths.values():  # as if every guess so far was kept: k is not the limit
+        length.kept = length.checked
     sampler = Sampler(SamplingParams(), None, [], 50)
     history = [5, 6, 7, 8, 9, 5, 6, 7]
     assert lookup.propose(history, 3, sampler) == ([8, 9, 5], None)  # after the earlier "5 6 7"
@@ -282,6 +283,18 @@ def test_lookup_pauses_when_it_is_rarely_right():
         guesses, _ = lookup.propose(history, 4, sampler)
         lookup.settle(len(history), len(guesses), 0)
     assert lookup.propose(history, 4, sampler) == ([], None)  # paused: no guesses for a while
+
+
+def test_lookup_keeps_an_account_per_ngram_length():
+    """Repeated single tokens that are rarely followed by the same thing stop being guessed from, while a
+    repeated 3-gram still is."""
+    lookup = LookupDrafter()
+    lookup.lengths[1].kept, lookup.lengths[1].checked = 0.0, 10.0  # 1-gram guesses have all failed
+    sampler = Sampler(SamplingParams(), None, [], 50)
+    history = [7, 8, 9, 6, 1, 2, 3, 4, 5, 1]  # ends in a token seen before, no longer n-gram repeats
+    assert lookup.propose(history, 4, sampler) == ([], None)
+    history += [7, 8, 9]  # now the 3-gram 7 8 9 repeats
+    assert lookup.propose(history, 4, sampler) == ([6, 1, 2, 3], None)
 
 
 def test_guess_length_follows_the_kept_rate():
@@ -301,8 +314,13 @@ def test_guess_length_follows_the_kept_rate():
     assert passes_with_guesses == 5 and never.pause == 128
 
     middling = speculative.GuessLength(speculative.DRAFT_GUESS_COST)
-    middling.kept, middling.checked = 6.0, 10.0  # 60% kept: a few guesses pay, not many
-    assert 1 <= middling.next() <= 4
+    middling.kept, middling.checked = 6.0, 10.0  # 60% kept: guessing pays
+    assert middling.pays() and middling.next() == speculative.FIRST_GUESSES
+    middling.update(4, 1)  # a miss: one fewer next time
+    assert middling.next() == speculative.FIRST_GUESSES - 1
+    rare = speculative.GuessLength(speculative.DRAFT_GUESS_COST)
+    rare.kept, rare.checked = 3.0, 10.0  # 30% kept: a verification of even one guess costs more than it makes
+    assert not rare.pays() and rare.next() == 0
 
 
 def test_guess_length_is_the_same_for_the_same_history():
