@@ -26,17 +26,16 @@ between a 1-token and a 4-token pass, median 0.50 int8, 2.3e-5 float32).
 Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
-How many to guess (GuessLength): k starts at 4, grows by 2 after a pass that kept every guess and shrinks
-by 1 otherwise (1..8), which follows the runs of easy and hard text quickly. Whether to guess at all comes
-from a slower estimate: each guess is kept with a running probability a (kept / checked guesses, older
-passes weighing less), so k guesses make 1 + a + ... + a^k tokens per pass, a pass of k + 1 tokens costs
-PASS_COST(k) one-token passes and each guess the drafter's own cost; when no k promises 5% more tokens per
-cost than plain decoding, the drafter pauses for a number of passes that doubles each time (8 up to 256)
-and then tries again with a fresh a = 1/2. So a draft that disagrees with the target, or lookup on text
-that never repeats, soon costs no more than a verification of a guess or two now and then. Lookup keeps
-one such account per n-gram length: a repeated 3-gram is mostly a copy in progress, a repeated token
-mostly chance. All of it is a function of what was kept, never of measured time, so a seeded run draws
-the same numbers and makes the same text every time.
+How many to guess (GuessLength): the k in 1..8 with the most tokens per cost, or none. Each guess is kept
+with a running probability a (kept / checked guesses, older passes weighing less), so k guesses make
+1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs PASS_COST(k) one-token passes and each
+guess the drafter's own cost. When no k promises 5% more tokens per cost than plain decoding, the drafter
+pauses for a number of passes that doubles each time (8 up to 256) and then tries again with a fresh
+a = 1/2. So a draft that disagrees with the target, or lookup on text that never repeats, soon costs no
+more than a verification of a guess or two now and then. Lookup keeps one such account per n-gram
+length: a repeated 3-gram is mostly a copy in progress, a repeated token mostly chance. All of it is a
+function of what was kept, never of measured time, so a seeded run draws the same numbers and makes the
+same text every time.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ from edgegpt.runtime.decoding import Decoding
 from edgegpt.runtime.sampling import Sampler, sample
 
 MOST_GUESSES = 8
-FIRST_GUESSES = 4
 
 
 @dataclass
@@ -105,7 +103,6 @@ class GuessLength:
 
     def __init__(self, guess_cost: float) -> None:
         self.guess_cost = guess_cost
-        self.k = FIRST_GUESSES
         self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED
         self.paused, self.pause = 0, FIRST_PAUSE // 2  # doubled when the first pause starts
         self.passes = 0  # passes with guesses since the last pause
@@ -115,11 +112,15 @@ class GuessLength:
         """The running probability that a guess is kept, given the guesses before it were."""
         return self.kept / self.checked
 
-    def pays(self) -> bool:
-        """Whether some k promises more tokens per cost than plain decoding, at the running rate."""
+    def best(self) -> int:
+        """The k with the most expected tokens per cost; 0 when none promises LEAST_GAIN over plain decoding."""
         a = self.rate
-        return any(sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost) >= LEAST_GAIN
-                   for k in range(1, MOST_GUESSES + 1))
+
+        def tokens_per_cost(k: int) -> float:
+            return sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost)
+
+        k = max(range(1, MOST_GUESSES + 1), key=tokens_per_cost)
+        return k if tokens_per_cost(k) >= LEAST_GAIN else 0
 
     def next(self) -> int:
         """Guesses to make before the next pass (0 while paused)."""
@@ -128,18 +129,17 @@ class GuessLength:
             if not self.paused:
                 self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED  # try again afresh
             return 0
-        if not self.pays():
+        k = self.best()
+        if k == 0:
             # A short pause if guessing had paid for a while, else twice the last one.
             self.pause = FIRST_PAUSE if self.passes >= 2 * FIRST_PAUSE else min(2 * self.pause, LONGEST_PAUSE)
             self.paused, self.passes = self.pause, 0
-            return 0
-        return self.k
+        return k
 
     def update(self, proposed: int, accepted: int) -> None:
         """After a pass that checked `proposed` guesses and kept the first `accepted`."""
         if proposed:
             self.passes += 1
-            self.k = min(MOST_GUESSES, self.k + 2) if accepted == proposed else max(1, self.k - 1)
             self.kept = KEPT_DECAY * self.kept + accepted
             self.checked = KEPT_DECAY * self.checked + accepted + (accepted < proposed)
 
