@@ -30,8 +30,8 @@ How many to guess (GuessLength): the k in 1..8 with the most tokens per cost, or
 with a running probability a (kept / checked guesses, older passes weighing less), so k guesses make
 1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs PASS_COST(k) one-token passes and each
 guess the drafter's own cost. When no k promises 5% more tokens per cost than plain decoding, the drafter
-pauses for a number of passes that doubles each time (8 up to 256) and then tries again with a fresh
-a = 1/2. So a draft that disagrees with the target, or lookup on text that never repeats, soon costs no
+pauses for a number of passes that doubles each time (8 up to 256) and then tries one guess, with a
+fresh a = 1/2. So a draft that disagrees with the target, or lookup on text that never repeats, soon costs no
 more than a verification of a guess or two now and then. Lookup keeps one such account per n-gram
 length: a repeated 3-gram is mostly a copy in progress, a repeated token mostly chance. All of it is a
 function of what was kept, never of measured time, so a seeded run draws the same numbers and makes the
@@ -126,9 +126,10 @@ class GuessLength:
         """Guesses to make before the next pass (0 while paused)."""
         if self.paused:
             self.paused -= 1
-            if not self.paused:
-                self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED  # try again afresh
-            return 0
+            if self.paused:
+                return 0
+            self.kept, self.checked = PRIOR_KEPT, PRIOR_CHECKED  # try again afresh,
+            return 1  # with the cheapest test: one guess
         k = self.best()
         if k == 0:
             # A short pause if guessing had paid for a while, else twice the last one.
