@@ -56,7 +56,8 @@ def main() -> None:
         if state.exists():
             saved = json.loads(state.read_text())
             options = saved["options"]
-            row.update(steps=saved["step"], minutes=round(saved["elapsed_s"] / 60, 1), val_per_char=saved["best_val"]["nats_per_char"],
+            row.update(steps=saved["step"], minutes=round(saved["elapsed_s"] / 60, 1),
+                       val_per_char=saved["best_val"]["nats_per_char"],
                        recipe="as draft (alpha 0, T 1)" if options.get("as_draft") else
                        f"alpha {options['alpha']}, T {options['temperature']:g}")
         rows.append(row)
@@ -65,7 +66,8 @@ def main() -> None:
     print(f"{'draft':40} {'recipe':26} {'steps':>6} {'min':>5} {'val/char':>8} {'argmax':>7} {'T0.8':>6} {'T1':>6}")
     for row in rows:
         print(f"{row['draft'][-40:]:40} {row.get('recipe', '?'):26} {row.get('steps', '?'):>6} "
-              f"{row.get('minutes', '?'):>5} {row.get('val_per_char', float('nan')):8.3f} {row['argmax_agreement']:7.3f} "
+              f"{row.get('minutes', '?'):>5} {row.get('val_per_char', float('nan')):8.3f} "
+              f"{row['argmax_agreement']:7.3f} "
               f"{row['kept_at_T0.8']:6.3f} {row['kept_at_T1']:6.3f}")
     if args.json:
         print(json.dumps(rows))

@@ -373,12 +373,13 @@ def wrap_model(model: GPT, plan: RunPlan) -> tuple[torch.nn.Module, NoSync | Non
 
 def report_start(run: Training, reporter: Reporter) -> None:
     plan, opts, teacher = run.plan, run.plan.opts, run.plan.teacher
+    alpha, temperature = opts.distillation()
+    recipe = f"alpha {alpha}, temperature {temperature:g}{', as a draft' if opts.as_draft else ''}"
     reporter.start(opts.max_steps, plan.budget_s, {
         "parameters": run.model.num_parameters(), "device": str(plan.device), "train_tokens": len(run.tokens.train),
         "val_tokens": len(run.tokens.val), "tokens_per_step": plan.tokens_per_step, "resumed_at": run.step,
-        "processes": plan.world.size, "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, "
-        f"alpha {opts.distillation()[0]}, temperature {opts.distillation()[1]:g}{', as a draft' if opts.as_draft else ''})"
-        if teacher else None,
+        "processes": plan.world.size,
+        "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, {recipe})" if teacher else None,
     })
 
 
