@@ -180,7 +180,7 @@ def bench_table(report: dict[str, Any]):
              for p, r in report["decode_tokens_per_s_at"].items()]
     if report.get("speculation"):
         spec = report["speculation"]
-        how = " + ".join(filter(None, ["draft " + Path(spec["draft"]).name if spec["draft"] else "",
+        how = " + ".join(filter(None, ["draft " + "/".join(Path(spec["draft"]).parts[-2:]) if spec["draft"] else "",
                                         "lookup" if spec["lookup"] else ""]))
         rows += [("guesses kept", f"{100 * spec['acceptance']:.1f} %", f"speculation: {how}"),
                  ("tokens per pass", f"{spec['tokens_per_step']:.2f}", "tokens each forward of the model made")]
