@@ -172,26 +172,28 @@ def test_huggingface_teacher_end_to_end(kind, request, tmp_path, small_corpus, t
     assert generated.stdout.startswith("The") and len(generated.stdout.strip()) > len("The")
 
 
-@pytest.mark.slow  # a training run
-def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
+def train_two_steps(out: Path, corpus: Path, teacher: Path, **options):
+    """Two distillation steps of a `nano` student: the summary, and each step's loss and its parts."""
     from edgegpt.train.loop import Reporter, train
     from edgegpt.train.options import TrainOptions
 
+    steps: list[tuple[float, dict]] = []
+
     class Recorder(Reporter):
-        parts: list[dict] = []
-        losses: list[float] = []
-
         def step(self, step, loss, tokens_per_s, progress, parts=None):
-            self.parts.append(parts)
-            self.losses.append(loss)
+            steps.append((loss, parts))
 
-    recorder = Recorder()
-    opts = TrainOptions(preset="nano", teacher=str(llama_teacher), max_steps=2, batch_size=2, eval_every=2,
-                        alpha=0.25, temperature=3.0)
-    summary = train([small_corpus], [], tmp_path / "out", opts, tmp_path / "cache", reporter=recorder)
-    assert len(recorder.parts) == 2 and all(set(p) == {"ce", "kd"} for p in recorder.parts)
+    opts = TrainOptions(preset="nano", teacher=str(teacher), max_steps=2, batch_size=2, eval_every=2, **options)
+    summary = train([corpus], [], out, opts, out.parent / "cache", reporter=Recorder())
+    return summary, steps
+
+
+@pytest.mark.slow  # a training run
+def test_progress_reports_both_losses(tmp_path, small_corpus, llama_teacher):
+    summary, steps = train_two_steps(tmp_path / "out", small_corpus, llama_teacher, alpha=0.25, temperature=3.0)
+    assert len(steps) == 2 and all(set(parts) == {"ce", "kd"} for _, parts in steps)
     assert summary.steps == 2 and summary.teacher == str(llama_teacher)
-    for parts, loss in zip(recorder.parts, recorder.losses):  # the total is the weighted sum of the two shown
+    for loss, parts in steps:  # the total is the weighted sum of the two shown
         assert parts["kd"] > 0 and parts["ce"] > 0
         assert loss == pytest.approx(0.25 * parts["ce"] + 0.75 * parts["kd"], rel=1e-5)
 
@@ -308,22 +310,9 @@ def test_as_draft_is_the_acceptance_recipe():
 
 @pytest.mark.slow  # a training run
 def test_a_draft_learns_only_the_teachers_distribution(tmp_path, small_corpus, llama_teacher):
-    from edgegpt.train.loop import Reporter, train
-    from edgegpt.train.options import TrainOptions
-
-    class Recorder(Reporter):
-        parts: list[dict] = []
-        losses: list[float] = []
-
-        def step(self, step, loss, tokens_per_s, progress, parts=None):
-            self.parts.append(parts)
-            self.losses.append(loss)
-
-    recorder = Recorder()
-    opts = TrainOptions(preset="nano", teacher=str(llama_teacher), as_draft=True, max_steps=2, batch_size=2,
-                        eval_every=2)
-    train([small_corpus], [], tmp_path / "out", opts, tmp_path / "cache", reporter=recorder)
-    for parts, loss in zip(recorder.parts, recorder.losses):  # the loss is the KL term alone, labels unweighted
+    _, steps = train_two_steps(tmp_path / "out", small_corpus, llama_teacher, as_draft=True)
+    assert len(steps) == 2
+    for loss, parts in steps:  # the loss is the KL term alone, labels unweighted
         assert parts["ce"] > 0 and loss == pytest.approx(parts["kd"], rel=1e-6)
     assert json.loads((tmp_path / "out" / "train_state.json").read_text())["options"]["as_draft"] is True  # resumes so
 
