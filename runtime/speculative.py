@@ -28,7 +28,7 @@ so a seeded sampled text differs from the plain one while following the same dis
 
 How many to guess (GuessLength): the k in 1..8 with the most tokens per cost, or none. Each guess is kept
 with a running probability a (kept / checked guesses, older passes weighing less), so k guesses make
-1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs PASS_COST(k) one-token passes and each
+1 + a + ... + a^k tokens per pass; a pass of k + 1 tokens costs pass_cost(k) one-token passes and each
 guess the drafter's own cost. When no k promises 5% more tokens per cost than plain decoding, the drafter
 pauses for a number of passes that doubles each time (8 up to 256) and then tries one guess, with a
 fresh a = 1/2. So a draft that disagrees with the target, or lookup on text that never repeats, soon costs no
@@ -81,7 +81,7 @@ class Drafter(Protocol):
 
 # What a pass of k + 1 tokens costs in one-token passes: 1.6 at k = 4 for `small` int8 (0.875 -> 1.40 ms)
 # and 1.5 at k = 3 for SmolLM2-135M int8 (8.8 -> 13.2 ms), 2 cores; the first extra token costs most.
-def PASS_COST(k: int) -> float:
+def pass_cost(k: int) -> float:
     return 1.0 if k == 0 else 1.1 + 0.13 * k
 
 
@@ -117,7 +117,7 @@ class GuessLength:
         a = self.rate
 
         def tokens_per_cost(k: int) -> float:
-            return sum(a**i for i in range(k + 1)) / (PASS_COST(k) + k * self.guess_cost)
+            return sum(a**i for i in range(k + 1)) / (pass_cost(k) + k * self.guess_cost)
 
         k = max(range(1, MOST_GUESSES + 1), key=tokens_per_cost)
         return k if tokens_per_cost(k) >= LEAST_GAIN else 0
