@@ -27,6 +27,7 @@ Any logits get an answer (tests/test_properties.py), in the limit softmax itself
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -257,9 +258,8 @@ class Sampler:
 
     def fork(self, rng: np.random.Generator) -> "Sampler":
         """A copy that remembers the same ids and draws from `rng`: a draft's sampler."""
-        twin = object.__new__(Sampler)
-        twin.params, twin.rng, twin.vocab_size = self.params, rng, self.vocab_size
-        twin.seen, twin.counts = self.seen.copy(), self.counts.copy()
+        twin = copy.copy(self)
+        twin.rng, twin.seen, twin.counts = rng, self.seen.copy(), self.counts.copy()
         return twin
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
