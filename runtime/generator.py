@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 import numpy as np
 
 from edgegpt.core.errors import EdgeGPTError, PromptTooLong
-from edgegpt.core.formats import CHAT_TEMPLATE
+from edgegpt.core.formats import CHAT_TEMPLATE, TOKENIZER
 from edgegpt.runtime.batch import Row, generate_rows
 from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
 from edgegpt.runtime.detokenizer import TextStream
@@ -41,6 +41,7 @@ from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
 from edgegpt.runtime.speculative import Drafters, LookupDrafter, ModelDrafter, SpeculationStats, run_speculative
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
+    from tokenizers import Tokenizer
     from typing_extensions import Unpack
 
     from edgegpt.runtime.chat_template import ChatTemplate
@@ -173,19 +174,23 @@ class Generator:
         return target
 
     def _load_draft(self, path: Path, threads: int | None) -> "Generator":
-        """The draft package, on this Generator's provider, refused unless it reads the same tokens."""
-        draft = Generator._load(path, self.provider, threads, None)
-        if draft.package.tokenizer.get_vocab() != self.package.tokenizer.get_vocab():
+        """The draft package, on this Generator's provider, refused unless it reads the same tokens. A
+        draft made by `edgegpt export --draft` has the target's very tokenizer.json: reused, not re-read."""
+        mine, theirs = self.package.path / TOKENIZER, path / TOKENIZER
+        same_file = theirs.is_file() and theirs.read_bytes() == mine.read_bytes()
+        draft = Generator._load(path, self.provider, threads, None, self.package.tokenizer if same_file else None)
+        if not same_file and draft.package.tokenizer.get_vocab() != self.package.tokenizer.get_vocab():
             raise EdgeGPTError(f"the draft {path} has another tokenizer than {self.package.path} "
                                f"({draft._vocab_size} vs {self._vocab_size} tokens); a draft must be distilled from "
                                "this model (`edgegpt train --teacher`), which gives it the same tokenizer")
         return draft
 
     @classmethod
-    def _load(cls, path: str | Path, provider: str, threads: int | None, max_length: int | None) -> "Generator":
+    def _load(cls, path: str | Path, provider: str, threads: int | None, max_length: int | None,
+              tokenizer: Tokenizer | None = None) -> "Generator":
         if provider not in PROVIDERS:  # before the package's dtype picks one for "auto"
             raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-        package = ModelPackage.load(path)
+        package = ModelPackage.load(path, tokenizer)
         check_max_length(max_length, package.model.max_len)
         if package.graph.dtype == "float16":
             # onnxruntime's CPU provider pads float16 graphs with casts and runs them slower than

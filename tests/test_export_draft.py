@@ -143,6 +143,13 @@ def test_the_draft_generates_on_its_own(drafted):
     assert len(draft.generate_ids("The import statement", max_new_tokens=8, temperature=0)) == 8
 
 
+def test_the_target_lends_the_draft_its_tokenizer(drafted):
+    """Exported together, the two have one tokenizer.json: parsed once at load, not twice."""
+    package, _ = drafted
+    generator = Generator.load(package)
+    assert generator.draft.package.tokenizer is generator.package.tokenizer
+
+
 def test_acceptance_is_the_greedy_agreement_of_the_two_packages(drafted, tiny_checkpoint, corpus_file):
     """Recomputed here from the two packages on disk: the gates' held-out tokens, scored in the draft's
     windows (stride half a window), each target position once."""
