@@ -81,13 +81,15 @@ class Drafter(Protocol):
 
 # What a pass of k + 1 tokens costs in one-token passes: 1.6 at k = 4 for `small` int8 (0.875 -> 1.40 ms)
 # and 1.5 at k = 3 for SmolLM2-135M int8 (8.8 -> 13.2 ms), 2 cores; the first extra token costs most.
+# Timed inside speculative runs (`benchmarks/speculative_costs.py`, `small` int8 with a `nano` draft) passes
+# cost ~12% more than this (1.38 at k = 1, 1.64 at k = 3): the model errs towards guessing.
 def pass_cost(k: int) -> float:
     return 1.0 if k == 0 else 1.1 + 0.13 * k
 
 
-# What one guess costs in one-token target passes, verification included: a `nano` draft's step is ~0.13 of
-# a `small` target's (0.10 vs 0.78 ms, both int8, 2 cores, timed inside speculative runs; its catch-up step of
-# two tokens 0.18 ms); a lookup is a dictionary probe, and checking a sampled guess a softmax.
+# What one guess costs in one-token target passes, verification included: a `nano` draft's step is 0.14 of
+# a `small` target's, its catch-up step of two tokens after an all-kept pass 0.23 (both int8, 2 cores,
+# `benchmarks/speculative_costs.py`); a lookup is a dictionary probe, and checking a sampled guess a softmax.
 DRAFT_GUESS_COST = 0.15
 LOOKUP_GUESS_COST = 0.04
 # Guessing must promise this much more than plain decoding: the cost model is a few percent off either way.
