@@ -79,10 +79,10 @@ class Drafter(Protocol):
         """After a verification: history[:valid] still holds; `accepted` of `proposed` guesses were kept."""
 
 
-# What a pass of k + 1 tokens costs in one-token passes: 1.6 at k = 4 for `small` int8 (0.875 -> 1.40 ms)
-# and 1.5 at k = 3 for SmolLM2-135M int8 (8.8 -> 13.2 ms), 2 cores; the first extra token costs most.
-# Timed inside speculative runs (`benchmarks/speculative_costs.py`, `small` int8 with a `nano` draft) passes
-# cost ~12% more than this (1.38 at k = 1, 1.64 at k = 3): the model errs towards guessing.
+# What a pass of k + 1 tokens costs in one-token passes: 1.5 at k = 3, as SmolLM2-135M int8 on 2 cores
+# (8.8 -> 13.2 ms, issue 14's figures); the first extra token costs most. Timed inside speculative runs
+# (`benchmarks/speculative_costs.py`, `small` int8 with a `nano` draft) passes cost ~12% more than this
+# (1.38 at k = 1, 1.64 at k = 3): the model errs towards guessing.
 def pass_cost(k: int) -> float:
     return 1.0 if k == 0 else 1.1 + 0.13 * k
 
