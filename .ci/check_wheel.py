@@ -113,8 +113,8 @@ def check_base_install(bin_dir: Path, wheel: Path, package: Path, gguf_file: Pat
     step(f"base install: {version}")
 
     info = run([*edgegpt, "info", str(package)], cwd=outside).stdout
-    if "chat template" not in info.lower():
-        fail(f"edgegpt info does not show the package's chat template:\n{info}")
+    if "chat_template.jinja" not in info or "GroupQueryAttention" not in info:
+        fail(f"edgegpt info does not show the package's chat template and fused graph:\n{info}")
 
     text = greedy(edgegpt, package, outside)
     from_checkout = greedy([sys.executable, "-m", "edgegpt"], package, outside)
@@ -124,8 +124,8 @@ def check_base_install(bin_dir: Path, wheel: Path, package: Path, gguf_file: Pat
 
     chat = run([*edgegpt, "chat", "--model", str(package), "--max-new-tokens", "8", "--temperature", "0"],
                cwd=outside, stdin="Hi there\n/quit\n")
-    if "Traceback" in chat.stderr:
-        fail(f"edgegpt chat:\n{chat.stderr}")
+    if "Traceback" in chat.stderr or "/quit leaves" not in chat.stdout:
+        fail(f"edgegpt chat:\n{chat.stdout}\n{chat.stderr}")
     step("base install: chat")
 
     check_imports(bin_dir / "python", outside)
