@@ -9,11 +9,11 @@ Torch-free on purpose: a model package is scored through the runtime's `Generato
 onnxruntime only), so `edgegpt eval PACKAGE` works where only the runtime is installed. The PyTorch
 side (edgegpt.reference.TorchReference) plugs in through the same two methods, `logits` and `greedy_all`.
 
-Where the time goes (SmolLM2-135M int8, 16,384 tokens, 2 cores, 2026-11-30, other jobs running at
-times): `edgegpt eval` took 63 s in windows of the full 8,192 context and 32 s in windows of 1,024 (32
-windows: as many tokens run, without attention over 8k positions): ~27 s scoring (0.8 s a window), ~3 s
-the 16 greedy continuations, the rest loading. The PyTorch reference the export also scores costs twice
-as much (1.6 s a window, float32 with unfused elementwise ops; the greedy prompts as one batch, 3.4 s).
+Where the time goes: scoring the windows is most of it (windows of 1,024 run as many tokens as windows of
+a long context, without attention over thousands of positions, so they are faster), then the greedy
+continuations, then loading. The PyTorch reference the export also scores costs about twice as much per
+window (float32 with unfused elementwise ops; its greedy prompts run as one batch). How long `edgegpt eval`
+and the export's gates take on a real model: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from edgegpt.runtime.sampling import Sampler, SamplingParams, check_sampling
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run PyTorch on `n` threads for a while. Batch-1 decode steps of a small model are too short to
-    share between threads: on a busy 2-core machine two threads made them ~50x slower than one."""
+    share between threads: on a busy 2-core machine two threads made them many times slower than one."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -108,8 +108,8 @@ class TorchReference:
 
         The gates' prompts all have one length, so they run as a batch with no padding: a prefill, then
         n_tokens - 1 steps of one token per row, each row's argmax fed back, exactly what `greedy` does
-        row by row (the last token chosen is not fed). On SmolLM2-135M, 16 prompts x 32 tokens took
-        ~21 s one prompt at a time (40 ms per step, Python-bound) and ~4 s as one batch.
+        row by row (the last token chosen is not fed). A step of a small model is Python-bound, so one batch
+        takes a fraction of the time of one prompt at a time.
         """
         if not prompts or n_tokens <= 0:
             return [[] for _ in prompts]

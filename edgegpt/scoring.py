@@ -24,9 +24,8 @@ from tokenizers import Tokenizer
 DEFAULT_EVAL_TOKENS = 16384
 # The scoring window unless --window says otherwise: min(the model's context, this). A window the size of
 # a long context makes scoring slow (attention grows with the window) and refuses texts shorter than one
-# context; with 1,024 tokens every target after the first window keeps 512 to 1,023 tokens of history.
-# SmolLM2-135M int8 (8,192 context), 16,384 tokens, 2 cores: `edgegpt eval` 63 s in windows of 8,192,
-# 32 s in windows of 1,024 (edgegpt/quality.py).
+# context; with 1,024 tokens every target after the first window keeps 512 to 1,023 tokens of history,
+# and a long-context model such as SmolLM2 scores much faster than in windows of its whole context.
 DEFAULT_WINDOW = 1024
 # Below this many tokens a perplexity says little and the greedy prompts no longer fit: refuse the text.
 MIN_EVAL_TOKENS = 128

@@ -15,10 +15,10 @@ from edgegpt.core.errors import EdgeGPTError
 
 END_OF_TEXT = "<|endoftext|>"
 # Text goes to `tokenizers` in pieces of at most this many characters: it pre-tokenizes and encodes a
-# string whole, holding ~200 bytes per token, so one 50 MB line would take ~10 GB at once.
+# string whole, holding a few hundred bytes per token, so one 50 MB line would take gigabytes at once.
 PIECE_CHARS = 1 << 16
-# The BPE trainer's time grows with the square of a word's length (a 100,000-letter run without
-# whitespace took 2.7 s, a 50 MB one would take days), so it sees longer runs cut into words this long.
+# The BPE trainer's time grows with the square of a word's length (a 50 MB run without whitespace would
+# take days), so it sees longer runs cut into words this long.
 TRAINER_WORD_CHARS = 1000
 _LONG_RUN = re.compile(rf"(\S{{{TRAINER_WORD_CHARS}}})")
 

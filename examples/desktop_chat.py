@@ -196,7 +196,7 @@ class ChatWindow:
 
     def _worker_load(self, path: str) -> None:
         started = time.perf_counter()
-        from edgegpt.runtime import Generator  # numpy and onnxruntime: ~0.2 s, after the window is up
+        from edgegpt.runtime import Generator  # numpy and onnxruntime take a moment: after the window is up
 
         generator = Generator.load(path, threads=self.args.threads)
         self.events.put(("loaded", generator, time.perf_counter() - started))

@@ -40,7 +40,7 @@ EXCLUDES = (
     "edgegpt.train", "edgegpt.export", "edgegpt.cli", "edgegpt.server", "edgegpt.model",  # torch-side edgegpt
     "scipy", "pandas", "matplotlib", "PIL", "IPython", "pytest", "hypothesis", "setuptools", "pkg_resources",
     # Optional imports of what the bundle does hold, never taken by the app: numpy's build-config printer
-    # (yaml), f2py and test helpers, onnxruntime's DLL lister (psutil), and TLS (no network here: 5 MB).
+    # (yaml), f2py and test helpers, onnxruntime's DLL lister (psutil), and TLS (megabytes; no network here).
     "yaml", "charset_normalizer", "numpy.f2py", "numpy.testing", "psutil", "ssl", "_ssl",
 )
 
@@ -104,8 +104,8 @@ def strip_debug_info(bundle: Path) -> int:
 
     Why not PyInstaller's --strip: it strips every library, auditwheel-patched ones too, and numpy's OpenBLAS
     then fails to load ("ELF load command address/offset not page-aligned"). The files with DWARF sections are
-    the interpreter's own (libpython and lib-dynload of a Python built with -g, as pyenv builds it): 33 of the
-    bundle's 140 MiB here. Skipped when binutils' strip is absent."""
+    the interpreter's own (libpython and lib-dynload of a Python built with -g, as pyenv builds it): a good
+    part of the bundle (its size: docs/benchmarks.md). Skipped when binutils' strip is absent."""
     strip = shutil.which("strip")
     if strip is None:
         return 0

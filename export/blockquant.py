@@ -10,8 +10,8 @@ column n gets a float32 scale s and a zero point z, and its values are stored as
     zero_points  uint8 [N, ⌈(K/block_size)·bits/8⌉] packed the same way (asymmetric), or None: z = 2^(bits-1)
 
 Zero points are integers: onnxruntime 1.32 also accepts float zero points, but its CPU kernel then
-dequantizes every weight on every call (benchmarks/matmulnbits_kernels.py: 60.8 ms against 3.3 ms with
-integer zero points for SmolLM2's 30 layers of projections, 4-bit, one token).
+dequantizes every weight on every call, an order of magnitude slower than integer zero points
+(`python benchmarks/formats.py kernels`).
 
 Three roundings:
     "rtn"     round to nearest over the block's range (symmetric: largest magnitude ↦ -2^(bits-1);

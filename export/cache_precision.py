@@ -2,7 +2,7 @@
 
     fp32  float32 buffers: the default of a float32 package (CPU)
     fp16  float16 buffers: the cache of a `--precision fp16` package (CUDA), the only one it takes. A float32
-          package runs on the CPU, where a float16 cache measured ~8x slower than float32 (ONNX-NOTES.md),
+          package runs on the CPU, where a float16 cache is several times slower than float32 (ONNX-NOTES.md),
           so that combination is refused
     int8  onnxruntime 1.32's quantized cache (GroupQueryAttention k/v_quant_type, CPU, float32 graphs): a
           quarter of fp32's bytes per token, symmetric 8-bit with one step per KV head and channel
@@ -22,22 +22,15 @@ pair's norm); slow ones, where large keys tend to sit, turn a fraction of a radi
 and keep close to their own values. step = MARGIN · max / 127. The statistic is a maximum, which barely
 overfits the text it is also scored on; a value beyond it saturates at ±127 steps rather than wrapping.
 
-Measured 2026-11-30 (onnxruntime 1.32.0 CPU; SmolLM2-135M converted, 4,096 tokens of Python's pydoc
-topics in windows of 512, calibrated on the same; Δ perplexity is noisy at this size, the mean KL
-divergence from the float32 cache's next-token distribution is the steadier figure):
-
-    PER_CHANNEL, margin 1.0   +0.16% perplexity   KL 1.5e-3   top-1 agreement 97.9%
-    PER_CHANNEL, margin 1.1   +0.49%              KL 1.7e-3                   97.7%
-    PER_TENSOR,  margin 1.0   +0.42%              KL 4.1e-3                   96.7%
-    (bounding K by the pair norm at every pair instead: PER_CHANNEL 1.0 +0.28%, KL 1.6e-3)
-
-PER_CHANNEL holds quality better (2.8× less KL) and both run on the CPU at one byte per value (the steps
-are per layer, not per token; the kernel wants k_quant_type == v_quant_type), so it is QUANT_TYPE. Each
-10% of margin cost ~15% more KL, so MARGIN is 1.0: no headroom beyond the calibrated maximum, whose
-position-independent bound already covers every position. K causes most of the loss (in a PyTorch model
-of the same rounding: K alone KL 1.2e-3, V alone 2.9e-4); clipping each channel at its MSE-optimal range
-instead of its maximum gained nothing measurable (1.54e-3 vs 1.63e-3). On the tiny test model (nano, 1,024
-tokens) both types cost under 0.1% perplexity; PER_CHANNEL again had half PER_TENSOR's KL.
+Choices, measured on SmolLM2-135M against the float32 cache (the mean KL divergence of the next-token
+distribution is the steadier figure; Δ perplexity is noisy on a few thousand tokens): PER_CHANNEL holds
+quality better than PER_TENSOR (a fraction of its KL), and both run on the CPU at one byte per value (the
+steps are per layer, not per token; the kernel wants k_quant_type == v_quant_type), so it is QUANT_TYPE.
+Every margin added above the calibrated maximum cost more KL, so MARGIN is 1.0: no headroom beyond the
+calibrated maximum, whose position-independent bound already covers every position. K causes most of the
+loss; clipping each channel at its MSE-optimal range instead of its maximum gained nothing measurable, and
+bounding K by the pair norm at every pair cost more. On the tiny test model both types cost a small
+fraction of a percent of perplexity. The int8 cache's cost on real models: docs/benchmarks.md.
 
 The gate. The int8 cache alone may cost at most CACHE_PERPLEXITY_LIMIT (+0.5%) perplexity against PyTorch
 float32. With weight quantization the two losses add up (each rounds a different tensor), so the limit is
@@ -59,9 +52,9 @@ from edgegpt.model import GPT
 from edgegpt.quality import EvalText, Metrics
 
 KV_CACHES = ("fp32", "int8", "fp16")
-# PER_CHANNEL: 2.8x less KL than PER_TENSOR on SmolLM2-135M (module doc).
+# PER_CHANNEL: a fraction of PER_TENSOR's KL on SmolLM2-135M (module doc).
 QUANT_TYPE = "PER_CHANNEL"
-# Steps of calibrated max / 127, no headroom: each 10% of margin cost ~15% more KL (module doc).
+# Steps of calibrated max / 127, no headroom: every margin added cost more KL (module doc).
 MARGIN = 1.0
 CALIBRATION_TOKENS = 8192
 INT8_MAX = 127

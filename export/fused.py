@@ -44,9 +44,8 @@ MS_DOMAIN = "com.microsoft"
 
 # Q, K and V as one packed [dim, (H + 2·Hkv)·D] MatMul feeding GroupQueryAttention's packed-QKV form
 # rather than three MatMuls: one pass over the normed activations and one kernel launch instead of three.
-# Measured 2026-11-28 on this 2-core machine (shared, so medians of interleaved runs), `small` with
-# random weights, batch 1, past 100, 2 threads, Generator.decode_step: packed 3.27 / 3.39 ms per step,
-# separate 3.58 / 3.60 ms (two runs) -- packed ~7% faster, so it is the default.
+# Packed decodes a little faster than three MatMuls on a 2-core CPU (`small`, batch 1, Generator.decode_step),
+# so it is the default.
 PACK_QKV = True
 
 # What GroupQueryAttention may keep past keys and values as (`edgegpt export --kv-cache`): the graph's

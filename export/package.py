@@ -7,10 +7,9 @@
 Every step works inside a staging directory beside the destination, swapped in only when all steps
 succeeded and every gate passed: a failed export leaves no half package and keeps the previous one.
 
-Where the time goes (SmolLM2-135M, `--quantize`, 16,384 tokens, 2 cores, 2026-11-30, other jobs running
-at times; 102 s in all): loading the checkpoint and the text 3 s, building the fused graph 9 s, the float32
-check 1 s, quantizing and optimizing 2 s, PyTorch scoring the text 52 s and its 16 greedy continuations
-3 s, the int8 package 27 s and 3 s, hashing and writing under 1 s.
+Where the time goes: PyTorch scoring the held-out text is about half of an export, the quantized package
+scoring the same text most of the rest; building the graph, the float32 check, quantizing, hashing and
+writing are seconds. How long a real model's export takes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -204,9 +203,8 @@ def load_eval_text(checkpoint: Path, eval_data: Path | None, needed: bool, token
 
 # CPU packages ship the graph onnxruntime itself optimized (ORT_ENABLE_EXTENDED: Sigmoid·Mul -> QuickGelu,
 # constant folding, value types of every intermediate written out), so a session starts from the finished
-# graph. Measured 2026-11-28 (`small` int8, 2 threads, median of 7 loads): 41 ms -> 31-32 ms per
-# InferenceSession; the runtime's ORT_ENABLE_ALL on an already optimized graph costs ~1 ms (32.4 vs 31.4 ms
-# with optimizations disabled), so the runtime keeps one setting for every package. EXTENDED, not ALL: ALL
+# graph, and creating an InferenceSession is a quarter faster; the runtime's ORT_ENABLE_ALL on an already
+# optimized graph costs next to nothing, so the runtime keeps one setting for every package. EXTENDED, not ALL: ALL
 # adds layout transforms tied to the CPU that ran it. float16 packages are left as built: they run on CUDA,
 # whose fusions differ, and a CPU-optimized graph would pin CPU kernels into them.
 OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"

@@ -24,9 +24,9 @@ The tied embedding / LM head, one [vocab, dim] matrix in PyTorch, is a large sha
                weight. The float table is dropped.
 
 Why blocks for the embedding: a lookup does no arithmetic, so the win is bytes, and the price must be
-small. quantize_dynamic quantizes a Gather's table per tensor (one scale for every row), which the
-previous exporter measured on the tiny trained nano model: max |Δlogits| doubled (0.13 -> 0.27) and greedy
-agreement with PyTorch fell from 88% to 59%. Blocks of 32 give every row its own scales (one per 32
+small. quantize_dynamic quantizes a Gather's table per tensor (one scale for every row), which on the
+tiny trained nano model doubled the largest logit error and cost a third of the greedy agreement with
+PyTorch. Blocks of 32 give every row its own scales (one per 32
 values), so a rare token's small row keeps its own range; the quality gate (export/gates.py) is the judge on real text.
 An untied model's embedding gets the same block format from its own table.
 """
@@ -56,18 +56,13 @@ if TYPE_CHECKING:
 
 BITS = (8, 4)
 METHODS = ("nbits", "dynamic")
-# The 8-bit default. Measured by benchmarks/quantization.py on `small` trained 10 min on tinyshakespeare
-# (AMD EPYC, 2 threads, batch 1, 128 greedy tokens after 32, fused graph, 8,192 validation tokens):
-#   nbits    725 tok/s decode, 6.9 ms prefill, 0.252x the float32 file, perplexity +0.01%, greedy 99.8%
-#   dynamic  692 tok/s decode, 5.0 ms prefill, 0.230x,                    perplexity +0.39%, greedy 94.7%
-# Both pass the int8 gate (+1.5%). Decode, what generation spends its time on, was 4.5% faster with
-# nbits (median of 30 paired runs on a quiet machine; one pass on a busy machine had it the other way
-# round, so call it a tie), and nbits loses ~40x less perplexity: nbits is the default.
+# The 8-bit default: MatMulNBits decodes as fast as dynamic int8 (MatMulInteger) within noise and loses far
+# less perplexity, on a small trained model and much more so on SmolLM2 (docs/benchmarks.md, quantization;
+# `python benchmarks/formats.py quantization`).
 DEFAULT_METHOD_8BIT = "nbits"
 # accuracy_level 4: int8 activations inside MatMulNBits on the CPU. The float alternatives are no choice
-# for 8-bit weights: onnxruntime 1.32 has no fast float kernel for them (benchmarks/matmulnbits_kernels.py,
-# SmolLM2's 30 layers of projections, one token, 2 threads: 50.8 ms at level 0 against 4.5 ms at level 4);
-# at 4 bits level 0 is 1.4x slower (4.5 vs 3.3 ms) and bought 0.3 points of perplexity on SmolLM2.
+# for 8-bit weights: onnxruntime has no fast float kernel for them, and at 4 bits float compute is slower
+# for a small gain in perplexity (`python benchmarks/formats.py kernels`; docs/quantization.md).
 ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 4)  # 0: the kernel's choice (float32 on the CPU), 1: float32, 4: int8
 # Defaults per bits: asymmetric blocks of 32 with the importance-weighted search at 8 bits, GPTQ at 4.
@@ -75,8 +70,7 @@ DEFAULT_ROUNDING = {8: "search", 4: "gptq"}
 DEFAULT_BLOCK_SIZE = {8: 32, 4: 32}
 # The shared embedding / LM head table: 8-bit whatever --bits, as llama.cpp's 4-bit presets keep the output
 # matrix at 6 bits (Q6_K). Symmetric: GatherBlockQuantized reads the head's bytes with the default zero
-# point. Measured on `small`: an int4 table made 4.5% of next-token choices differ from PyTorch's (8-bit
-# table: 1.7%).
+# point. On `small`, an int4 table changed several times more next-token choices than an 8-bit one.
 TABLE_FORMAT = BlockFormat(bits=8, block_size=32, symmetric=True)
 BLOCK_SIZE = TABLE_FORMAT.block_size
 

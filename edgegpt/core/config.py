@@ -106,8 +106,9 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # ~0.9M parameters: for tests, trains in seconds.
     "nano": ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_len=256),
-    # ~2.8M: the laptop default. Measured on 2 CPU cores, this width/depth reaches its best validation
-    # loss in ~10 minutes; a wider model learns more per step but takes too few steps to catch up.
+    # ~2.8M: the laptop default. On 2 CPU cores this width/depth reaches its best validation loss within
+    # the default time budget; a wider model learns more per step but takes too few steps to catch up
+    # (docs/benchmarks.md, training quality).
     "micro": ModelConfig(vocab_size=1024, dim=192, n_layers=6, n_heads=6, n_kv_heads=3, ffn_dim=512, max_len=256),
     # ~30M: for a GPU or a patient laptop.
     "small": ModelConfig(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_len=1024),

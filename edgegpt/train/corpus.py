@@ -71,7 +71,7 @@ def read_corpus(paths: list[Path]) -> list[str]:
 
 
 def default_corpus() -> list[str]:
-    """The embedded corpus (below), read once per process: parsing the standard library takes ~2 s, and
+    """The embedded corpus (below), read once per process: parsing the standard library takes seconds, and
     an export reads it for calibration as well as training does."""
     return list(_default_corpus())
 
@@ -81,7 +81,7 @@ def _default_corpus() -> tuple[str, ...]:
     """Documentation that ships inside Python itself: the `pydoc_data` help topics and the standard
     library's docstrings (read from source with `ast`, never imported, so nothing runs).
 
-    About 1.8 MB of English prose about programming; needs no network and is the same on every
+    A few megabytes of English prose about programming; needs no network and is the same on every
     machine with the same Python version.
     """
     from pydoc_data.topics import topics

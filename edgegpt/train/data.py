@@ -69,8 +69,8 @@ def tokenize(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
         batch.clear()
         starts.clear()
 
-    # Encodings hold ~200 bytes per token, so they are made a batch of pieces at a time and kept as ids
-    # only: a 50 MB file costs its ids, not ~10 GB of Encoding objects.
+    # Encodings hold a few hundred bytes per token, so they are made a batch of pieces at a time and kept as
+    # ids only: a 50 MB file costs its ids, not gigabytes of Encoding objects.
     batch_chars = 0
     for document in documents:
         for i, piece in enumerate(text_pieces(document)):
