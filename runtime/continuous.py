@@ -116,13 +116,13 @@ class ContinuousBatcher:
                **options: Unpack[GenerateOptions]) -> Stream[str]:
         """As Generator.stream: options and the prompt are checked now, decoding starts at the first next()."""
         resolved = self.generator._resolve(options)
-        return self._stream(self.generator._prompt_ids(prompt, resolved), resolved, cancel)
+        return self._stream(self.generator._prompts.prompt_ids(prompt, resolved), resolved, cancel)
 
     def stream_chat(self, messages: Sequence[dict[str, str]], *, cancel: Cancel | None = None,
                     **options: Unpack[GenerateOptions]) -> Stream[str]:
         """As Generator.stream_chat."""
         resolved = self.generator._resolve(options)
-        return self._stream(self.generator._chat_ids(messages, resolved), resolved, cancel)
+        return self._stream(self.generator._prompts.chat_ids(messages, resolved), resolved, cancel)
 
     def close(self) -> None:
         with self._wake:

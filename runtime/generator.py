@@ -24,81 +24,30 @@ from __future__ import annotations
 import typing
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from edgegpt.core.errors import EdgeGPTError, PromptTooLong
-from edgegpt.core.formats import CHAT_TEMPLATE, TOKENIZER
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.core.formats import TOKENIZER
 from edgegpt.runtime.batch import Row, generate_rows
 from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
 from edgegpt.runtime.detokenizer import TextStream
 from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner
 from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_options
 from edgegpt.runtime.package import ModelPackage, ModelSpec
+from edgegpt.runtime.prompts import Prompts
 from edgegpt.runtime.sampling import Sampler
 from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
 from edgegpt.runtime.speculative import Drafters, LookupDrafter, ModelDrafter, SpeculationStats, run_speculative
+from edgegpt.runtime.stream import Stream
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evaluated at run time here
     from tokenizers import Tokenizer
     from typing_extensions import Unpack
 
-    from edgegpt.runtime.chat_template import ChatTemplate
 
 __all__ = ["FINISH_REASONS", "Cancel", "Generator", "GenerateOptions", "KVCache", "Stream"]
-
-T = TypeVar("T")
-
-
-class Stream(Generic[T]):
-    """What stream() and stream_tokens() return: an iterator of text pieces (or token ids) that also says
-    why it ended and how many tokens it read and wrote, so `generate` and every existing loop over a stream
-    keep working unchanged.
-
-        stream = g.stream(prompt); text = "".join(stream); stream.finish_reason
-        stream.prompt_tokens, stream.completion_tokens   # what the OpenAI API calls `usage`
-
-    finish_reason, None until the iteration ends (and after an exception):
-        "eos"         the model produced the end-of-text token (not included; stop_at_eos=True)
-        "stop"        a stop string ended the text (stream() only)
-        "length"      max_new_tokens tokens were generated
-        "max_length"  the context is full: prompt + generated tokens reached max_length
-        "cancelled"   `cancel` was set, or close() was called before the end
-    """
-
-    def __init__(self, source: typing.Generator[T, None, str], prompt_tokens: int = 0,
-                 decoding: Decoding | None = None, speculation: SpeculationStats | None = None) -> None:
-        self._source = source
-        self._decoding = decoding
-        self.prompt_tokens = prompt_tokens  # tokens of the prompt as the model reads it (after truncation)
-        # With a draft or lookup: guesses proposed and kept, target passes (runtime/speculative.py); else None.
-        self.speculation = speculation
-        self.finish_reason: str | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated so far (an end-of-text token that ended it is not counted; the tokens of a stop
-        string are: the model generated them)."""
-        return 0 if self._decoding is None else len(self._decoding.tokens)
-
-    def __iter__(self) -> "Stream[T]":
-        return self
-
-    def __next__(self) -> T:
-        try:
-            return next(self._source)
-        except StopIteration as end:
-            if self.finish_reason is None:  # an exhausted generator stops again with no value
-                self.finish_reason = end.value
-            raise StopIteration from None
-
-    def close(self) -> None:
-        """End the generation now, releasing its cache (as setting `cancel` does)."""
-        self._source.close()
-        if self.finish_reason is None:
-            self.finish_reason = "cancelled"
-
 
 class Generator:
     """Text generation from a model package.
@@ -154,8 +103,7 @@ class Generator:
         # Asked once: tokenizers builds it anew at each call (10 ms for a 49,152-token vocabulary), and
         # every generation's sampler needs it.
         self._vocab_size = package.tokenizer.get_vocab_size()
-        self._token_chars: int | None = None  # _max_token_chars, at the first text prompt
-        self._template: ChatTemplate | None = None  # compiled at the first chat
+        self._prompts = Prompts(package, self.max_length, self._vocab_size)
         self._check_session_matches_contract()
 
     @classmethod
@@ -216,17 +164,6 @@ class Generator:
         session, used = create_session(package.model_path, provider=provider, threads=threads)
         return cls(package, session, used, max_length)
 
-    @property
-    def _max_token_chars(self) -> int:
-        """The most characters one token covers. No token covers more than its vocabulary entry is long
-        (byte-level entries count bytes, and a character is at least one byte): max_length tokens hold at
-        most max_length times this many. Found at the first text prompt, not at load: listing the
-        vocabulary takes 30 ms for 49,152 tokens, which a caller of token ids never needs."""
-        if self._token_chars is None:
-            added = [token.content for token in self.package.tokenizer.get_added_tokens_decoder().values()]
-            self._token_chars = max(map(len, [*self.package.tokenizer.get_vocab(), *added]), default=1)
-        return self._token_chars
-
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------
 
     def empty_cache(self, capacity: int | None = None) -> KVCache:
@@ -281,58 +218,7 @@ class Generator:
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids, checked against the context; "" becomes [eos_token_id] (see class doc)."""
-        ids, cut = self._token_ids(prompt, self.max_length * self._max_token_chars)
-        if len(ids) > self.max_length or cut:  # cut: longer than max_length tokens could ever cover
-            larger = ""
-            if self.max_length < self.config.max_len:
-                larger = f", load with a larger max_length (up to {self.config.max_len})"
-            raise PromptTooLong(
-                f"the prompt is {'over ' if cut else ''}{len(ids):,} tokens but the "
-                f"model's context is {self.max_length} tokens; shorten the prompt{larger} or keep its last tokens "
-                "with truncate='left' (--truncate left)"
-            )
-        return ids
-
-    def _prompt_ids(self, prompt: str | Sequence[int], options: GenerationOptions) -> list[int]:
-        """encode(prompt), or with truncate="left" its last max(1, max_length - max_new_tokens) tokens, so the
-        requested tokens fit the context (at least one prompt token is kept; the same rule as `edgegpt chat`).
-        A prompt given as token ids is checked against the vocabulary and the context the same way."""
-        if isinstance(prompt, (list, tuple)):  # token ids (bytes and other sequences are refused as text)
-            return self._checked_ids(prompt, options)
-        if options.truncate is None:
-            return self.encode(prompt)
-        # Twice the characters the context can hold: the cut lands well before the tokens that are kept.
-        ids, _ = self._token_ids(prompt, 2 * self.max_length * self._max_token_chars)
-        keep = max(1, self.max_length - options.max_new_tokens)
-        return ids[-keep:]
-
-    def _checked_ids(self, prompt: Sequence[int], options: GenerationOptions) -> list[int]:
-        vocab = self._vocab_size
-        in_vocabulary = (isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt)
-        if not prompt or not all(in_vocabulary):
-            raise EdgeGPTError(f"a prompt of token ids must be a non-empty list of integers in [0, {vocab}), "
-                               f"got {list(prompt)[:8]!r:.80}")
-        ids = [int(i) for i in prompt]
-        if options.truncate is not None:
-            return ids[-max(1, self.max_length - options.max_new_tokens):]
-        if len(ids) > self.max_length:
-            raise PromptTooLong(f"the prompt is {len(ids):,} tokens but the model's context is {self.max_length} "
-                               "tokens; shorten it or keep its last tokens with truncate='left'")
-        return ids
-
-    def _token_ids(self, prompt: str, max_chars: int) -> tuple[list[int], bool]:
-        """Token ids of the prompt's last `max_chars` characters (all of it when shorter), and whether it was
-        cut. A prompt longer than the context can hold is never tokenized whole: a 50 MB paste would need
-        ~10 GB."""
-        if not isinstance(prompt, str):
-            raise EdgeGPTError(f"prompt must be a string, got {type(prompt).__name__}")
-        tail = prompt[-max_chars:] if len(prompt) > max_chars else prompt
-        try:
-            tail.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates: what Python makes of argv bytes that are not UTF-8
-            raise EdgeGPTError(f"the prompt is not valid UTF-8 text (character {e.start}: {tail[e.start]!r}); "
-                               "pass text decoded as UTF-8") from None
-        return self.package.tokenizer.encode(tail).ids or [self.package.generation.eos_token_id], tail is not prompt
+        return self._prompts.encode(prompt)
 
     def stream_tokens(
         self, prompt: str | Sequence[int], *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -347,7 +233,7 @@ class Generator:
         resolved = self._resolve(options)
         if resolved.stop:
             raise EdgeGPTError("stop strings apply to text: use generate() or stream(), not the token-id methods")
-        prompt_ids = self._prompt_ids(prompt, resolved)
+        prompt_ids = self._prompts.prompt_ids(prompt, resolved)
         decoding = self._decoding(prompt_ids, resolved, cancel)
         stats = self._speculation(resolved)
         return Stream(self._tokens(prompt_ids, resolved, decoding, stats), len(prompt_ids), decoding, stats)
@@ -370,7 +256,7 @@ class Generator:
         When it has ended, its finish_reason says why (Stream).
         """
         resolved = self._resolve(options)
-        return self._text_stream(self._prompt_ids(prompt, resolved), resolved, cancel)
+        return self._text_stream(self._prompts.prompt_ids(prompt, resolved), resolved, cancel)
 
     def generate(
         self, prompt: str, *, cancel: Cancel | None = None, **options: Unpack[GenerateOptions]
@@ -395,7 +281,7 @@ class Generator:
         else:
             seeds = [seeds] * len(prompts)
         per_row = [self._resolve({**options, "seed": seed}) for seed in seeds]
-        ids = [self._prompt_ids(prompt, row) for prompt, row in zip(prompts, per_row)]
+        ids = [self._prompts.prompt_ids(prompt, row) for prompt, row in zip(prompts, per_row)]
         if not prompts:
             return []
         if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
@@ -423,13 +309,13 @@ class Generator:
         a chat template, a template that fails (runtime/chat_template.py), or a conversation too long.
         """
         resolved = self._resolve(options)
-        return self._text_stream(self._chat_ids(messages, resolved), resolved, cancel)
+        return self._text_stream(self._prompts.chat_ids(messages, resolved), resolved, cancel)
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The text the model reads for `messages`: the package's chat template rendered the way Hugging
         Face's apply_chat_template(tokenize=False) renders it (add_generation_prompt: open the
         assistant's turn). It is encoded without adding special tokens: the template writes them."""
-        return self._chat_template().render(messages, add_generation_prompt)
+        return self._prompts.render_chat(messages, add_generation_prompt)
 
     def fit_chat(self, messages: Sequence[dict[str, str]], max_new_tokens: int | None = None) -> list[dict[str, str]]:
         """`messages` (checked, as new dicts) with the oldest turns dropped until the rendered prompt
@@ -437,83 +323,7 @@ class Generator:
         message, so a template that wants user and assistant to alternate still gets them in order; the
         leading system messages and the last turn are always kept, even when they alone leave less room.
         """
-        from edgegpt.runtime.chat_template import check_messages  # jinja2 costs ~25 ms: imported by chat only
-
-        checked = check_messages(messages)
-        new = self._resolve({"max_new_tokens": max_new_tokens}).max_new_tokens
-        budget = max(1, self.max_length - new)
-        system = next((i for i, m in enumerate(checked) if m["role"] != "system"), len(checked))
-        starts = [system] + [i for i in range(system + 1, len(checked)) if checked[i]["role"] == "user"]
-
-        def fits(start: int) -> bool:
-            ids = self._chat_prompt(checked[:system] + checked[start:])
-            return ids is not None and len(ids) <= budget
-
-        if fits(starts[0]) or len(starts) == 1:
-            return checked
-        # The prompt shrinks as turns are dropped: the first start that fits, by bisection (each try
-        # renders and encodes the conversation once).
-        low, high = 1, len(starts) - 1
-        while low < high:
-            middle = (low + high) // 2
-            if fits(starts[middle]):
-                high = middle
-            else:
-                low = middle + 1
-        return checked[:system] + checked[starts[low]:]
-
-    def _chat_ids(self, messages: Sequence[dict[str, str]], options: GenerationOptions) -> list[int]:
-        """The prompt ids of a chat: rendered (fitted first with truncate="left"), checked against the context."""
-        from edgegpt.runtime.chat_template import check_messages
-
-        checked = check_messages(messages)
-        if options.truncate is not None:
-            checked = self.fit_chat(checked, options.max_new_tokens)
-        ids = self._chat_prompt(checked)
-        if ids is not None and 0 < len(ids) <= self.max_length:
-            return ids
-        if ids is not None and not ids:
-            raise EdgeGPTError(f"{self._chat_template().origin} rendered this conversation as no text at all")
-        size = f"over {self.max_length:,}" if ids is None else f"{len(ids):,}"
-        if options.truncate is not None:
-            raise PromptTooLong(f"the conversation's last turn and system messages alone are {size} tokens but the "
-                               f"model's context is {self.max_length} tokens; shorten them or load with a larger "
-                               "max_length (--max-length)")
-        raise PromptTooLong(f"the conversation is {size} tokens but the model's context is {self.max_length} "
-                           "tokens; drop its oldest turns with truncate='left' (--truncate left) or load with a "
-                           "larger max_length (--max-length)")
-
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int] | None:
-        """Token ids of the rendered conversation, or None when its text is longer than max_length
-        tokens could ever cover (never tokenized, as for long prompts)."""
-        text = self._chat_template().render(messages, add_generation_prompt=True)
-        if len(text) > self.max_length * self._max_token_chars:
-            return None
-        return self.package.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def _chat_template(self) -> ChatTemplate:
-        """The package's chat template, compiled once (two threads racing both compile the same one)."""
-        from edgegpt.runtime.chat_template import ChatTemplate
-
-        if self._template is None:
-            source = self.package.chat_template
-            if source is None:
-                raise EdgeGPTError(
-                    f"{self.package.path} has no chat template ({CHAT_TEMPLATE}), so the model has no chat format: "
-                    "continue text with generate(), or add the model's template to the package "
-                    "(`edgegpt convert` brings it from a Hugging Face or GGUF model)"
-                )
-            generation = self.package.generation
-            bos = None if generation.bos_token_id is None else self._token_text(generation.bos_token_id)
-            self._template = ChatTemplate(source, bos, self._token_text(generation.eos_token_id),
-                                          origin=str(Path(self.package.path) / CHAT_TEMPLATE))
-        return self._template
-
-    def _token_text(self, token_id: int) -> str:
-        """A token as a template writes it: a special token's own text (e.g. "<|im_end|>"), else its decoding."""
-        added = self.package.tokenizer.get_added_tokens_decoder().get(token_id)
-        return added.content if added is not None else self.package.tokenizer.decode([token_id],
-                                                                                     skip_special_tokens=False)
+        return self._prompts.fit_chat(messages, max_new_tokens)
 
     def _decoding(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None,
                   text: bool = False) -> Decoding:
