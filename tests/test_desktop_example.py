@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "desktop_chat.py"
-RUN_TIMEOUT_S = 120  # one scripted run of the tiny model takes ~2 s
+RUN_TIMEOUT_S = 120  # one scripted run of the tiny model takes seconds
 
 
 def display_missing() -> str | None:

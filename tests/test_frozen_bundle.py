@@ -14,7 +14,7 @@ import pytest
 from test_desktop_example import EXAMPLE, expected_replies, needs_display, run_window, xvfb
 
 FREEZE = Path(__file__).resolve().parents[1] / "examples" / "freeze_desktop_chat.py"
-BUILD_TIMEOUT_S = 900  # ~15 s on a warm PyInstaller cache; a first build analyses and copies ~120 MiB
+BUILD_TIMEOUT_S = 900  # seconds on a warm PyInstaller cache; a first build analyses and copies the whole bundle
 FORBIDDEN = {"torch", "onnx", "onnxscript", "transformers", "safetensors", "starlette", "uvicorn"}
 NEEDED = {"onnxruntime", "tokenizers", "numpy", "jinja2", "tkinter", "edgegpt"}
 # edgegpt's torch-side modules: the bundle has only the core and the runtime.
