@@ -1,15 +1,18 @@
-"""Helpers shared by the benchmark scripts: where the reference data is, what machine this is, how a
-figure-per-row result is printed, and the one way a benchmark makes a model with random weights.
+"""What every benchmark shares: where the reference data is and how it splits, what machine this is, how a
+table is printed, the one way a benchmark makes a model with random weights, and the smoke kit (a tiny model,
+package and text that `--smoke` runs on, so every benchmark runs end to end in seconds).
 
-Nothing here imports edgegpt or torch at import time: cuda_decode.py imports this module before it has
-made edgegpt importable from a checkout, and compare_runtimes.py's worker processes must stay light."""
+Nothing here imports edgegpt or torch at import time: `runtimes.py cuda` imports this module before it has
+made edgegpt importable from a checkout, and the worker processes of `runtimes.py compare` must stay light."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,10 +23,15 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+# DESIGN.md's tinyshakespeare convention: the first 90% of the characters train, the last 10% are held out.
+HELD_OUT_FRACTION = 0.1
+# --smoke: the preset every tiny random model has, and how much text a smoke run reads at most.
+SMOKE_PRESET = "nano"
+SMOKE_CHARS = 12_000
 
 
 def machine() -> str:
-    """e.g. 'AMD EPYC 9R14 (2 cores), Linux x86_64, torch 2.13.0' — every figure names its machine."""
+    """e.g. 'AMD EPYC 9R14 (2 cores), Linux x86_64' — every figure names its machine."""
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,6 +41,52 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu} ({os.cpu_count()} cores), {platform.system()} {platform.machine()}"
+
+
+def pydoc_topics_text() -> str:
+    """The help topics of Python's documentation (`pydoc_data`), one after another: English that is neither the
+    benchmarks' training text nor a pretrained model's own, and ships with Python (no download)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def smoke_text() -> str:
+    """Text for smoke runs where tinyshakespeare is not here."""
+    try:
+        text = pydoc_topics_text()
+    except ImportError:  # a Python built without pydoc_data: any text will do for a smoke run
+        text = BENCHMARK_TEXT * 20
+    return text[:SMOKE_CHARS]
+
+
+def shakespeare_split(path: Path = SHAKESPEARE, smoke: bool = False) -> tuple[str, str]:
+    """(training text, held-out text) of `path`: its first 90% of characters and its last 10% (DESIGN.md),
+    split by the same function `edgegpt train` splits with. With `smoke`, the split of at most the first
+    SMOKE_CHARS characters of `path`, or of `smoke_text()` when `path` is not here."""
+    from edgegpt.train.corpus import read_text_file, split_documents
+
+    if smoke:
+        text = read_text_file(path)[:SMOKE_CHARS] if path.is_file() else smoke_text()
+    elif not path.is_file():
+        raise SystemExit(f"benchmark skipped: {path} is not here (it lives in the shared data folder; "
+                         "--smoke runs without it)")
+    else:
+        text = read_text_file(path)
+    train, held_out = split_documents([text], HELD_OUT_FRACTION)
+    return "".join(train), "".join(held_out)
+
+
+def data_file(path: Path, smoke: bool, work: Path) -> Path:
+    """The text file a benchmark trains or reads from: `path`, or with --smoke a small slice written to `work`."""
+    if not smoke:
+        if not path.is_file():
+            raise SystemExit(f"benchmark skipped: {path} is not here (it lives in the shared data folder)")
+        return path
+    train, held_out = shakespeare_split(path, smoke=True)
+    small = work / "smoke-text.txt"
+    small.write_text(train + held_out, encoding="utf-8")
+    return small
 
 
 def print_figures(title: str, figures: dict, as_json: bool) -> None:
@@ -45,9 +99,14 @@ def print_figures(title: str, figures: dict, as_json: bool) -> None:
     report.add_column("value", justify="right")
     for key, value in figures.items():
         report.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(report)
+    Console(width=max(Console().width, 120)).print(report)
     if as_json:
         print(json.dumps(figures))
+
+
+def skip(what: str, reason: str) -> None:
+    """A part of a benchmark that cannot run here (a peer not installed, a file not given): say so and go on."""
+    print(f"skipped {what}: {reason}", flush=True)
 
 
 # The text the random-weight tokenizer learns from: any text will do, the weights are random anyway.
@@ -55,17 +114,17 @@ BENCHMARK_TEXT = "edgegpt benchmark text " * 100
 
 
 def random_model(preset: str, texts: Sequence[str] = (BENCHMARK_TEXT,),
-                 vocab_size: int | None = 300) -> tuple[GPT, Tokenizer]:
-    """(GPT, tokenizer): `preset`'s shape with random weights (torch seed 0) and a byte-level BPE tokenizer
-    trained on `texts` (vocab_size None: the preset's vocabulary). Enough to measure size, speed and memory;
-    its logits are nearly flat, so never judge quality or quantization on it."""
+                 vocab_size: int | None = 300, seed: int = 0) -> tuple[GPT, Tokenizer]:
+    """(GPT, tokenizer): `preset`'s shape with random weights (torch seed `seed`) and a byte-level BPE
+    tokenizer trained on `texts` (vocab_size None: the preset's vocabulary). Enough to measure size, speed and
+    memory; its logits are nearly flat, so never judge quality or quantization on it."""
     import torch
 
     from edgegpt.core.config import preset as make_preset
     from edgegpt.model import GPT
     from edgegpt.tokenizer import train_tokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = make_preset(preset)
     tokenizer = train_tokenizer(list(texts), vocab_size or cfg.vocab_size)
     return GPT(cfg).eval(), tokenizer
@@ -79,3 +138,128 @@ def random_checkpoint(preset: str, directory: Path, texts: Sequence[str] = (BENC
     model, tokenizer = random_model(preset, texts, vocab_size)
     save_checkpoint(directory, model, tokenizer)
     return directory
+
+
+# -- the smoke kit ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmokeKit:
+    """A tiny random model in every form the benchmarks read, under one folder, built once and shared by
+    every smoke run given `--kit` (tests/test_benchmarks.py builds one for all of them). The draft has the
+    target's very weights, so speculation keeps its guesses and every multi-token path runs."""
+
+    root: Path
+
+    @property
+    def text(self) -> Path:  # the training and held-out text, as one file (shakespeare_split cuts it)
+        return self.root / "text.txt"
+
+    @property
+    def calibration(self) -> Path:  # a little: calibrating on more costs seconds and shows nothing
+        return self.root / "calibration.txt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "target"
+
+    @property
+    def draft_checkpoint(self) -> Path:
+        return self.root / "draft"
+
+    @property
+    def package(self) -> Path:  # int8, with the draft inside (`edgegpt export --draft`)
+        return self.root / "target-int8"
+
+    @property
+    def draft_package(self) -> Path:
+        return self.package / "draft"
+
+    def ready(self) -> bool:
+        return (self.root / ".done").is_file()
+
+
+# The kit's draft: the target's first layers. The target's later layers add nothing to the residual stream
+# (their output projections are zero), so the draft computes the target's very function and its guesses hold.
+SMOKE_DRAFT_LAYERS = 2
+
+
+def drafted_target(model: GPT) -> GPT:
+    """`model` with every layer past the first SMOKE_DRAFT_LAYERS silenced (zero output projections)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.layers[SMOKE_DRAFT_LAYERS:]:
+            layer.attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+def first_layers(model: GPT, count: int) -> GPT:
+    """A model of `model`'s first `count` layers, with its embedding, final norm and head."""
+    import dataclasses
+
+    from edgegpt.model import GPT
+
+    draft = GPT(dataclasses.replace(model.cfg, n_layers=count)).eval()
+    draft.load_state_dict({name: tensor for name, tensor in model.state_dict().items()
+                           if not name.startswith("layers.") or int(name.split(".")[1]) < count})
+    return draft
+
+
+# The kit's chat template (ChatML's shape), so chat benchmarks run on it too.
+SMOKE_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def smoke_kit(root: Path | None, work: Path) -> SmokeKit:
+    """The kit at `root` (built there if it is not yet), or a fresh one under `work` when `root` is None."""
+    kit = SmokeKit(root or work / "smoke-kit")
+    if kit.ready():
+        return kit
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.export.package import export_package
+
+    kit.root.mkdir(parents=True, exist_ok=True)
+    train, held_out = shakespeare_split(smoke=True)
+    kit.text.write_text(train + held_out, encoding="utf-8")
+    target, tokenizer = random_model(SMOKE_PRESET, [train])
+    save_checkpoint(kit.checkpoint, drafted_target(target), tokenizer, chat_template=SMOKE_CHAT_TEMPLATE)
+    save_checkpoint(kit.draft_checkpoint, first_layers(target, SMOKE_DRAFT_LAYERS), tokenizer,
+                    chat_template=SMOKE_CHAT_TEMPLATE)
+    kit.calibration.write_text(train[:1000], encoding="utf-8")
+    export_package(kit.checkpoint, kit.package, quantize=True, gate=False, draft=kit.draft_checkpoint,
+                   calibration_data=kit.calibration, eval_data=kit.text, eval_tokens=256, window=64)
+    (kit.root / ".done").write_text("")
+    return kit
+
+
+def add_smoke_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true",
+                        help="run end to end in seconds on a tiny random model (checks the benchmark, not the "
+                             "product: its figures mean nothing)")
+    parser.add_argument("--kit", type=Path, default=None,
+                        help="--smoke: the smoke kit folder to use (built there once if missing)")
+
+
+def subcommands(description: str, commands: dict[str, tuple[Callable, Callable]]) -> argparse.ArgumentParser:
+    """A parser with one subcommand per entry of `commands`: name -> (add_options(parser), run(args)); each
+    subcommand's help is the first paragraph of its run function's docstring, its description the whole."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_options, run) in commands.items():
+        doc = (run.__doc__ or "").strip()
+        command = sub.add_parser(name, help=doc.split("\n\n")[0].replace("\n", " "), description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(command)
+        add_smoke_options(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for a benchmark's builds (left in place with --smoke off: a run's outputs are kept)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"edgegpt-{prefix}-"))

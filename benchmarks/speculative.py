@@ -1,50 +1,22 @@
-"""Speculative decoding side by side: plain decoding, a draft model, prompt lookup and both, in one run.
+"""Speculative decoding: how much faster a draft model and prompt lookup decode, what their passes cost, which
+draft recipe a target agrees with, and the target's own text as draft data.
 
-    python benchmarks/speculative.py --target-checkpoint SMALL_CKPT --draft-checkpoint DRAFT_CKPT \\
-        --smol /tmp/q/smol-int8 [--work /tmp/spec] [--runs 3] [--genai] [--json]
+    python benchmarks/speculative.py run --target-checkpoint SMALL_CKPT --draft-checkpoint DRAFT_CKPT \\
+        --smol SMOLLM2_INT8 [--work /tmp/spec] [--runs 3] [--genai] [--json]
+    python benchmarks/speculative.py costs --model PACKAGE_WITH_DRAFT [--draft DRAFT] [--runs 3]
+    python benchmarks/speculative.py draft-recipes --target TARGET --drafts DEFAULT DRAFT [--tokens 8192]
+    python benchmarks/speculative.py target-continuations --model TARGET_PACKAGE --out continuations.txt
+    python benchmarks/speculative.py COMMAND --smoke        # seconds, on a tiny random model
 
-Two parts (each runs when its models are given):
-
-shakespeare  a `small` target and a draft distilled from it (`edgegpt train --teacher TARGET_CKPT`), both
-             exported int8 (`export_package(..., quantize=True)`, cached under --work; or pass packages with
-             --target/--draft), continuing prompts cut from the tinyshakespeare validation split (the last
-             10% of its characters): --prompt-tokens of text, then exactly --new-tokens tokens (eos ignored).
-             Modes: plain, draft, lookup, draft+lookup.
-smol         SmolLM2-135M-Instruct int8 through its chat template (stream_chat), plain and prompt lookup, on
-             grounded prompts (fix the typos of / rewrite / summarise / answer a question quoting a paragraph
-             of Python's own documentation, pydoc topics, pasted into the prompt) and on open-ended ones.
-
-Sampling settings: greedy; temperature 0.8; temperature 0.8 with repetition penalty 1.1 (top-k, top-p and
-min-p off everywhere, so "temperature 0.8" is exactly that). Each generation is timed from its first
-token to its last: decode tokens/s = (tokens - 1) / that time, so the prompt's prefill is left out and the
-draft's own prefill of the prompt is counted (it happens after the first token). A run is every prompt
-once in every mode; a row's figure for a run is its tokens over its time summed over the prompts, and the
-table shows the median over --runs runs. Modes interleave (their order rotates with the prompt), because
-this kind of shared 2-core machine moves by up to ±20% between passes; "x plain" is the median over runs
-of the ratio to plain decoding in the same run. Acceptance = guesses kept / guesses checked; tokens/step
-= tokens made per forward pass of the target after the prompt (plain decoding: 1). "same text": the
-greedy prompts whose text equals plain decoding's. It need not be all of them with int8 weights: the
-MatMulNBits kernels (accuracy level 4, int8 activations) give a position's logits that differ by ~0.5
-(median of the largest difference; ~1 at most) between a one-token pass and a four-token one (measured on
-SmolLM2-135M int8; fp32: 3e-5), both equally far from fp32, so a near-tie can go the other way in a
-verification and the text then goes its own way.
-
-Timed runs hold the shared lock /tmp/edgegpt-cpu.lock (flock(2), the one `flock /tmp/edgegpt-cpu.lock
-CMD` takes), wait up to --quiet-wait seconds for the 1-minute load average to fall below --quiet-load,
-and report the load averages in the caption.
-
---genai also runs onnxruntime-genai 0.18 (PEERS/venv-peers, its model builder in PEERS/venv-builder,
-PEERS = --peers-work, made by compare_runtimes.py --setup) on the same target checkpoint, int8: plain, with
-the same draft (converted by its builder) and with its n-gram lookup, in a fresh process after each run
-(benchmarks/peers/genai_speculative.py). Its rows: "x plain" = its median over plain edgegpt's (not paired),
-"x own plain" = the ratio to genai's plain decoding in the same process; tokens/step counts every target
-pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides some verifications) and its
-plain steps where the lookup found nothing.
+Prompts and held-out text come from the tinyshakespeare split (common.shakespeare_split: the first 90% of its
+characters train, the last 10% are held out). Figures, with the commands that gave them: docs/benchmarks.md.
 """
+
 
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import json
 import random
@@ -57,9 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import REPO, SHAKESPEARE, machine
+from common import SHAKESPEARE, machine, pydoc_topics_text, scratch_dir, shakespeare_split, skip, smoke_kit, subcommands
 
-PYDOC_TOPICS = Path("/work/cache/bench/pydoc-topics.txt")
 LOCK = Path("/tmp/edgegpt-cpu.lock")
 OFF = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
 SAMPLINGS = {
@@ -181,10 +152,9 @@ def timed(stream) -> tuple[int, float, list]:
 # -- the prompts ---------------------------------------------------------------------------------------------
 
 
-def shakespeare_prompts(tokenizer, count: int, length: int, new: int) -> list[Prompt]:
-    """`count` prompts of `length` tokens, evenly spaced over the validation split (its last 10%)."""
-    text = SHAKESPEARE.read_text()
-    ids = tokenizer.encode(text[int(len(text) * 0.9):]).ids
+def shakespeare_prompts(tokenizer, held_out: str, count: int, length: int, new: int) -> list[Prompt]:
+    """`count` prompts of `length` tokens, evenly spaced over the held-out text."""
+    ids = tokenizer.encode(held_out).ids
     step = (len(ids) - length) // count
     prompts = []
     for i in range(count):
@@ -196,9 +166,9 @@ def shakespeare_prompts(tokenizer, count: int, length: int, new: int) -> list[Pr
     return prompts
 
 
-def pydoc_topics(path: Path) -> dict[str, str]:
+def pydoc_topics(text: str) -> dict[str, str]:
     """Section title -> its text (a title is underlined with as many asterisks)."""
-    lines = path.read_text().split("\n")
+    lines = text.split("\n")
     heads = [i - 1 for i in range(1, len(lines)) if lines[i] and set(lines[i]) == {"*"}
              and len(lines[i]) == len(lines[i - 1])]
     return {lines[h]: "\n".join(lines[h + 2: nxt]).strip() for h, nxt in zip(heads, [*heads[1:], len(lines)])}
@@ -230,17 +200,19 @@ def with_typos(text: str, seed: int) -> str:
     return re.sub(r"[A-Za-z]{5,}", swap, text)
 
 
-def smol_prompts(new: int) -> list[Prompt]:
-    topics = pydoc_topics(PYDOC_TOPICS)
+def smol_prompts(new: int, topics_text: str, smoke: bool = False) -> list[Prompt]:
+    """The grounded prompts, then the open-ended ones (with --smoke: two of each, short paragraphs, to fit a
+    tiny model's context)."""
+    topics = pydoc_topics(topics_text)
     prompts = []
-    for i, (title, task) in enumerate(GROUNDED):
+    for i, (title, task) in enumerate(GROUNDED[:2] if smoke else GROUNDED):
         kind, _, question = task.partition(": ")
-        text = paragraph(topics[title])
+        text = paragraph(topics[title])[:120] if smoke else paragraph(topics[title])
         if kind == "typos":
             text = with_typos(text, i)
         content = f"{TASKS[kind]}\n\n{text}" + (f"\n\nQuestion: {question}" if question else "")
         prompts.append(Prompt(f"{kind} {title}", "grounded", chat_start([{"role": "user", "content": content}], new)))
-    for i, content in enumerate(OPEN_ENDED):
+    for i, content in enumerate(OPEN_ENDED[:2] if smoke else OPEN_ENDED):
         prompts.append(Prompt(f"open {i}", "open-ended", chat_start([{"role": "user", "content": content}], new)))
     return prompts
 
@@ -356,13 +328,15 @@ def print_table(results: list[dict], caption: str) -> None:
     Console(width=200).print(table)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-checkpoint", type=Path, help="the small target's checkpoint (exported int8 here)")
     parser.add_argument("--draft-checkpoint", type=Path, help="the draft's checkpoint (same tokenizer)")
     parser.add_argument("--target", type=Path, help="instead: the target's model package")
     parser.add_argument("--draft", type=Path, help="instead: the draft's model package")
     parser.add_argument("--smol", type=Path, help="SmolLM2-135M-Instruct int8 model package (chat template)")
+    parser.add_argument("--pydoc-topics", type=Path, default=None,
+                        help="smol: the pydoc topics as a text file (default: Python's own pydoc_data)")
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="shakespeare: the text prompts come from")
     parser.add_argument("--work", type=Path, default=Path("/tmp/spec"), help="exported packages, genai models")
     parser.add_argument("--target-summary", type=Path, help="the output of `edgegpt train --json` for the target")
     parser.add_argument("--draft-summary", type=Path, help="the output of `edgegpt train --json` for the draft")
@@ -378,11 +352,66 @@ def main() -> None:
     parser.add_argument("--no-lock", action="store_true", help="trying the script out: no lock, no waiting")
     parser.add_argument("--genai", action="store_true", help="also onnxruntime-genai 0.18 on the shakespeare target")
     parser.add_argument("--peers-work", dest="peers", type=Path, default=Path("/tmp/peers"),
-                        help="compare_runtimes.py --setup's folder (venv-peers, venv-builder)")
+                        help="`runtimes.py setup`'s folder (venv-peers, venv-builder)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Speculative decoding side by side: plain decoding, a draft model, prompt lookup and both, in one run.
+
+    Two parts (each runs when its models are given):
+
+    shakespeare  a `small` target and a draft distilled from it (`edgegpt train --teacher TARGET_CKPT`), both
+                 exported int8 (`export_package(..., quantize=True)`, cached under --work; or pass packages with
+                 --target/--draft), continuing prompts cut from the tinyshakespeare validation split (the last
+                 10% of its characters): --prompt-tokens of text, then exactly --new-tokens tokens (eos ignored).
+                 Modes: plain, draft, lookup, draft+lookup.
+    smol         SmolLM2-135M-Instruct int8 through its chat template (stream_chat), plain and prompt lookup, on
+                 grounded prompts (fix the typos of / rewrite / summarise / answer a question quoting a paragraph
+                 of Python's own documentation, pydoc topics, pasted into the prompt) and on open-ended ones.
+
+    Sampling settings: greedy; temperature 0.8; temperature 0.8 with repetition penalty 1.1 (top-k, top-p and
+    min-p off everywhere, so "temperature 0.8" is exactly that). Each generation is timed from its first
+    token to its last: decode tokens/s = (tokens - 1) / that time, so the prompt's prefill is left out and the
+    draft's own prefill of the prompt is counted (it happens after the first token). A run is every prompt
+    once in every mode; a row's figure for a run is its tokens over its time summed over the prompts, and the
+    table shows the median over --runs runs. Modes interleave (their order rotates with the prompt), because
+    this kind of shared 2-core machine moves by up to ±20% between passes; "x plain" is the median over runs
+    of the ratio to plain decoding in the same run. Acceptance = guesses kept / guesses checked; tokens/step
+    = tokens made per forward pass of the target after the prompt (plain decoding: 1). "same text": the
+    greedy prompts whose text equals plain decoding's. It need not be all of them with int8 weights: the
+    MatMulNBits kernels (accuracy level 4, int8 activations) give a position's logits that differ by ~0.5
+    (median of the largest difference; ~1 at most) between a one-token pass and a four-token one (measured on
+    SmolLM2-135M int8; fp32: 3e-5), both equally far from fp32, so a near-tie can go the other way in a
+    verification and the text then goes its own way.
+
+    Timed runs hold the shared lock /tmp/edgegpt-cpu.lock (flock(2), the one `flock /tmp/edgegpt-cpu.lock
+    CMD` takes), wait up to --quiet-wait seconds for the 1-minute load average to fall below --quiet-load,
+    and report the load averages in the caption.
+
+    --genai also runs onnxruntime-genai 0.18 (PEERS/venv-peers, its model builder in PEERS/venv-builder,
+    PEERS = --peers-work, made by `runtimes.py setup`) on the same target checkpoint, int8: plain, with
+    the same draft (converted by its builder) and with its n-gram lookup, in a fresh process after each run
+    (benchmarks/peers/genai_speculative.py). Its rows: "x plain" = its median over plain edgegpt's (not paired),
+    "x own plain" = the ratio to genai's plain decoding in the same process; tokens/step counts every target
+    pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides some verifications) and its
+    plain steps where the lookup found nothing.
+
+    --smoke: the smoke kit's int8 target with its draft (the same weights) for the shakespeare part and as the
+    chat model of the smol part (two short prompts of each kind), 1 run of 8 tokens, no lock; SmolLM2 and
+    onnxruntime-genai run only when given and installed."""
+    if args.smoke:
+        kit = smoke_kit(args.kit, scratch_dir("speculative"))
+        args.target = args.target or kit.package
+        args.draft = args.draft or kit.draft_package
+        args.target_checkpoint = args.target_checkpoint or kit.checkpoint
+        args.draft_checkpoint = args.draft_checkpoint or kit.draft_checkpoint
+        args.smol = args.smol or kit.package
+        args.data = kit.text
+        args.work = scratch_dir("speculative")
+        args.runs, args.prompts, args.prompt_tokens, args.new_tokens, args.chat_tokens = 1, 2, 16, 8, 8
+        args.no_lock = True
     args.work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
 
     from edgegpt.runtime import Generator
 
@@ -392,14 +421,19 @@ def main() -> None:
     if target is not None and draft is not None:
         plain = Generator.load(target, provider="cpu", threads=args.threads, draft=None)
         guided = Generator.load(target, provider="cpu", threads=args.threads, draft=draft)
-        prompts = shakespeare_prompts(plain.package.tokenizer, args.prompts, args.prompt_tokens, args.new_tokens)
+        held_out = shakespeare_split(args.data, smoke=args.smoke)[1]
+        prompts = shakespeare_prompts(plain.package.tokenizer, held_out, args.prompts, args.prompt_tokens,
+                                      args.new_tokens)
         parts.append(("shakespeare", prompts, {"plain": plain, "draft": guided, "lookup": plain,
                                                "draft+lookup": guided}))
     if args.smol is not None:
         smol = Generator.load(args.smol, provider="cpu", threads=args.threads, draft=None)
-        parts.append(("smol", smol_prompts(args.chat_tokens), {"plain": smol, "lookup": smol}))
+        topics = args.pydoc_topics.read_text(encoding="utf-8") if args.pydoc_topics else pydoc_topics_text()
+        parts.append(("smol", smol_prompts(args.chat_tokens, topics, args.smoke), {"plain": smol, "lookup": smol}))
+    else:
+        skip("smol", "no --smol package given")
     if not parts:
-        parser.error("give --target-checkpoint and --draft-checkpoint (or --target and --draft), and/or --smol")
+        raise SystemExit("give --target-checkpoint and --draft-checkpoint (or --target and --draft), and/or --smol")
 
     genai_paths: dict | Exception | None = None
     if args.genai and args.target_checkpoint and args.draft_checkpoint:
@@ -422,13 +456,13 @@ def main() -> None:
             warm_up(prompts, generators, args.samplings)
         # Runs interleave everything, genai included (a fresh process per run): a noisy spell of this shared
         # machine then hits every row alike.
-        for run in range(args.runs):
+        for run_index in range(args.runs):
             for name, prompts, generators in parts:
-                measure_run(name, prompts, generators, args.samplings, run, rows)
+                measure_run(name, prompts, generators, args.samplings, run_index, rows)
             if isinstance(genai_paths, dict) and not genai_rows:
                 try:
                     genai_samples.append(genai_speculative.run_once(args, [p.ids for p in parts[0][1]],
-                                                                    genai_paths, run))
+                                                                    genai_paths, run_index))
                 except Exception as e:  # reported as a row; the rest of the table still stands
                     genai_rows = [genai_speculative.skipped_row(f"{type(e).__name__}: {e}")]
         notes["timed_s"] = round(time.perf_counter() - t0)
@@ -460,6 +494,220 @@ def main() -> None:
             print(f"{r['mode']} {r['sampling']}: skipped: {r['skipped']}")
     if args.json:
         print(json.dumps({"notes": notes, "rows": results}))
+
+
+
+# -- costs ------------------------------------------------------------------------------------------------------
+
+
+def costs_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="a package with a draft (`edgegpt export --draft`)")
+    parser.add_argument("--draft", type=Path, help="a draft package (default: the model package's own)")
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="the text whose held-out split is continued")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def costs(args: argparse.Namespace) -> None:
+    """What the passes of speculative decoding cost: the numbers behind runtime/speculative.py's cost model.
+
+    Generates greedily with the package's draft (or --draft) from windows of the held-out split, timing every
+    forward pass as it happens inside the speculative loop: the target's by the number of tokens it runs, the
+    draft's likewise (its steps of one token are its guesses, of two its catch-up after a pass whose guesses
+    all held). Prints the median milliseconds of each, and each target length's cost in one-token passes beside
+    the model's pass_cost(k) and the draft's one-token step against DRAFT_GUESS_COST."""
+    from edgegpt.runtime import Generator, speculative
+
+    # lengths seen fewer times than this are left out (prompts' prefills, rare lengths); a smoke run sees few
+    least = 10
+    if args.smoke:
+        kit = smoke_kit(args.kit, scratch_dir("speculative"))
+        args.model, args.data = args.model or kit.package, kit.text
+        args.prompts, args.new_tokens, args.runs, least = 2, 16, 1, 1
+    if args.model is None:
+        raise SystemExit("give --model PACKAGE_WITH_DRAFT (or --smoke)")
+    generator = Generator.load(args.model, provider="cpu", threads=args.threads, draft=args.draft or "auto")
+    if generator.draft is None:
+        raise SystemExit(f"{args.model} has no draft: pass --draft")
+    times: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+
+    def timed_forward(model, name: str) -> None:
+        forward = model.forward
+
+        def run_timed(ids, cache):
+            start = time.perf_counter()
+            result = forward(ids, cache)
+            times[(name, len(ids))].append(time.perf_counter() - start)
+            return result
+        model.forward = run_timed
+
+    timed_forward(generator, "target")
+    timed_forward(generator.draft, "draft")
+    ids = generator.package.tokenizer.encode(shakespeare_split(args.data, smoke=args.smoke)[1]).ids
+    prompt_tokens = 16 if args.smoke else 64
+    step = (len(ids) - prompt_tokens) // args.prompts
+    for _ in range(args.runs):
+        for i in range(args.prompts):
+            stream = generator.stream_tokens(ids[i * step: i * step + prompt_tokens], max_new_tokens=args.new_tokens,
+                                             stop_at_eos=False, temperature=0)
+            list(stream)
+    one = statistics.median(times[("target", 1)]) if times[("target", 1)] else None
+    print(f"{machine()}; {args.model}, {args.threads} threads; passes inside greedy speculative runs "
+          f"(the prompt's prefill left out)")
+    print(f"{'model':6} {'tokens':>6} {'median ms':>10} {'passes':>7} {'× 1-token target pass':>22} {'cost model':>11}")
+    for (name, length), seconds in sorted(times.items()):
+        if length > 16 or len(seconds) < least:
+            continue
+        median = statistics.median(seconds)
+        model = speculative.pass_cost(length - 1) if name == "target" else speculative.DRAFT_GUESS_COST
+        relative = f"{median / one:22.2f} {model:11.2f}" if one is not None else f"{'–':>22} {'–':>11}"
+        print(f"{name:6} {length:6d} {1000 * median:10.3f} {len(seconds):7d} {relative}")
+
+
+# -- draft-recipes ----------------------------------------------------------------------------------------------
+
+
+def draft_recipes_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", type=Path, help="the target's checkpoint")
+    parser.add_argument("--drafts", type=Path, nargs="+", help="draft checkpoints")
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="the text whose held-out split is scored")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--json", action="store_true")
+
+
+def draft_recipes(args: argparse.Namespace) -> None:
+    """How well drafts agree with their target: which distillation recipe makes the better draft.
+
+        edgegpt train --preset small --vocab-size 1024 --block-size 256 --data tinyshakespeare.txt --out TARGET
+        edgegpt train --teacher TARGET --preset nano --data tinyshakespeare.txt --time-budget 8 --out DEFAULT
+        edgegpt train --teacher TARGET --preset nano --as-draft --data tinyshakespeare.txt --time-budget 8 \\
+            --out DRAFT
+        python benchmarks/speculative.py draft-recipes --target TARGET --drafts DEFAULT DRAFT [--tokens 8192]
+
+    Speculative decoding keeps a drafted token with probability sum(min(p, q)) over the vocabulary, p the
+    target's distribution and q the draft's (greedy: when their argmaxes agree), so a draft is as good as
+    those two numbers are high, whatever its perplexity. Both are measured teacher-forced, in PyTorch, on the
+    first --tokens tokens of the held-out split, in windows of the draft's context: argmax agreement, and
+    sum(min(p, q)) at temperatures 0.8 and 1. Beside them: each draft's validation loss (nats per character),
+    steps and minutes from its `train_state.json`."""
+    import torch
+
+    from edgegpt.checkpoint import load_checkpoint
+
+    if args.smoke:
+        kit = smoke_kit(args.kit, scratch_dir("speculative"))
+        args.target, args.drafts = args.target or kit.checkpoint, args.drafts or [kit.draft_checkpoint]
+        args.data, args.tokens = kit.text, 512
+    if args.target is None or not args.drafts:
+        raise SystemExit("give --target CHECKPOINT and --drafts CHECKPOINT ... (or --smoke)")
+    target, tokenizer = load_checkpoint(args.target)
+    ids = tokenizer.encode(shakespeare_split(args.data, smoke=args.smoke)[1]).ids
+    rows = []
+    for path in args.drafts:
+        draft, draft_tokenizer = load_checkpoint(path)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"{path} has another tokenizer than the target")
+        window = min(draft.cfg.max_len, target.cfg.max_len, 64 if args.smoke else target.cfg.max_len)
+        usable = min(args.tokens, len(ids)) // window * window
+        batch = torch.tensor(ids[:usable]).view(-1, window)
+        with torch.no_grad():
+            p_logits, q_logits = target.eval()(batch).float(), draft.eval()(batch).float()
+        row = {"draft": str(path), "parameters": sum(t.numel() for t in draft.parameters()),
+               "argmax_agreement": (p_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()}
+        for temperature in (0.8, 1.0):
+            p, q = (torch.softmax(logits / temperature, -1) for logits in (p_logits, q_logits))
+            row[f"kept_at_T{temperature:g}"] = torch.minimum(p, q).sum(-1).mean().item()
+        state = path / "train_state.json"
+        if state.exists():
+            saved = json.loads(state.read_text())
+            options = saved["options"]
+            row.update(steps=saved["step"], minutes=round(saved["elapsed_s"] / 60, 1),
+                       val_per_char=saved["best_val"]["nats_per_char"],
+                       recipe="as draft (alpha 0, T 1)" if options.get("as_draft") else
+                       f"alpha {options['alpha']}, T {options['temperature']:g}")
+        rows.append(row)
+
+    print(f"{machine()}; target {args.target}; {usable:,} held-out tokens, teacher-forced")
+    print(f"{'draft':40} {'recipe':26} {'steps':>6} {'min':>5} {'val/char':>8} {'argmax':>7} {'T0.8':>6} {'T1':>6}")
+    for row in rows:
+        print(f"{row['draft'][-40:]:40} {row.get('recipe', '?'):26} {row.get('steps', '?'):>6} "
+              f"{row.get('minutes', '?'):>5} {row.get('val_per_char', float('nan')):8.3f} "
+              f"{row['argmax_agreement']:7.3f} "
+              f"{row['kept_at_T0.8']:6.3f} {row['kept_at_T1']:6.3f}")
+    if args.json:
+        print(json.dumps(rows))
+
+
+# -- target-continuations ---------------------------------------------------------------------------------------
+
+
+def target_continuations_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="the target's model package")
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="the text whose training split is continued")
+    parser.add_argument("--out", type=Path, help="where the continuations are written")
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--greedy-share", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def target_continuations(args: argparse.Namespace) -> None:
+    """The target's own continuations of its training text, as extra data for a draft (on-policy distillation).
+
+        python benchmarks/speculative.py target-continuations --model TARGET_PACKAGE --out continuations.txt
+        edgegpt train --teacher TARGET --as-draft --preset nano --data train-split.txt \\
+            --data continuations.txt --val-data held-out.txt ...
+
+    A draft distilled on the corpus learns the target where the corpus goes; at generation time the text is
+    the target's own, and there the two may part more often (docs/benchmarks.md, "Drafting the target's own
+    text"). This writes continuations of windows of the training split: --prompt-tokens of text, then
+    --new-tokens from the target, greedy for --greedy-share of them and sampled at temperature 1 for the rest
+    (seeded), one continuation per paragraph, until --tokens new tokens are written."""
+    from edgegpt.runtime import Generator
+
+    if args.smoke:
+        kit = smoke_kit(args.kit, scratch_dir("speculative"))
+        args.model, args.data = args.model or kit.package, kit.text
+        args.out = args.out or scratch_dir("speculative") / "continuations.txt"
+        args.tokens, args.prompt_tokens, args.new_tokens = 48, 16, 16
+    if args.model is None or args.out is None:
+        raise SystemExit("give --model PACKAGE and --out FILE (or --smoke)")
+    generator = Generator.load(args.model, provider="cpu", draft=None)
+    training_text = shakespeare_split(args.data, smoke=args.smoke)[0]
+    ids = generator.package.tokenizer.encode(training_text).ids
+    rng = random.Random(args.seed)
+    written, pieces, t0 = 0, [], time.perf_counter()
+    while written < args.tokens:
+        start = rng.randrange(len(ids) - args.prompt_tokens)
+        greedy = rng.random() < args.greedy_share
+        stream = generator.stream_tokens(ids[start : start + args.prompt_tokens], max_new_tokens=args.new_tokens,
+                                         stop_at_eos=False, temperature=0.0 if greedy else 1.0,
+                                         seed=rng.randrange(1 << 30), top_k=0, top_p=1.0, min_p=0.0,
+                                         repetition_penalty=1.0)
+        new = list(stream)
+        pieces.append(generator.package.tokenizer.decode(ids[start : start + args.prompt_tokens] + new))
+        written += len(new)
+        if len(pieces) % 200 == 0:
+            print(f"{written:,} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
+    args.out.write_text("\n\n".join(pieces) + "\n", encoding="utf-8")
+    print(f"{machine()}; {len(pieces)} continuations, {written:,} new tokens in {time.perf_counter() - t0:.0f} s "
+          f"-> {args.out}")
+
+
+COMMANDS = {
+    "run": (run_options, run),
+    "costs": (costs_options, costs),
+    "draft-recipes": (draft_recipes_options, draft_recipes),
+    "target-continuations": (target_continuations_options, target_continuations),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = subcommands(__doc__, COMMANDS).parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":
