@@ -38,7 +38,7 @@ from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_
 from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.prompts import Prompts
 from edgegpt.runtime.sampling import Sampler
-from edgegpt.runtime.session import PROVIDERS, create_session, cuda_available
+from edgegpt.runtime.session import check_provider, open_session
 from edgegpt.runtime.speculative import Drafters, LookupDrafter, ModelDrafter, SpeculationStats, run_speculative
 from edgegpt.runtime.stream import Stream
 
@@ -100,7 +100,7 @@ class Generator:
         self.max_length = check_max_length(max_length, self.config.max_len)
         self._session = session
         self._runner = RUNNERS[package.graph.kv_layout](session, package, provider, self.max_length)
-        # Asked once: tokenizers builds it anew at each call (10 ms for a 49,152-token vocabulary), and
+        # Asked once: tokenizers builds it anew at each call (slow for a large vocabulary), and
         # every generation's sampler needs it.
         self._vocab_size = package.tokenizer.get_vocab_size()
         self._prompts = Prompts(package, self.max_length, self._vocab_size)
@@ -136,32 +136,10 @@ class Generator:
     @classmethod
     def _load(cls, path: str | Path, provider: str, threads: int | None, max_length: int | None,
               tokenizer: Tokenizer | None = None) -> "Generator":
-        if provider not in PROVIDERS:  # before the package's dtype picks one for "auto"
-            raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        check_provider(provider)  # before the package is read
         package = ModelPackage.load(path, tokenizer)
         check_max_length(max_length, package.model.max_len)
-        if package.graph.dtype == "float16":
-            # onnxruntime's CPU provider pads float16 graphs with casts and runs them slower than
-            # float32, so a float16 package only ever runs on CUDA; never fall back to the CPU quietly.
-            if provider == "cpu" or (provider == "auto" and not cuda_available()):
-                raise EdgeGPTError(
-                    f"{package.path} is a float16 package, which is for CUDA (provider 'cuda'); "
-                    "for the CPU export float32 or int8 (`edgegpt export` without --precision fp16)"
-                )
-            provider = "cuda"
-        elif package.graph.kv_layout == "static":
-            # onnxruntime's CUDA GroupQueryAttention exists for float16 (and bfloat16) only: a float32
-            # or int8 fused graph on CUDA sends attention back to the CPU with the cache copied across
-            # every step (on an H200 its greedy text drifted from the CPU's). Such packages are CPU
-            # packages; CUDA gets `--precision fp16`.
-            if provider == "cuda" and cuda_available():
-                raise EdgeGPTError(
-                    f"{package.path} is a {package.graph.dtype} package, which runs on the CPU; "
-                    "for CUDA export with `edgegpt export --precision fp16`"
-                )
-            if provider == "auto":
-                provider = "cpu"
-        session, used = create_session(package.model_path, provider=provider, threads=threads)
+        session, used = open_session(package, provider, threads)
         return cls(package, session, used, max_length)
 
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------

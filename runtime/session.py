@@ -1,17 +1,25 @@
-"""Creating the onnxruntime InferenceSession: execution provider, threads, and readable load errors.
+"""Execution providers and the onnxruntime InferenceSession: which provider a package runs on, threads,
+and readable load errors. The provider policy lives here and nowhere else (Generator.load calls
+open_session; kv_cache.check_cache_runs only refuses what this policy never picks).
 
 Providers, as the user names them:
     "auto"  CUDA when this onnxruntime has the CUDA provider and a GPU actually initialises, else CPU
     "cpu"   the CPU provider
     "cuda"  CUDA or an EdgeGPTError (never a silent fall back to the CPU)
+and as the package narrows them (package_provider):
+    float16 packages         CUDA only: onnxruntime's CPU provider pads float16 graphs with casts and runs
+                             them slower than float32; "cpu", or "auto" without CUDA, is an error
+    fused float32/int8       the CPU only: onnxruntime's CUDA GroupQueryAttention is float16/bfloat16, so on
+                             CUDA attention would run on the CPU with the cache copied across every step;
+                             "cuda" (when CUDA is there) is an error, "auto" is the CPU
+    plain (concat) float32   wherever the user's choice lands
 
 Threads default to the number of physical cores: on a CPU, matrix multiplications gain nothing from
 hyperthreads. The intra-op pool spins only inside a run: a decode step is a chain of ~90 small ops, and
 a pool that sleeps between them pays a wake-up per op; `session.force_spinning_stop` stops the spinning
-as soon as run() returns, so an app that holds a model while idle costs no CPU. Measured 2026-11-28
-(`small` int8, 2 threads, 128 greedy steps, median of 7 interleaved runs): no spinning 690 tokens/s,
-spinning within runs 947, spinning left on 1,046 but burning 3% of a core per idle second afterwards
-(within-run spinning: 0.0, measured as process CPU time over 1 s of sleep after a generation).
+as soon as run() returns, so an app that holds a model while idle costs no CPU. Spinning within runs
+decodes clearly faster than no spinning, and close to spinning left on, which burns part of a core for
+every idle second afterwards (the A/B: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,15 +27,54 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
 from edgegpt.core.errors import EdgeGPTError
 
+if TYPE_CHECKING:
+    from edgegpt.runtime.package import ModelPackage
+
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # Only errors and worse: the CUDA provider's "falling back" warnings would otherwise reach the app's console.
 LOG_ERROR = 3
+
+
+def check_provider(provider: str) -> None:
+    if provider not in PROVIDERS:
+        raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+
+
+def package_provider(package: ModelPackage, provider: str) -> str:
+    """The provider to ask create_session for: `provider` narrowed by what the package's graph runs on
+    (module doc); raises EdgeGPTError rather than fall back to the CPU quietly."""
+    check_provider(provider)
+    if package.graph.dtype == "float16":
+        if provider == "cpu" or (provider == "auto" and not cuda_available()):
+            raise EdgeGPTError(
+                f"{package.path} is a float16 package, which is for CUDA (provider 'cuda'); "
+                "for the CPU export float32 or int8 (`edgegpt export` without --precision fp16)"
+            )
+        return "cuda"
+    if package.graph.kv_layout == "static":
+        # On CUDA the fused float32 graph's greedy text also drifted from the CPU's (seen on an H200).
+        if provider == "cuda" and cuda_available():
+            raise EdgeGPTError(
+                f"{package.path} is a {package.graph.dtype} package, which runs on the CPU; "
+                "for CUDA export with `edgegpt export --precision fp16`"
+            )
+        if provider == "auto":
+            return "cpu"
+    return provider
+
+
+def open_session(package: ModelPackage, provider: str = "auto",
+                 threads: int | None = None) -> tuple[ort.InferenceSession, str]:
+    """The package's model.onnx on the provider package_provider picks; returns the session and the
+    provider actually used ("cpu" or "cuda")."""
+    return create_session(package.model_path, provider=package_provider(package, provider), threads=threads)
 
 
 def physical_cores() -> int:
@@ -71,8 +118,7 @@ def create_session(
     model_path: Path, provider: str = "auto", threads: int | None = None
 ) -> tuple[ort.InferenceSession, str]:
     """Load model.onnx; return the session and the provider actually used ("cpu" or "cuda")."""
-    if provider not in PROVIDERS:
-        raise EdgeGPTError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    check_provider(provider)
     options = session_options(threads)
     has_cuda = cuda_available()
     if provider == "cuda" and not has_cuda:
