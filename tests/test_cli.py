@@ -8,15 +8,18 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
+import edgegpt
 from edgegpt.cli.app import app
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.scoring import DEFAULT_EVAL_TOKENS
-from edgegpt.train.options import TrainOptions
+from edgegpt.train.options import TrainOptions, flag_name, flags, option_type
 
 runner = CliRunner()
 
@@ -138,3 +141,76 @@ def test_option_defaults_are_the_librarys():
     for command in ("export", "eval"):
         (eval_tokens,) = [p for p in commands[command].params if p.name == "eval_tokens"]
         assert eval_tokens.default == DEFAULT_EVAL_TOKENS
+
+
+def test_every_training_option_is_a_train_flag_with_the_fields_help_and_default():
+    """TrainOptions is the one declaration: each field made with option() is `edgegpt train --<name>`,
+    with the field's help and default; a tuned field (warmup) is not on the command line."""
+    params = {p.name: p for p in get_command(app).commands["train"].params}
+    declared = flags()
+    assert len(declared) >= 20
+    for field, flag in declared:
+        param = params[field.name]
+        assert param.opts == [flag_name(field.name)] and param.secondary_opts == [], param.opts
+        assert param.help == flag.help and param.default == field.default
+    offered = {field.name for field, _ in declared}
+    tuned = {f.name for f in dataclasses.fields(TrainOptions)} - offered
+    assert "warmup" in tuned and not tuned & params.keys()
+    shown = runner.invoke(app, ["train", "--help"])
+    assert shown.exit_code == 0
+    for name in [*offered, "data", "val_data", "out", "resume", "cache_dir"]:
+        assert flag_name(name) in shown.stdout, name
+
+
+def test_train_passes_each_flag_into_train_options(workspace, tmp_path, monkeypatch):
+    """Every training flag given on the command line reaches TrainOptions (a path as its string, the
+    teacher's made absolute), and the command's own options reach the training run."""
+    import edgegpt.train.loop
+
+    runs = []
+
+    def run_training(data, val_data, out, opts, cache_dir, resume, reporter):
+        runs.append(dict(data=data, val_data=val_data, out=out, opts=opts, cache_dir=cache_dir, resume=resume))
+        raise EdgeGPTError("stopped before training")
+
+    monkeypatch.setattr(edgegpt.train.loop, "train", run_training)
+    given = {int: 7, float: 0.25, str: "given"}
+    args, expected = [], {}
+    for field, flag in flags():
+        kind, _ = option_type(field.name)
+        if kind is bool:
+            args.append(flag_name(field.name))
+            expected[field.name] = True
+        elif flag.path:
+            args += [flag_name(field.name), f"dir/{field.name}.json"]
+            path = Path(f"dir/{field.name}.json")
+            expected[field.name] = str(path.resolve() if flag.absolute else path)
+        else:
+            args += [flag_name(field.name), str(given[kind])]
+            expected[field.name] = given[kind]
+    result = runner.invoke(app, ["train", *args, "--data", "a.txt", "--val-data", "b.txt", "--out", "ckpt",
+                                 "--cache-dir", "cache", "--resume"])
+    assert_one_line_error(result, "stopped before training")
+    (run,) = runs
+    assert run["opts"] == TrainOptions(**expected)
+    assert Path(expected["teacher"]).is_absolute() and not Path(expected["tokenizer"]).is_absolute()
+    assert run["data"] == [Path("a.txt")] and run["val_data"] == [Path("b.txt")] and run["resume"] is True
+    assert run["out"] == Path("ckpt") and run["cache_dir"] == Path("cache")
+
+
+def test_version_is_the_installed_distributions():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"edgegpt {metadata.version('edgegpt')}\n"
+    proc = subprocess.run([sys.executable, "-m", "edgegpt", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == result.stdout and proc.stderr == ""
+
+
+def test_version_falls_back_to_the_package_when_not_installed(monkeypatch):
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    monkeypatch.setattr(edgegpt, "__version__", "9.8.7-source")
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == "edgegpt 9.8.7-source\n"

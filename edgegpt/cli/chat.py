@@ -28,17 +28,82 @@ conversation that no longer fits is an error. Commands: /reset forgets the conve
 Ctrl-D) leaves. Ctrl-C during a reply stops that reply (what came of it stays in the conversation);
 Ctrl-C at the prompt leaves.
 
-Imports the runtime only (no torch), so the chat starts as fast as `edgegpt generate`.
+The command imports the runtime when it runs (never torch), so `edgegpt --help` stays light and the chat
+starts as fast as `edgegpt generate`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, TextIO
+import sys
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from edgegpt.runtime import Generator
-from edgegpt.runtime.options import resolve_options
+from edgegpt.cli.errors import user_errors
+from edgegpt.cli.options import (
+    DraftOption,
+    LookupOption,
+    MaxLengthOption,
+    MaxNewTokensOption,
+    MinPOption,
+    ModelOption,
+    NoSpeculationOption,
+    Provider,
+    ProviderOption,
+    RepetitionPenaltyOption,
+    SeedOption,
+    StopOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    Truncate,
+    TruncateOption,
+    speculation,
+)
+from edgegpt.core import workspace
+
+if TYPE_CHECKING:
+    from edgegpt.runtime import Generator
 
 DEFAULT_STOP = ("\n\n",)
+
+
+def chat(
+    model: ModelOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
+    provider: ProviderOption = Provider.auto,
+    truncate: TruncateOption = Truncate.left,
+    max_length: MaxLengthOption = None,
+    draft: DraftOption = None,
+    lookup: LookupOption = False,
+    no_speculation: NoSpeculationOption = False,
+) -> None:
+    """Talk to a model: each line you type is a turn of the conversation and the reply streams back.
+    With the package's chat template (an instruct model) the conversation is kept as messages and a
+    reply ends at the model's end of turn; without one, as a plain transcript where a reply ends at a
+    blank line (or at a --stop string). /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
+    with user_errors("chat"):
+        from edgegpt.runtime import Generator
+
+        draft, lookup = speculation(draft, lookup, no_speculation)
+        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
+                                   draft=draft)
+        # --stop adds to the transcript's blank line rather than replacing it: without that stop a reply
+        # would run on into the next turns of the conversation.
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty,
+                       stop=[*default_stop(generator), *stop] if stop else None, seed=seed, truncate=truncate.option,
+                       lookup=lookup)
+        chat_loop(generator, sys.stdin.readline, sys.stdout, lambda text: print(text, end="", file=sys.stderr,
+                                                                                flush=True), options)
+        print(file=sys.stderr)
+
+
 HELP = "chat with the model: type a line and press Enter; /reset forgets the conversation, /quit leaves"
 
 
@@ -107,6 +172,8 @@ def chat_loop(
 ) -> None:
     """Run turns until /quit or end of input. read_line returns "" at EOF (like TextIO.readline);
     replies stream to `out`; `say` shows prompts and notices (stderr in the CLI)."""
+    from edgegpt.runtime.options import resolve_options
+
     fit = options.get("truncate", "left") == "left"  # read before the Nones are dropped: None means "none"
     options = {"stop": default_stop(generator) or None, **{k: v for k, v in options.items() if v is not None}}
     resolve_options(generator.package.generation, options)  # a bad option fails now, not after a line

@@ -1,5 +1,11 @@
 """Training options: every knob of `edgegpt train`, with defaults and checks, torch-free so the CLI can
-declare its options from these defaults without importing torch."""
+build the command from them without importing torch.
+
+TrainOptions is the one place an option is declared. A field made with `option(default, help)` is also an
+`edgegpt train --flag` (the field's name with dashes) with that help and the field's default: cli/train.py
+builds the command's parameters from these fields, in their order, and passes the values straight back in.
+A plain field is tuned here and not offered on the command line. Adding a training option is adding a field.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from edgegpt.core.errors import EdgeGPTError
 
@@ -17,40 +23,71 @@ from edgegpt.core.errors import EdgeGPTError
 DEFAULT_TIME_BUDGET_MIN = 10.0
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a TrainOptions field is given on the command line (`edgegpt train --help` shows `help`)."""
+
+    help: str
+    path: bool = False  # the value names a file: the command line takes a path and passes on its string
+    absolute: bool = False  # a path made absolute first, so that a run resumed from elsewhere still finds it
+
+
+def option(default: Any, help: str, *, path: bool = False, absolute: bool = False) -> Any:
+    """A TrainOptions field that `edgegpt train` also takes as an option."""
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, path=path, absolute=absolute)})
+
+
 @dataclass
 class TrainOptions:
-    """Defaults measured on 2 CPU cores with `micro` on tinyshakespeare (see the README)."""
+    """What a training run does. The defaults suit `micro` on a laptop CPU (the runs behind them:
+    docs/benchmarks.md). `edgegpt train --help` lists the fields made with option() in this order."""
 
-    preset: str | None = None  # None: micro, or the teacher's shape with --init-from-teacher
-    vocab_size: int | None = None  # None: the preset's
-    batch_size: int = 8
-    block_size: int | None = None  # None: the model's max_len
-    grad_accum: int = 1
-    lr: float = 2e-3
+    # The model (preset None: micro, or the teacher's shape with --init-from-teacher; layers None: the
+    # preset's, or from a teacher half the teacher's).
+    preset: str | None = option(None, "Model size: nano, micro (default), small or base.")
+    layers: int | None = option(None, "Override the preset's number of layers.")
+    # When to stop and how often to save.
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.")
+    time_budget: float | None = option(  # minutes
+        None, f"Stop after this many minutes (default {DEFAULT_TIME_BUDGET_MIN:g} when --max-steps is not given).")
+    save_every: int = option(100, "Save the resume state every N steps (a crash loses at most N).")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda or mps. Under torchrun: one device per process.")
+    seed: int = option(0, "Seed for initialisation, batches and dropout (reproducible on the CPU).")
+    # Batches and the optimizer (block_size None: the model's max_len).
+    batch_size: int = option(8, "Sequences per micro-batch, per process.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    block_size: int | None = option(None, "Training sequence length (default: the model's context).")
+    lr: float = option(2e-3, "Peak learning rate.")
+    dropout: float = option(0.1, "Residual and embedding dropout.")
+    # The tokenizer: trained on the data with vocab_size tokens (None: the preset's), or this tokenizer.json.
+    vocab_size: int | None = option(None, "BPE vocabulary size (default: the preset's).")
+    tokenizer: str | None = option(None, "Use this tokenizer.json instead of training one.", path=True)
+    # Distillation (edgegpt.train.distill): a teacher checkpoint or Hugging Face directory, the weight of the
+    # label loss, the softening temperature, and whether to start from the teacher's layers.
+    teacher: str | None = option(
+        None, "Distil from this teacher: an edgegpt checkpoint or a local Hugging Face causal-LM directory "
+        "(safetensors and tokenizer.json; nothing is downloaded). The student takes its tokenizer.",
+        path=True, absolute=True)
+    alpha: float = option(0.5, "With --teacher: weight of the label loss; 1 - alpha weighs the teacher's.")
+    temperature: float = option(2.0, "With --teacher: softening temperature of both distributions.")
+    init_from_teacher: bool = option(
+        False, "With --teacher: start from every k-th teacher layer (the student takes the teacher's width; "
+        "--layers sets its depth, default half).")
+    # A draft for speculative decoding of the teacher: the teacher's own distribution only (DRAFT_RECIPE).
+    as_draft: bool = option(
+        False, "With --teacher: train a draft for speculative decoding of the teacher (`edgegpt export TEACHER "
+        "--draft OUT`): learn the teacher's own distribution (alpha 0, temperature 1), which keeps more guesses "
+        "than the default recipe.")
+    eval_every: int = option(100, "Validate (and keep the best weights) every N steps.")
+    compile: bool = option(False, "Use torch.compile (helps on GPUs, not on laptop CPUs).")
+
+    # Tuned here, not on the command line.
     min_lr_ratio: float = 0.1  # cosine decays to 10% of lr, not 0: the last steps still learn
     warmup: float = 0.03  # fraction of the run
     weight_decay: float = 0.1
     beta2: float = 0.99  # 0.99 rather than 0.999: small batches, noisy gradients
     grad_clip: float = 1.0
-    dropout: float = 0.1
-    max_steps: int | None = None
-    time_budget: float | None = None  # minutes
-    eval_every: int = 100
     eval_windows: int = 32
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    save_every: int = 100  # resume state every N steps: a crash loses at most this many
-    layers: int | None = None  # None: the preset's (or, from a teacher, half the teacher's)
-    tokenizer: str | None = None  # a tokenizer.json to use instead of training one
-    # Distillation (edgegpt.train.distill): a teacher checkpoint or Hugging Face directory, the weight of the
-    # label loss, the softening temperature, and whether to start from the teacher's layers.
-    teacher: str | None = None
-    alpha: float = 0.5
-    temperature: float = 2.0
-    init_from_teacher: bool = False
-    # A draft for speculative decoding of the teacher: the teacher's own distribution only (DRAFT_RECIPE).
-    as_draft: bool = False
 
     def distillation(self) -> tuple[float, float]:
         """(alpha, temperature) of the distillation loss: --as-draft's recipe, else the options'."""
@@ -61,7 +98,7 @@ class TrainOptions:
         positive = ("batch_size", "grad_accum", "eval_every", "eval_windows", "save_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise EdgeGPTError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise EdgeGPTError(f"{flag_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise EdgeGPTError(f"--seed must be 0 or more, got {self.seed}")
         if self.vocab_size is not None and not 258 <= self.vocab_size <= MAX_VOCAB:
@@ -100,12 +137,12 @@ class TrainOptions:
         """Options arrive from Python callers too: '8' < 1 must be a clear error, not a TypeError."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kind, optional = _option_type(f.name)
+            kind, optional = option_type(f.name)
             if value is None and optional:
                 continue
             wanted, accepts = _ACCEPTED[kind]
             if not accepts(value):
-                raise EdgeGPTError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
+                raise EdgeGPTError(f"{flag_name(f.name)} must be {wanted}, got {value!r}")
 
 
 # A float option takes an int (`lr=1` means 1.0), but a bool is no number here even though Python counts
@@ -119,7 +156,7 @@ _ACCEPTED: dict[type, tuple[str, Callable[[object], bool]]] = {
 
 
 @functools.cache
-def _option_type(name: str) -> tuple[type, bool]:
+def option_type(name: str) -> tuple[type, bool]:
     """The type a TrainOptions field holds, and whether it may be None.
 
     The annotations are strings (``from __future__ import annotations``); get_type_hints evaluates them."""
@@ -133,16 +170,20 @@ def _option_type(name: str) -> tuple[type, bool]:
     return kind, optional
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of a TrainOptions field (`batch_size` -> `--batch-size`), as errors name it."""
     return "--" + name.replace("_", "-")
+
+
+def flags() -> list[tuple[dataclasses.Field, Flag]]:
+    """The fields `edgegpt train` takes as options, in their order, each with how it is given."""
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(TrainOptions) if "flag" in f.metadata]
 
 
 # --as-draft: alpha 0, temperature 1, i.e. only KL(teacher ‖ student) on the unsoftened distributions. A
 # guess is kept with probability sum(min(p, q)) (greedy: when the argmaxes agree), which grows as q nears p
-# itself; labels and softening aim elsewhere. Measured (benchmarks/draft_recipes.py) on `nano` drafts of a
-# `small` tinyshakespeare target, 8 minutes each on 2 cores, teacher-forced on 8,192 held-out tokens:
-# argmax agreement 0.634 with the default recipe (alpha 0.5, T 2), 0.798 with this one; sum(min(p, q)) at
-# T 0.8: 0.772 vs 0.877; and this with the worse validation loss (1.826 vs 1.736 nats per character).
+# itself; labels and softening aim elsewhere. benchmarks/draft_recipes.py compares the recipes (agreement
+# with the target, kept guesses, validation loss): its figures are in docs/benchmarks.md.
 DRAFT_RECIPE = (0.0, 1.0)
 
 # The embedding of a larger vocabulary would dwarf any model edgegpt trains.

@@ -1,0 +1,27 @@
+"""`edgegpt convert`: GGUF or Hugging Face models to a checkpoint, and a checkpoint to Hugging Face
+(edgegpt/convert, which needs the training stack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgegpt.cli.errors import user_errors
+from edgegpt.cli.train import TRAINING_NEEDS
+
+
+def convert(
+    source: Path = typer.Argument(
+        ..., help="A .gguf file (Llama architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), a Hugging "
+        "Face model directory (Llama, SmolLM, Mistral without a sliding window, Qwen2) or an edgegpt checkpoint."),
+    out: Path = typer.Argument(..., help="Where to write the other format (a new directory)."),
+) -> None:
+    """Import a GGUF file or a Hugging Face model as a checkpoint, or write a checkpoint as a Hugging Face
+    directory. Generation settings (eos ids, bos) and the chat template come along; a .gguf file needs the
+    gguf package (pip install "edgegpt\\[convert]")."""
+    with user_errors("convert", needs=TRAINING_NEEDS):
+        from edgegpt.convert import convert as run_convert
+
+        direction, written = run_convert(source, out)
+    print(f"{direction}: {written}")
