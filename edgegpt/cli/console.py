@@ -50,7 +50,7 @@ class TrainProgress(Reporter):
 
     def step(self, step: int, loss: float, tokens_per_s: float, progress: float,
              parts: dict[str, float] | None = None) -> None:
-        # A smoothed loss is readable; the raw one jumps by ±0.2 between batches.
+        # A smoothed loss is readable; the raw one jumps from batch to batch.
         self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
         for name, value in (parts or {}).items():  # distilling: the label and teacher terms, each smoothed
             previous = self.parts.get(name)

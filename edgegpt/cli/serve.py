@@ -43,7 +43,7 @@ def serve(
     no_speculation: NoSpeculationOption = False,
 ) -> None:
     """Serve a model package over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health), for apps in any language. Needs the [serve] extra. With a draft (or --lookup) each
+    /v1/models, /health), for apps in any language. Needs the \\[serve] extra. With a draft (or --lookup) each
     slot guesses ahead on its own instead of the slots sharing a batch: speculation speeds up one request
     at a time, batching many at once."""
     with user_errors("serve", needs=("starlette", "uvicorn")):
