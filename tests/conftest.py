@@ -69,6 +69,54 @@ def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
     return directory
 
 
+# What the scripted package writes after any prompt whose last token is not one of its own: this, then the
+# same again, for as long as it is let run (a blank line sits between the two halves).
+SCRIPT = ("Yes, it is", "Then more")
+
+
+@pytest.fixture(scope="session")
+def scripted_package(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A float32 package (tiny_checkpoint's tokenizer) whose output the tests control: its next token depends on
+    the last token only and wins by ~40 logits, so greedy and sampled text alike is SCRIPT[0] + a token holding a
+    blank line + SCRIPT[1], repeated, on every CPU. Tests that need a property of the text (a blank line, where
+    a stop string falls) take it from here instead of hoping a briefly trained model happens to write it."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.core.config import preset
+    from edgegpt.export import export_package
+    from edgegpt.model import GPT
+
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    blank = next(i for i in sorted(tokenizer.get_vocab().values()) if "\n\n" in tokenizer.decode([i]))
+    script = tokenizer.encode(SCRIPT[0]).ids + [blank] + tokenizer.encode(SCRIPT[1]).ids
+    assert len(set(script)) == len(script), "a token repeats: the next token could not depend on the last alone"
+    config = preset("nano", max_len=128, tie_embeddings=False)
+    model = GPT(config).eval()
+    # Orthonormal directions scaled to RMS 1, which RMSNorm leaves as they are: row 0 is every other token's
+    # embedding, row i + 1 script token i's. With both residual branches zeroed the final hidden state is the
+    # last token's embedding, and the head row of each token's successor is that token's direction.
+    directions = torch.linalg.qr(torch.randn(config.dim, config.dim, generator=torch.Generator().manual_seed(0)))[0].T
+    directions = directions[: len(script) + 1] * config.dim**0.5
+    strength = 40.0 / config.dim
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.embed.weight.copy_(directions[0].expand_as(model.embed.weight))
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[script[0]] += strength * directions[0]
+        for i, token in enumerate(script):
+            model.embed.weight[token] = directions[i + 1]
+            model.lm_head.weight[script[(i + 1) % len(script)]] += strength * directions[i + 1]
+    checkpoint = tmp_path_factory.mktemp("scripted") / "checkpoint"
+    save_checkpoint(checkpoint, model, tokenizer)
+    directory = checkpoint.parent / "model"
+    export_package(checkpoint, directory, gate=False)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def plain_package(tmp_path_factory, tiny_checkpoint) -> Path:
     """--no-fuse: the plain torch.onnx graph (kv_layout concat), the oracle the fused graph is held to."""

@@ -66,10 +66,11 @@ def test_each_filter_alone_can_make_hot_sampling_greedy(gen, option):
 
 
 def test_repetition_penalty_keeps_greedy_from_repeating(gen):
-    plain_ids = greedy(gen, n=40)
+    plain_ids = gen.generate_ids("The ", max_new_tokens=40, temperature=0, stop_at_eos=False)
     assert len(set(plain_ids)) < len(plain_ids), "greedy must repeat itself for this test to mean anything"
     prompt_ids = gen.encode("The ")
-    penalised = gen.generate_ids("The ", max_new_tokens=40, temperature=0, repetition_penalty=1e6)
+    # stop_at_eos=False: the length is then the penalty's doing whatever tokens this CPU's kernels pick.
+    penalised = gen.generate_ids("The ", max_new_tokens=40, temperature=0, repetition_penalty=1e6, stop_at_eos=False)
     assert len(penalised) == 40 and len(set(penalised)) == 40 and not set(penalised) & set(prompt_ids)
 
 
@@ -80,9 +81,9 @@ def test_seed(gen):
 
 
 def test_max_new_tokens_and_stop_at_eos(gen, runtime_provider, tmp_path):
-    assert len(gen.generate_ids("The ", max_new_tokens=7, temperature=0)) == 7
+    assert len(gen.generate_ids("The ", max_new_tokens=7, temperature=0, stop_at_eos=False)) == 7
     # Make the fifth greedy token the end-of-text token: generation stops before it unless told not to.
-    ids = greedy(gen, n=10)
+    ids = gen.generate_ids("The ", max_new_tokens=10, temperature=0, stop_at_eos=False)
     eos = Generator.load(edited_copy(gen, tmp_path, eos_token_id=ids[4]), provider=runtime_provider)
     assert eos.generate_ids("The ", max_new_tokens=10, temperature=0) == ids[: ids.index(ids[4])]
     assert eos.generate_ids("The ", max_new_tokens=10, temperature=0, stop_at_eos=False) == ids
@@ -115,9 +116,22 @@ def test_stop_string_spanning_tokens_never_leaks(gen, options):
     assert gen.generate_batch(["The ", "def "], max_new_tokens=30, stop=stop, **options)[0] == expected
 
 
+def early_and_late(text: str) -> tuple[str, str]:
+    """Two stop strings taken from `text`: `early` first occurs at position 1 or later, `late` only after
+    `early` has ended (read from the text this CPU generated, not assumed of a trained model's)."""
+    for start in range(1, len(text) - 3):
+        early = text[start : start + 3]
+        begins = text.index(early)
+        for late_start in range(begins + len(early), len(text) - 3):
+            late = text[late_start : late_start + 4]
+            if text.index(late) >= begins + len(early):
+                return early, late
+    pytest.fail(f"the text repeats too tightly to hold a late stop string: {text!r}")
+
+
 def test_the_earliest_stop_string_wins_and_a_held_back_prefix_is_released(gen):
     full = gen.generate("The ", max_new_tokens=30, temperature=0)
-    late, early = full[20:24], full[5:8]
+    early, late = early_and_late(full)
     assert gen.generate("The ", max_new_tokens=30, temperature=0, stop=[late, early]) == full[: full.index(early)]
     # A stop string whose beginning appears but never completes: nothing may be lost at the end.
     assert gen.generate("The ", max_new_tokens=30, temperature=0, stop=full[-2:] + "\x00") == full

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgegpt.core.errors import EdgeGPTError
@@ -65,14 +66,32 @@ def test_a_damaged_file_is_refused_by_name(package_copy, name, damage):
         ModelPackage.load(package_copy)
 
 
+def flip_a_weight_bit(model: Path) -> None:
+    """Flip one mantissa bit of the final norm's first weight, which every logit passes through."""
+    import onnx
+
+    weights = next(t.raw_data for t in onnx.load(str(model)).graph.initializer if t.name == "norm.weight")
+    data = bytearray(model.read_bytes())
+    at = data.find(weights)
+    assert at >= 0 and data.find(weights, at + 1) < 0, "the weights' bytes must be found once"
+    data[at + 2] ^= 0x01  # little-endian float32: byte 2 holds the upper mantissa bits
+    model.write_bytes(bytes(data))
+
+
 def test_the_check_is_what_refuses_a_change_that_still_loads(package_copy, tiny_package):
-    """Without a manifest the changed model loads and runs: the sha256 is what caught it above."""
-    path = package_copy / "model.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    """Without a manifest the changed model loads and runs, and computes something else than the intact one
+    from the same tokens: the sha256 is what caught it above."""
+    flip_a_weight_bit(package_copy / "model.onnx")
     (package_copy / "manifest.json").unlink()
-    assert len(greedy(Generator.load(package_copy, provider="cpu"))) > 0
+    changed, intact = Generator.load(package_copy, provider="cpu"), Generator.load(tiny_package, provider="cpu")
+    ids = intact.encode("The import statement")
+    assert changed.encode("The import statement") == ids  # the tokenizer is untouched
+    changed_logits = changed.forward(ids, changed.empty_cache())[0]
+    intact_logits = intact.forward(ids, intact.empty_cache())[0]
+    assert changed_logits.shape == intact_logits.shape and np.isfinite(changed_logits).all()
+    assert not np.array_equal(changed_logits, intact_logits), "the flipped bit did not reach the weights"
+    # A bit of the mantissa moves one weight by under 1%: the logits move, but not far.
+    np.testing.assert_allclose(changed_logits, intact_logits, atol=0.5)
 
 
 def test_an_intact_package_and_a_rehashed_edit_load(package_copy, tiny_package):
