@@ -9,13 +9,14 @@ from .worker import Runner
 
 
 def prepare(models: Models, precision: str) -> tuple[Path, int]:
-    """fp32/int8/int4 packages by `export_package`, gates off: benchmarks/quantization.py measures quality."""
+    """fp32/int8/int4 packages by `export_package`, gates off: `formats.py quantization` measures quality."""
     def build(out: Path) -> None:
         from edgegpt.export.package import export_package
 
         quantize = precision != "fp32"
         export_package(models.checkpoint, out / "model", quantize=quantize,
-                       bits=int(precision[3:]) if quantize else 8, gate=False)
+                       bits=int(precision[3:]) if quantize else 8, gate=False,
+                       calibration_data=models.calibration if quantize else None)
     directory = models.once(models.root / f"edgegpt-{precision}", build) / "model"
     return directory, files_size(directory.glob("model.onnx*"))
 

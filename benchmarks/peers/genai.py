@@ -15,7 +15,7 @@ from .worker import Runner
 def prepare(models: Models, precision: str) -> tuple[Path, int]:
     models.need_peers()
     if not models.builder_python.exists():
-        raise RuntimeError(f"{models.builder_python} is missing: run with --setup")
+        raise RuntimeError(f"{models.builder_python} is missing: run `python benchmarks/runtimes.py setup`")
     hf = models.hf()
 
     def build(out: Path) -> None:

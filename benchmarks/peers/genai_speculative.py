@@ -1,6 +1,6 @@
-"""onnxruntime-genai 0.18's speculative decoding on the same target and draft as benchmarks/speculative.py.
+"""onnxruntime-genai 0.18's speculative decoding on the same target and draft as `speculative.py run`.
 
-Models (once, under WORK/genai-spec/<target label>/, WORK = speculative.py's --work): both checkpoints
+Models (once, under WORK/genai-spec/<target label>/, WORK = `speculative.py run`'s --work): both checkpoints
 through `edgegpt convert` to Hugging Face directories, then genai's model builder (`-p int8 -e cpu`, in
 PEERS/venv-builder, PEERS = --peers-work) for each. `plain` is the target as built; `draft` is the same
 folder with the draft's built model under draft/ and named in genai_config.json's `model.draft` (its
@@ -11,7 +11,7 @@ default) and top_p 1.
 
 Measurement runs in a fresh process (PEERS/venv-peers's interpreter running this file) per run: the same
 prompts' token ids, exactly `new` tokens each (min_length = max_length: eos ignored), timed from after the
-first token to the last, like benchmarks/speculative.py.
+first token to the last, like `speculative.py run`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ NGRAM = 3  # the n-gram length genai's lookup matches (it needs >= 2)
 def prepare(work: Path, peers: Path, target_checkpoint: Path, draft_checkpoint: Path,
             threads: int) -> dict[str, Path]:
     """{"plain": built target, "draft": built target with the built draft beside it}, under `work`; the venvs
-    are compare_runtimes.py's, under `peers`."""
+    are `runtimes.py setup`'s, under `peers`."""
     from .models import Models, model_label
     from .processes import log, run_logged
     from .setup import builder_python
 
     builder = builder_python(peers)
     if not builder.exists():
-        raise RuntimeError(f"{builder} is missing: run compare_runtimes.py --setup")
+        raise RuntimeError(f"{builder} is missing: run `python benchmarks/runtimes.py setup`")
     root = work / "genai-spec" / model_label(target_checkpoint)
     root.mkdir(parents=True, exist_ok=True)
     models = Models(target_checkpoint, work, threads)
@@ -100,7 +100,7 @@ def run_once(args: argparse.Namespace, ids: list[list[int]], paths: dict[str, Pa
 
 
 def rows(samples: list[dict]) -> list[dict]:
-    """The rows of benchmarks/speculative.py's table for genai (plain, draft, lookup per sampling setting)."""
+    """The rows of `speculative.py run`'s table for genai (plain, draft, lookup per sampling setting)."""
     table = []
     for key in samples[0]:
         sampling, mode = key.split("|")

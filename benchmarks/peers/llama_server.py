@@ -1,5 +1,5 @@
-"""llama.cpp's llama-server for benchmarks/serve_load.py: where its binary is (setup.py builds it beside
-llama-bench), the GGUF it serves (Q8_0 made from a checkpoint exactly as compare_runtimes.py makes it), and
+"""llama.cpp's llama-server for `serving.py load`: where its binary is (setup.py builds it beside
+llama-bench), the GGUF it serves (Q8_0 made from a checkpoint exactly as `runtimes.py compare` makes it), and
 its command line for N slots."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def binary(work: Path) -> Path:
 
 def gguf_from_checkpoint(checkpoint: Path, work: Path, threads: int, precision: str = "int8") -> Path:
     """The checkpoint as a llama.cpp GGUF (Q8_0 for int8), cached under WORK/models/ and shared with
-    compare_runtimes.py: `edgegpt convert`, convert_hf_to_gguf.py to F32, then llama-quantize."""
+    `runtimes.py compare`: `edgegpt convert`, convert_hf_to_gguf.py to F32, then llama-quantize."""
     from . import llamacpp
     from .models import Models
 

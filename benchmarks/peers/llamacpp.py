@@ -29,7 +29,7 @@ def prepare(models: Models, precision: str) -> tuple[Path, int]:
     source = llama_source(models.work)
     bench, quantize = models.llama_build / "llama-bench", models.llama_build / "llama-quantize"
     if source is None or not bench.exists() or not quantize.exists():
-        raise RuntimeError(f"llama.cpp is not built under {models.work}: run with --setup")
+        raise RuntimeError(f"llama.cpp is not built under {models.work}: run `python benchmarks/runtimes.py setup`")
     models.need_peers()
     hf = models.hf()
     gguf_dir = models.root / "gguf"

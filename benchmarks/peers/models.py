@@ -33,6 +33,7 @@ class Models:
         self.builder_python = builder_python(work)
         self.llama_build = llama_bin(work)
         self.skipped: dict[str, str] = {}
+        self.calibration: Path | None = None  # edgegpt's calibration text (None: `edgegpt export`'s default)
         self.cache: dict[str, tuple[Path, int]] = {}  # family-precision -> (model path, bytes of its weights)
 
     def once(self, directory: Path, build: Callable[[Path], None]) -> Path:
@@ -54,7 +55,7 @@ class Models:
 
     def need_peers(self) -> None:
         if not self.peers_python.exists():
-            raise RuntimeError(f"{self.peers_python} is missing: run with --setup")
+            raise RuntimeError(f"{self.peers_python} is missing: run `python benchmarks/runtimes.py setup`")
 
     def prepare(self, family: str, precision: str, build: Callable[[Models, str], tuple[Path, int]]):
         """(model path, bytes of its weights) of `family` at `precision`, made by its driver's `build` once."""

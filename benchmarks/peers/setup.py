@@ -1,5 +1,5 @@
 """Peer setup: what lives where under WORK (the two venvs, the llama.cpp source and build) and `setup`,
-which makes it. See compare_runtimes.py's header for the commands it runs and why there are two venvs."""
+which makes it. See `runtimes.py setup --help` for the commands it runs and why there are two venvs."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def setup(work: Path) -> None:
         archive = sorted(glob.glob(str(src / "llama_cpp_python-*.tar.gz")))[-1]
         run_logged(["tar", "xzf", archive, "-C", src])
     build = work / "llama.cpp-build"
-    # llama-server (benchmarks/serve_load.py) needs no TLS and no web UI: without the last three options its
+    # llama-server (`serving.py load`) needs no TLS and no web UI: without the last three options its
     # build links OpenSSL when present and downloads the UI's prebuilt assets
     run_logged(["cmake", "-S", llama_source(work), "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                 "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace, runner_class: type[Runner]) -> None:
 
 
 def measure(entry: Path, family: str, model: Path, python: Path, prompts: Path, threads: int, reps: int) -> dict:
-    """The parent: run `entry --worker family ...` with `python` in a fresh process and collect its samples."""
+    """The parent: run `entry worker family ...` with `python` in a fresh process and collect its samples."""
     # Cold start counts from --spawned, stamped just before the process is created.
-    command = [python, entry, "--worker", family, "--model", model, "--prompts", prompts,
+    command = [python, entry, "worker", family, "--model", model, "--prompts", prompts,
                "--threads", threads, "--reps", reps, "--spawned", repr(time.time())]
     stdout, _, _ = spawn(command)
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])

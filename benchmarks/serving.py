@@ -1,38 +1,12 @@
-"""`edgegpt serve` under load: 1, 2, 4, 8 concurrent clients against one server on loopback, with the server's
-slot count varied, side by side with llama.cpp's llama-server (same number of slots) on the same weights.
+"""The runtime as apps and servers run it: `edgegpt serve` under concurrent load beside llama.cpp's server, a
+long soak in one process (memory and idle CPU), and the desktop example's start-up, frozen and not.
 
-    python benchmarks/serve_load.py --model PACKAGE_DIR --checkpoint CHECKPOINT_DIR --work /tmp/peers [--json]
-    python benchmarks/serve_load.py --model PACKAGE_DIR --gguf MODEL.gguf          # a GGUF you already have
-    python benchmarks/serve_load.py --model PACKAGE_DIR                             # edgegpt alone
+    python benchmarks/serving.py load --model PACKAGE_DIR --checkpoint CHECKPOINT_DIR --work /tmp/peers [--json]
+    python benchmarks/serving.py soak [--preset nano] [--generations 1000] [--threads 2] [--seed 0] [--idle 3]
+    xvfb-run -a python benchmarks/serving.py startup --model edgegpt-out/model --runs 9
+    python benchmarks/serving.py COMMAND --smoke        # seconds, on a tiny random model
 
-Same weights: edgegpt's int8 package against llama.cpp Q8_0 made from the same checkpoint the way
-compare_runtimes.py makes it (cached under WORK/models/; llama-server is built by
-`compare_runtimes.py --setup`, see peers/setup.py). On a shared machine wrap the run in
-`flock /tmp/edgegpt-cpu.lock …`: the servers need both cores to themselves. llama-server's two threads
-spin-wait for each other between operations, so with one core taken by other work it collapses (measured
-here: 1–15 tokens/s beside a test run); the caption gives the load average before and after.
-
-What one cell of the table is (runtime, slots S, clients C): a server with S slots (`edgegpt serve --parallel S
---max-queue Q --max-length CONTEXT`, `llama-server -np S -c S×CONTEXT`, both with `--threads`; one fresh
-server per runtime and S, warmed up by S concurrent requests, then serving each C in turn); C client threads,
-released together, each send `--requests` R streaming /v1/completions back to back (`max_tokens` M,
-`ignore_eos`, so every request makes exactly M tokens; greedy unless --temperature, then each request has
-its own seed). Each request's prompt is its own window of `--prompt-tokens` tokens of the tinyshakespeare
-validation split, so no prompt prefix can be reused from a cache; both servers get the same prompts. Figures:
-- aggregate tokens/s: completion tokens of all C×R requests (from the streamed `usage`) ÷ the wall time from
-  the release to the last request's end;
-- TTFT p50 / p95: from sending a request to its first chunk with text, queueing included (C > S queues);
-- stream tokens/s: each request's (completion tokens − 1) ÷ (end − first text), the median: how fast one
-  client sees its text arrive;
-- × llama.cpp: edgegpt's aggregate ÷ llama-server's at the same S and C (> 1: edgegpt serves more).
-Rounds (--rounds) repeat the whole grid with the runtimes interleaved (A B A B …); aggregates are the
-median over rounds, percentiles pool every round's requests. The client is one thread per simulated user
-with the standard library's http.client (no JSON parsing beyond the SSE chunks): its CPU use is reported,
-and stays a few percent of one core.
-
-Servers are started with `--port 0` and found through the `http://127.0.0.1:PORT` their log prints, then
-/health; they get SIGTERM (then SIGKILL after a grace period) when a cell ends, on any error, on Ctrl-C or
-SIGTERM, and — through PR_SET_PDEATHSIG — if this script itself is killed. Every wait has a timeout.
+Figures, with the commands that gave them: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,9 +30,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import SHAKESPEARE, machine
+from common import (
+    REPO,
+    SHAKESPEARE,
+    machine,
+    pydoc_topics_text,
+    random_checkpoint,
+    scratch_dir,
+    skip,
+    smoke_kit,
+    subcommands,
+)
 from peers import llama_server
 from peers.processes import log
+
+# -- load -------------------------------------------------------------------------------------------------------
 
 URL = re.compile(rb"https?://127\.0\.0\.1:(\d+)")
 EDGEGPT, LLAMA = "edgegpt", "llama.cpp"
@@ -436,7 +422,7 @@ def find_gguf(args: argparse.Namespace, skipped: dict[str, str]) -> Path | None:
     if LLAMA not in args.only:
         return None
     if not llama_server.binary(args.work).exists():
-        skipped[LLAMA] = f"{llama_server.binary(args.work)} is missing: run compare_runtimes.py --setup"
+        skipped[LLAMA] = f"{llama_server.binary(args.work)} is missing: run `python benchmarks/runtimes.py setup`"
         return None
     if args.gguf:
         return args.gguf
@@ -466,12 +452,12 @@ def numbers(text: str) -> list[int]:
     return values
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the edgegpt model package to serve")
+def load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="the edgegpt model package to serve")
     parser.add_argument("--checkpoint", type=Path, help="its checkpoint: llama.cpp's Q8_0 GGUF is made from it")
     parser.add_argument("--gguf", type=Path, help="instead of --checkpoint: the GGUF llama-server serves")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/peers"), help="the llama.cpp build, converted models")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="the llama.cpp build, converted models (default /tmp/peers; with --smoke a fresh folder)")
     parser.add_argument("--clients", type=numbers, default=[1, 2, 4, 8], help="concurrent clients, e.g. 1,2,4,8")
     parser.add_argument("--slots", type=numbers, default=[1, 2, 4], help="server slots (--parallel / -np), e.g. 1,2,4")
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends back to back")
@@ -488,14 +474,59 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=120, help="seconds of silence that fail a request")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    args = parser.parse_args()
+
+
+def load(args: argparse.Namespace) -> None:
+    """`edgegpt serve` under load: 1, 2, 4, 8 concurrent clients against one server on loopback, with the server's
+    slot count varied, side by side with llama.cpp's llama-server (same number of slots) on the same weights.
+
+    Same weights: edgegpt's int8 package against llama.cpp Q8_0 made from the same checkpoint the way
+    `runtimes.py compare` makes it (cached under WORK/models/; llama-server is built by
+    `runtimes.py setup`, see peers/setup.py). On a shared machine wrap the run in
+    `flock /tmp/edgegpt-cpu.lock …`: the servers need both cores to themselves. llama-server's two threads
+    spin-wait for each other between operations, so with one core taken by other work it collapses
+    (docs/benchmarks.md); the caption gives the load average before and after.
+
+    What one cell of the table is (runtime, slots S, clients C): a server with S slots (`edgegpt serve --parallel S
+    --max-queue Q --max-length CONTEXT`, `llama-server -np S -c S×CONTEXT`, both with `--threads`; one fresh
+    server per runtime and S, warmed up by S concurrent requests, then serving each C in turn); C client threads,
+    released together, each send `--requests` R streaming /v1/completions back to back (`max_tokens` M,
+    `ignore_eos`, so every request makes exactly M tokens; greedy unless --temperature, then each request has
+    its own seed). Each request's prompt is its own window of `--prompt-tokens` tokens of the tinyshakespeare
+    validation split, so no prompt prefix can be reused from a cache; both servers get the same prompts. Figures:
+    - aggregate tokens/s: completion tokens of all C×R requests (from the streamed `usage`) ÷ the wall time from
+      the release to the last request's end;
+    - TTFT p50 / p95: from sending a request to its first chunk with text, queueing included (C > S queues);
+    - stream tokens/s: each request's (completion tokens − 1) ÷ (end − first text), the median: how fast one
+      client sees its text arrive;
+    - × llama.cpp: edgegpt's aggregate ÷ llama-server's at the same S and C (> 1: edgegpt serves more).
+    Rounds (--rounds) repeat the whole grid with the runtimes interleaved (A B A B …); aggregates are the
+    median over rounds, percentiles pool every round's requests. The client is one thread per simulated user
+    with the standard library's http.client (no JSON parsing beyond the SSE chunks): its CPU use is reported,
+    and stays a few percent of one core.
+
+    Servers are started with `--port 0` and found through the `http://127.0.0.1:PORT` their log prints, then
+    /health; they get SIGTERM (then SIGKILL after a grace period) when a cell ends, on any error, on Ctrl-C or
+    SIGTERM, and — through PR_SET_PDEATHSIG — if this script itself is killed. Every wait has a timeout.
+
+    --smoke: the smoke kit's int8 package, 2 slots, 1 and 2 clients of one 8-token request each, 16-token
+    prompts in a 64-position context; llama.cpp only if it was set up in --work."""
+    if args.smoke:
+        kit = smoke_kit(args.kit, scratch_dir("serving"))
+        args.model = args.model or kit.package
+        args.work = args.work or scratch_dir("serving")
+        args.slots, args.clients, args.requests, args.max_tokens = [2], [1, 2], 1, 8
+        args.prompt_tokens, args.context, args.rounds = 16, 64, 1
+    if args.model is None:
+        raise SystemExit("give --model PACKAGE_DIR (or --smoke)")
+    args.work = (args.work or Path("/tmp/peers")).resolve()
     args.work = args.work.resolve()
     if not (args.model / "tokenizer.json").exists():
-        parser.error(f"{args.model} is not an edgegpt model package (no tokenizer.json)")
+        raise SystemExit(f"{args.model} is not an edgegpt model package (no tokenizer.json)")
     if args.checkpoint and not (args.checkpoint / "model.safetensors").exists():
-        parser.error(f"{args.checkpoint} is not an edgegpt checkpoint (no model.safetensors)")
+        raise SystemExit(f"{args.checkpoint} is not an edgegpt checkpoint (no model.safetensors)")
     if args.prompt_tokens + args.max_tokens + 8 > args.context:
-        parser.error(f"--context {args.context} is too small for {args.prompt_tokens} + {args.max_tokens} tokens")
+        raise SystemExit(f"--context {args.context} is too small for {args.prompt_tokens} + {args.max_tokens} tokens")
     if args.checkpoint and sha256(args.checkpoint / "tokenizer.json") != sha256(args.model / "tokenizer.json"):
         log(f"warning: {args.model} and {args.checkpoint} have different tokenizers: not the same weights?")
 
@@ -530,6 +561,222 @@ def main() -> None:
         finally:
             Server.stop_all()
     report(args, cells, skipped, gguf, (load_before, os.getloadavg()[0]))
+
+
+# -- soak -------------------------------------------------------------------------------------------------------
+
+WARMUP = 100
+MAX_GROWTH_MB = 20.0
+MAX_IDLE_CPU_S = 0.05  # over the whole idle period: "about 0" with room for the timer's own wake-ups
+SOURCE_CHARS = 200_000
+
+
+def source_text() -> str:
+    return pydoc_topics_text()[:SOURCE_CHARS]
+
+
+def build_package(preset: str, directory: Path) -> Path:
+    from edgegpt.export import export_package
+
+    # the tokenizer learns the text the prompts are cut from, at the preset's full vocabulary
+    random_checkpoint(preset, directory / "checkpoint", [source_text()], vocab_size=None)
+    export_package(directory / "checkpoint", directory / "model", quantize=True, gate=False)
+    return directory / "model"
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc; elsewhere the peak, which can only overstate growth)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def run_soak(package: Path, generations: int, threads: int, seed: int, idle: float) -> bool:
+    """The soak itself, in this process: True when memory and idle CPU stayed within their limits."""
+    import numpy as np
+
+    from edgegpt.runtime import Generator
+
+    generator = Generator.load(package, provider="cpu", threads=threads)
+    tokenizer = generator.package.tokenizer
+    ids = tokenizer.encode(source_text()).ids
+    rng = np.random.default_rng(seed)
+    print(f"package {package} ({generator.config.max_len}-token context), {threads} threads, "
+          f"{generations} generations, seed {seed}")
+    start, tokens, samples = time.perf_counter(), 0, []
+    for n in range(1, generations + 1):
+        long = n % 25 == 0
+        length = generator.max_length + 20 if long else int(rng.integers(1, 200))
+        at = int(rng.integers(0, len(ids) - length))
+        prompt = tokenizer.decode(ids[at : at + length])
+        options = dict(max_new_tokens=int(rng.integers(1, 129)), temperature=float(rng.choice([0.0, 0.7, 1.0])),
+                       top_k=int(rng.choice([0, 50])), seed=int(rng.integers(0, 2**31)), stop_at_eos=False,
+                       truncate="left" if long else None)
+        if n % 10 == 0:  # a stream its reader abandons: close() must release everything
+            stream = generator.stream(prompt, **options)
+            for count, _ in enumerate(stream, 1):
+                if count == 3:
+                    break
+            stream.close()
+        else:
+            tokens += len(generator.generate_ids(prompt, **options))
+        if n % 100 == 0 or n == generations:
+            samples.append((n, rss_mb()))
+            print(f"  {n:5d} generations  RSS {samples[-1][1]:7.1f} MB  {tokens:8,d} tokens (complete calls)  "
+                  f"{time.perf_counter() - start:6.1f} s", flush=True)
+    warm = next((mb for n, mb in samples if n >= min(WARMUP, generations)), samples[0][1])
+    growth = samples[-1][1] - warm
+    peak_growth = max(mb for _, mb in samples) - warm
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    time.sleep(idle)
+    idle_cpu = time.process_time() - cpu_before
+    idle_wall = time.perf_counter() - wall_before
+    memory_ok, idle_ok = growth <= MAX_GROWTH_MB, idle_cpu <= MAX_IDLE_CPU_S
+    print(f"RSS after {min(WARMUP, generations)} warm-up generations {warm:.1f} MB, "
+          f"at the end {samples[-1][1]:.1f} MB: "
+          f"growth {growth:+.1f} MB (peak {peak_growth:+.1f} MB; limit {MAX_GROWTH_MB:.0f} MB) "
+          f"{'PASS' if memory_ok else 'FAIL'}")
+    print(f"idle CPU: {idle_cpu:.3f} s of CPU time over {idle_wall:.1f} s asleep after generating "
+          f"({100 * idle_cpu / idle_wall:.2f}% of a core; limit {MAX_IDLE_CPU_S} s) {'PASS' if idle_ok else 'FAIL'}")
+    print(f"{'PASS' if memory_ok and idle_ok else 'FAIL'} on {machine()}")
+    return memory_ok and idle_ok
+
+
+def soak_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--generations", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--idle", type=float, default=3.0, help="seconds to sleep while measuring idle CPU")
+    parser.add_argument("--package", type=Path,
+                        help="soak this package in this very process (what the fresh child process runs)")
+
+
+def soak(args: argparse.Namespace) -> None:
+    """Soak: 1,000 generations of random lengths in one process, watching resident memory and idle CPU.
+
+    Builds its own package (a freshly initialised `--preset` checkpoint with a tokenizer trained on the
+    documentation that ships inside Python, exported int8 by the exporter itself, gates off: the weights
+    are random, so quality means nothing here), then runs the generations in a fresh process that imports
+    the runtime only, as an app would. The mix is seeded: prompts of 1 to ~200 tokens cut from the same
+    text, 1 to 128 new tokens, greedy and sampled, every 10th call a stream closed after a few pieces (the
+    cancel path), every 25th a prompt longer than the context with truncate="left". RSS is printed every
+    100 generations; the first 100 are warm-up (onnxruntime's arena and numpy's caches reach their size),
+    and the growth after them must stay within 20 MB. Then the process sleeps `--idle` seconds and the CPU
+    time it used meanwhile is measured: onnxruntime's threads spin only inside a run (runtime/session.py),
+    so it must be about 0. Prints PASS or FAIL and exits 1 on FAIL.
+
+    --smoke: the smoke kit's int8 package (random weights, as here), 30 generations, 0.5 s idle."""
+    if args.smoke:
+        args.generations, args.idle = min(args.generations, 30), 0.5
+    if args.package:
+        sys.exit(0 if run_soak(args.package, args.generations, args.threads, args.seed, args.idle) else 1)
+    with tempfile.TemporaryDirectory() as work:
+        if args.smoke:
+            package = smoke_kit(args.kit, Path(work)).package
+        else:
+            print(f"building a random-weight {args.preset} int8 package", file=sys.stderr, flush=True)
+            package = build_package(args.preset, Path(work))
+        # A fresh process without torch: its memory is the runtime's alone, as in an app.
+        child = [sys.executable, __file__, "soak", "--package", str(package), "--generations", str(args.generations),
+                 "--threads", str(args.threads), "--seed", str(args.seed), "--idle", str(args.idle)]
+        sys.exit(subprocess.run(child).returncode)
+
+
+# -- startup ----------------------------------------------------------------------------------------------------
+
+MESSAGE = "Suggest a name for a small sailing boat."
+FIGURES = ("startup_s", "ready_s", "ttft_s", "first_token_s")
+
+
+def run_once(command: list[str], env: dict) -> dict:
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    if result.returncode != 0 or report.get("error"):
+        raise SystemExit(f"desktop_startup: {command[0]} failed: {report.get('error') or result.stderr[-500:]}")
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def startup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="model package directory")
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgegpt-desktop-bundle"),
+                        help="where the bundle is built (reused when present)")
+    parser.add_argument("--json", action="store_true")
+
+
+def startup(args: argparse.Namespace) -> None:
+    """The desktop example's start-up and time to first token, frozen (PyInstaller) and run by Python, side by
+    side, plus the frozen bundle's size.
+
+    Builds the bundle (examples/freeze_desktop_chat.py) into --work unless it is there already, then runs
+    both apps in scripted mode (`--send TEXT --quit-when-done`, greedy, 16 new tokens) alternately, --runs
+    times after one warm-up round (file cache), and prints the medians of what each reports: process start to
+    window shown, to model ready, Send to first token in the window, and start to first token. The frozen
+    app runs with a bare environment (PATH=/usr/bin:/bin, no PYTHONPATH), as on a machine without Python.
+    Needs a display: run it under Xvfb (`xvfb-run -a python benchmarks/serving.py startup ...`).
+
+    --smoke: the smoke kit's package, one run after the warm-up; the frozen app only if its bundle is in --work
+    already (freezing takes minutes), and nothing without a display (each skip says why)."""
+    if args.smoke:
+        args.model, args.runs = args.model or smoke_kit(args.kit, scratch_dir("serving")).package, 1
+    if args.model is None:
+        raise SystemExit("give --model PACKAGE_DIR (or --smoke)")
+    if not os.environ.get("DISPLAY"):
+        if args.smoke:
+            skip("startup", "no DISPLAY: run under Xvfb (xvfb-run -a python benchmarks/serving.py startup ...)")
+            return
+        raise SystemExit("no DISPLAY: run under Xvfb (xvfb-run -a python benchmarks/serving.py startup ...)")
+    executable = args.work / "desktop_chat" / "desktop_chat"
+    if not executable.exists() and not args.smoke:
+        subprocess.run([sys.executable, str(REPO / "examples" / "freeze_desktop_chat.py"), "--out", str(args.work)],
+                       check=True)
+    flags = [str(args.model.resolve()), "--send", MESSAGE, "--quit-when-done", "--max-new-tokens", "16",
+             "--temperature", "0"]
+    display = {k: os.environ[k] for k in ("DISPLAY", "XAUTHORITY") if k in os.environ}  # xvfb-run sets both
+    variants = {"python": ([sys.executable, str(REPO / "examples" / "desktop_chat.py"), *flags], dict(os.environ))}
+    size = None
+    if executable.exists():
+        size = sum(p.stat().st_size for p in executable.parent.rglob("*") if p.is_file() and not p.is_symlink())
+        variants = {"frozen": ([str(executable), *flags], {"PATH": "/usr/bin:/bin", "HOME": str(args.work), **display}),
+                    **variants}
+    else:
+        skip("the frozen app", f"no bundle in {args.work} (--smoke freezes none: it takes minutes)")
+    reports: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_ in range(args.runs + 1):  # round 0 warms the file cache and is dropped
+        order = list(variants.items()) if round_ % 2 else list(reversed(variants.items()))
+        for name, (command, env) in order:
+            report = run_once(command, env)
+            if round_:
+                reports[name].append(report)
+    # None: the app never showed that moment (a reply of whitespace alone shows no first token)
+    medians = {name: {key: statistics.median(values) if (values := [r[key] for r in rows if r[key] is not None])
+                      else None for key in FIGURES}
+               for name, rows in reports.items()}
+    if args.json:
+        print(json.dumps({"machine": machine(), "bundle_bytes": size, "runs": args.runs, "medians": medians}))
+        return
+    bundle = f"bundle {size / 2**20:.1f} MiB ({size:,} bytes)" if size is not None else "no bundle"
+    print(f"{machine()}; {args.model}; medians of {args.runs} runs; {bundle}")
+    print(f"{'':8} {'start→window':>13} {'start→ready':>12} {'Send→token':>11} {'start→token':>12}")
+    for name, figures in medians.items():
+        print(f"{name:8} " + " ".join(f"{figures[key]:>{width}.3f}" if figures[key] is not None else f"{'–':>{width}}"
+                                      for key, width in zip(FIGURES, (13, 12, 11, 12))))
+
+
+COMMANDS = {"load": (load_options, load), "soak": (soak_options, soak), "startup": (startup_options, startup)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = subcommands(__doc__, COMMANDS).parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":
