@@ -250,7 +250,7 @@ def quantization(args: argparse.Namespace) -> None:
                   agreement, each package against the float32 package (which matches PyTorch within 1e-4)
         decode    tokens/s over 64 steps after a prefill to each of --positions (64 and 900; clipped to the
                   context), median of --runs interleaved passes (on a shared 2-core machine the same run moves
-                  by up to ±20% between passes, BENCHMARK-NOTES.md: quote ratios, not differences under ~15%)
+                  a lot between passes, docs/benchmarks.md "Noise": quote ratios, not small differences)
         prefill   ms for a 512-token prompt (or the context's half)
         cache     KV-cache bytes per token, from the runtime's own buffers
 
@@ -501,7 +501,7 @@ def kv_cache(args: argparse.Namespace) -> None:
     position P in --positions: prefill P tokens into a cache allocated with room for the whole run (no growth
     inside the timing), then time --steps greedy decode steps; runs are interleaved over the packages and the
     median is reported, with each position's tokens/s as a ratio to the first position's ("flatness"). On a
-    shared 2-core machine the same run moves by up to ±20% between passes (BENCHMARK-NOTES.md): quote ratios
+    shared 2-core machine the same run moves a lot between passes (docs/benchmarks.md, "Noise"): quote ratios
     measured side by side, and run it on a quiet machine.
 
     Quality (--checkpoint with --data or a validation split): the held-out text in windows of the model's

@@ -69,7 +69,7 @@ def setup(args: argparse.Namespace) -> None:
         cd WORK/src && pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
         cmake -S WORK/src/llama_cpp_python-*/vendor/llama.cpp -B WORK/llama.cpp-build -DCMAKE_BUILD_TYPE=Release \\
             -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
-        cmake --build WORK/llama.cpp-build --target llama-bench llama-quantize -j 2      # ≈ 5–7 min on 2 cores
+        cmake --build WORK/llama.cpp-build --target llama-bench llama-quantize -j 2      # minutes on 2 cores
 
     (Why two venvs: optimum-onnx requires transformers<4.58; the genai 0.18 builder imports model classes only
     transformers 5.x has, and onnx_ir, which it does not declare; docs/benchmarks.md, "Running the peers".)"""
@@ -179,11 +179,11 @@ def compare(args: argparse.Namespace) -> None:
     convert_hf_to_gguf.py to F32, then llama-quantize to Q8_0 and Q4_0.
 
     Each runtime is measured in a fresh process per round, and rounds interleave the runtimes (A B C … A B C …),
-    because on this kind of shared 2-core machine the same run moves by up to ±20% between passes; the table
-    shows medians, and differences under ~15% are noise. Per process: cold start (spawn → imports → load →
-    first greedy token of the 32-token prompt); then one warm-up and `--reps` timed runs of decode tokens/s
-    (a 32-token prompt, then 128 greedy tokens; the 128 steps after the first token are timed) and of time to
-    first token after a 512-token prompt; peak RSS of the process (VmHWM). Batch 1, `--threads`
+    because on this kind of shared 2-core machine the same run moves a lot between passes (docs/benchmarks.md,
+    "Noise"); the table shows medians, and small differences are noise. Per process: cold start (spawn →
+    imports → load → first greedy token of the 32-token prompt); then one warm-up and `--reps` timed runs of
+    decode tokens/s (a 32-token prompt, then 128 greedy tokens; the 128 steps after the first token are timed)
+    and of time to first token after a 512-token prompt; peak RSS of the process (VmHWM). Batch 1, `--threads`
     intra-op threads everywhere, other thread-pool settings each runtime's own default (edgegpt turns spinning
     off; optimum's and onnxruntime-genai's sessions spin); KV caches sized to the longest request (edgegpt's and
     genai's max_length); EOS is ignored everywhere (128 tokens are always produced). Every runtime is

@@ -468,7 +468,7 @@ def load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=512, help="KV positions per slot (both servers)")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of the whole grid, runtimes interleaved")
     parser.add_argument("--llama-args", default="",
-                        help='more llama-server options, after an = sign: --llama-args="-kvu" (measured: no change)')
+                        help='more llama-server options, after an = sign: --llama-args="-kvu"')
     parser.add_argument("--only", nargs="*", choices=(EDGEGPT, LLAMA), default=[EDGEGPT, LLAMA])
     parser.add_argument("--startup-timeout", type=float, default=180, help="seconds for a server to become healthy")
     parser.add_argument("--request-timeout", type=float, default=120, help="seconds of silence that fail a request")

@@ -376,14 +376,15 @@ def run(args: argparse.Namespace) -> None:
     draft's own prefill of the prompt is counted (it happens after the first token). A run is every prompt
     once in every mode; a row's figure for a run is its tokens over its time summed over the prompts, and the
     table shows the median over --runs runs. Modes interleave (their order rotates with the prompt), because
-    this kind of shared 2-core machine moves by up to ±20% between passes; "x plain" is the median over runs
+    this kind of shared 2-core machine moves a lot between passes (docs/benchmarks.md, "Noise"); "x plain" is
+    the median over runs
     of the ratio to plain decoding in the same run. Acceptance = guesses kept / guesses checked; tokens/step
     = tokens made per forward pass of the target after the prompt (plain decoding: 1). "same text": the
     greedy prompts whose text equals plain decoding's. It need not be all of them with int8 weights: the
-    MatMulNBits kernels (accuracy level 4, int8 activations) give a position's logits that differ by ~0.5
-    (median of the largest difference; ~1 at most) between a one-token pass and a four-token one (measured on
-    SmolLM2-135M int8; fp32: 3e-5), both equally far from fp32, so a near-tie can go the other way in a
-    verification and the text then goes its own way.
+    MatMulNBits kernels (accuracy level 4, int8 activations) compute a position's logits differently in a
+    one-token pass and in a four-token one (`formats.py pass-numerics`; docs/benchmarks.md, "Greedy text with
+    int8 weights"), both equally far from fp32, so a near-tie can go the other way in a verification and the
+    text then goes its own way.
 
     Timed runs hold the shared lock /tmp/edgegpt-cpu.lock (flock(2), the one `flock /tmp/edgegpt-cpu.lock
     CMD` takes), wait up to --quiet-wait seconds for the 1-minute load average to fall below --quiet-load,

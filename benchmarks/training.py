@@ -27,6 +27,8 @@ from common import (
     subcommands,
 )
 
+# --smoke: one layer of the smoke preset, tiny batches, a short validation
+SMOKE_TRAINING = dict(layers=1, batch_size=2, block_size=64, eval_every=2, eval_windows=4)
 # distill: every model is scored with the students' context, so that context length is not what is compared.
 STUDENT_CONTEXT = 256
 
@@ -82,7 +84,7 @@ def shakespeare(args: argparse.Namespace) -> None:
     work = scratch_dir("shakespeare")
     data = data_file(args.data, args.smoke, work)
     out = args.out or work / "checkpoint"
-    length = dict(max_steps=4, time_budget=None, eval_every=2, batch_size=2, block_size=64) if args.smoke else dict(
+    length = dict(SMOKE_TRAINING, max_steps=2) if args.smoke else dict(
         time_budget=args.minutes, batch_size=args.batch_size, block_size=args.block_size)
     preset = SMOKE_PRESET if args.smoke else args.preset
     opts = TrainOptions(preset=preset, seed=args.seed, device="cpu", lr=args.lr,
@@ -141,9 +143,9 @@ def distill(args: argparse.Namespace) -> None:
     cache = work / "cache"
     if args.smoke:
         args.teacher_preset = args.student_preset = SMOKE_PRESET
-        args.teacher_steps, args.steps, args.vocab_size = 3, 3, 300
+        args.teacher_steps, args.steps, args.vocab_size = 2, 2, 300
     context = 64 if args.smoke else STUDENT_CONTEXT
-    short = dict(batch_size=2, eval_every=2) if args.smoke else {}
+    short = {k: v for k, v in SMOKE_TRAINING.items() if k != "block_size"} if args.smoke else {}
 
     teacher = work / "teacher"
     if not (teacher / WEIGHTS).is_file():
