@@ -7,7 +7,14 @@
 
 The loop and its stop rules (eos, max_new_tokens, a full context, stop strings, cancel) are
 runtime/decoding.py's, shared with batch rows, the PyTorch reference and the gates; the Stream that
-stream() / stream_tokens() return says why it ended, as its finish_reason.
+stream() / stream_tokens() return (runtime/stream.py) says why it ended, as its finish_reason.
+
+The Generator is the public API and the wiring; each part lives in the module named for it:
+    runtime/prompts.py      text and token-id prompts checked against the context; chats rendered and fitted
+    runtime/session.py      the execution provider ("auto" | "cpu" | "cuda") a package runs on, threads
+    runtime/kv_cache.py     the KV cache and one forward pass, per package layout
+    runtime/batch.py        generate_batch's rows decoded together (also the continuous batcher's)
+    runtime/speculative.py  guessing ahead with a draft model or prompt lookup
 
 Chat: chat() / stream_chat() render a list of messages with the package's chat template
 (runtime/chat_template.py, the way Hugging Face renders it), encode the text without adding special
@@ -30,10 +37,10 @@ import numpy as np
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import TOKENIZER
-from edgegpt.runtime.batch import Row, generate_rows
+from edgegpt.runtime.batch import Row, batches, decode_rows
 from edgegpt.runtime.decoding import FINISH_REASONS, Cancel, Decoding
 from edgegpt.runtime.detokenizer import TextStream
-from edgegpt.runtime.kv_cache import RUNNERS, KVCache, StaticRunner
+from edgegpt.runtime.kv_cache import RUNNERS, KVCache, check_contract
 from edgegpt.runtime.options import GenerateOptions, GenerationOptions, resolve_options
 from edgegpt.runtime.package import ModelPackage, ModelSpec
 from edgegpt.runtime.prompts import Prompts
@@ -49,6 +56,7 @@ if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are never evalua
 
 __all__ = ["FINISH_REASONS", "Cancel", "Generator", "GenerateOptions", "KVCache", "Stream"]
 
+
 class Generator:
     """Text generation from a model package.
 
@@ -57,8 +65,8 @@ class Generator:
         g.generate_batch(prompts, **options) -> [str] g.generate_ids -> [ids]; stream_tokens -> Stream of ids
         g.chat(messages, **options) -> str            g.stream_chat(messages, cancel=event, **options) -> Stream
         options (GenerateOptions): max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-        presence_penalty, frequency_penalty, seed, stop, stop_at_eos, truncate; None means the package's
-        generation_config.json.
+        presence_penalty, frequency_penalty, seed, stop, stop_at_eos, truncate, speculate, lookup; None means
+        the package's generation_config.json.
         A Stream's finish_reason says why it ended: "eos", "stop", "length", "max_length" or "cancelled".
 
     Chat: messages are [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...], rendered by
@@ -98,13 +106,12 @@ class Generator:
         self.provider = provider  # "cpu" or "cuda": the one actually used
         # Tokens one sequence may hold (prompt + generated): what a sequence's cache may grow to.
         self.max_length = check_max_length(max_length, self.config.max_len)
-        self._session = session
         self._runner = RUNNERS[package.graph.kv_layout](session, package, provider, self.max_length)
         # Asked once: tokenizers builds it anew at each call (slow for a large vocabulary), and
         # every generation's sampler needs it.
         self._vocab_size = package.tokenizer.get_vocab_size()
         self._prompts = Prompts(package, self.max_length, self._vocab_size)
-        self._check_session_matches_contract()
+        check_contract(session, self._runner)
 
     @classmethod
     def load(
@@ -262,11 +269,11 @@ class Generator:
         ids = [self._prompts.prompt_ids(prompt, row) for prompt, row in zip(prompts, per_row)]
         if not prompts:
             return []
-        if not isinstance(self._runner, StaticRunner) or self.provider != "cpu":
+        if not batches(self._runner, self.provider):
             return ["".join(self._text_stream(i, o, None)) for i, o in zip(ids, per_row)]
         rows = [Row(i, o, self._decoding(i, o, None, text=True), self._vocab_size) for i, o in zip(ids, per_row)]
-        generate_rows(self._runner, rows, ids, self._checked)
-        return [row.result() for row in rows]
+        decode_rows(self._runner, rows, self._checked)
+        return [row.text() for row in rows]
 
     # -- chat -------------------------------------------------------------------------------------------
 
@@ -377,20 +384,6 @@ class Generator:
 
     def _resolve(self, options) -> GenerationOptions:
         return resolve_options(self.package.generation, options)
-
-    def _check_session_matches_contract(self) -> None:
-        """model.onnx must take exactly the inputs config.json declares, and give the outputs we read."""
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        graph_outputs = {o.name for o in self._session.get_outputs()}
-        expected_inputs = set(self._runner.input_names)
-        problems = [f"input {n!r} missing" for n in sorted(expected_inputs - graph_inputs)]
-        problems += [f"unexpected input {n!r}" for n in sorted(graph_inputs - expected_inputs)]
-        problems += [f"output {n!r} missing" for n in self._runner.output_names if n not in graph_outputs]
-        if problems:
-            raise EdgeGPTError(
-                f"{self.package.model_path} does not match config.json ({'; '.join(problems[:3])}); "
-                "the package is corrupt, re-run `edgegpt export`"
-            )
 
 
 def check_max_length(max_length: int | None, max_len: int) -> int:

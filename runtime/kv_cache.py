@@ -302,6 +302,21 @@ def check_cache_runs(session, package: ModelPackage, provider: str, past_name: s
             f"{package.model_path} takes a {declared} cache but config.json says {dtype}; "
             "the package mixes files from different exports, re-run `edgegpt export`"
         )
+def check_contract(session, runner: ConcatRunner | StaticRunner) -> None:
+    """model.onnx must take exactly the inputs config.json declares, and give the outputs the runner reads."""
+    graph_inputs = {i.name for i in session.get_inputs()}
+    graph_outputs = {o.name for o in session.get_outputs()}
+    expected_inputs = set(runner.input_names)
+    problems = [f"input {n!r} missing" for n in sorted(expected_inputs - graph_inputs)]
+    problems += [f"unexpected input {n!r}" for n in sorted(graph_inputs - expected_inputs)]
+    problems += [f"output {n!r} missing" for n in runner.output_names if n not in graph_outputs]
+    if problems:
+        raise EdgeGPTError(
+            f"{runner.package.model_path} does not match config.json ({'; '.join(problems[:3])}); "
+            "the package is corrupt, re-run `edgegpt export`"
+        )
+
+
 FOREIGN_CACHE = "this KVCache comes from a package with another cache layout; start from this Generator's empty_cache()"
 
 
