@@ -194,8 +194,8 @@ def compare(args: argparse.Namespace) -> None:
     Peers that are missing (no venv, no build, an import or conversion that fails) are skipped with the
     reason printed; the table shows what ran.
 
-    --smoke: the smoke kit's checkpoint, one round of one run, in a fresh --work unless one is given (so peers
-    that were never set up there are skipped, each with its reason)."""
+    --smoke: the smoke kit's checkpoint, one round of one run, edgegpt's int4 by round-to-nearest, in a fresh
+    --work unless one is given (so peers that were never set up there are skipped, each with its reason)."""
     if args.smoke:
         kit = smoke_kit(args.kit, scratch_dir("runtimes"))
         args.checkpoint = args.checkpoint or (None if args.preset else kit.checkpoint)
@@ -208,8 +208,8 @@ def compare(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.checkpoint} is not an edgegpt checkpoint (no model.safetensors)")
     checkpoint = args.checkpoint or cached_random_checkpoint(args.preset, work)
     models = Models(checkpoint, work, args.threads)
-    if args.smoke:
-        models.calibration = kit.calibration
+    if args.smoke:  # seconds: a little calibration text, and int4 by round-to-nearest rather than GPTQ
+        models.calibration, models.int4_rounding = kit.calibration, "rtn"
     prompts = models.root / "prompts.json"
     ttft_tokens = make_prompts(checkpoint, prompts)
 

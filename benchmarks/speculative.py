@@ -398,9 +398,9 @@ def run(args: argparse.Namespace) -> None:
     pass its statistics report (its n-gram lookup runs a "re-anchor" pass besides some verifications) and its
     plain steps where the lookup found nothing.
 
-    --smoke: the smoke kit's int8 target with its draft (the same weights) for the shakespeare part and as the
-    chat model of the smol part (two short prompts of each kind), 1 run of 8 tokens, no lock; SmolLM2 and
-    onnxruntime-genai run only when given and installed."""
+    --smoke: the smoke kit's int8 target with its draft (which computes the target's function) for the
+    shakespeare part, and the target as the chat model of the smol part (two short prompts of each kind), 1 run
+    of 8 tokens, no lock; SmolLM2 and onnxruntime-genai run only when given and installed."""
     if args.smoke:
         kit = smoke_kit(args.kit, scratch_dir("speculative"))
         args.target = args.target or kit.package
@@ -518,7 +518,9 @@ def costs(args: argparse.Namespace) -> None:
     forward pass as it happens inside the speculative loop: the target's by the number of tokens it runs, the
     draft's likewise (its steps of one token are its guesses, of two its catch-up after a pass whose guesses
     all held). Prints the median milliseconds of each, and each target length's cost in one-token passes beside
-    the model's pass_cost(k) and the draft's one-token step against DRAFT_GUESS_COST."""
+    the model's pass_cost(k) and the draft's one-token step against DRAFT_GUESS_COST.
+
+    --smoke: the smoke kit's int8 target and draft, 2 prompts of 16 new tokens, one run."""
     from edgegpt.runtime import Generator, speculative
 
     # lengths seen fewer times than this are left out (prompts' prefills, rare lengths); a smoke run sees few
@@ -526,6 +528,7 @@ def costs(args: argparse.Namespace) -> None:
     if args.smoke:
         kit = smoke_kit(args.kit, scratch_dir("speculative"))
         args.model, args.data = args.model or kit.package, kit.text
+        args.draft = args.draft or (None if args.model != kit.package else kit.draft_package)
         args.prompts, args.new_tokens, args.runs, least = 2, 16, 1, 1
     if args.model is None:
         raise SystemExit("give --model PACKAGE_WITH_DRAFT (or --smoke)")
@@ -592,7 +595,9 @@ def draft_recipes(args: argparse.Namespace) -> None:
     those two numbers are high, whatever its perplexity. Both are measured teacher-forced, in PyTorch, on the
     first --tokens tokens of the held-out split, in windows of the draft's context: argmax agreement, and
     sum(min(p, q)) at temperatures 0.8 and 1. Beside them: each draft's validation loss (nats per character),
-    steps and minutes from its `train_state.json`."""
+    steps and minutes from its `train_state.json`.
+
+    --smoke: the smoke kit's target and draft checkpoints, 512 held-out tokens in windows of 64."""
     import torch
 
     from edgegpt.checkpoint import load_checkpoint
@@ -666,7 +671,9 @@ def target_continuations(args: argparse.Namespace) -> None:
     the target's own, and there the two may part more often (docs/benchmarks.md, "Drafting the target's own
     text"). This writes continuations of windows of the training split: --prompt-tokens of text, then
     --new-tokens from the target, greedy for --greedy-share of them and sampled at temperature 1 for the rest
-    (seeded), one continuation per paragraph, until --tokens new tokens are written."""
+    (seeded), one continuation per paragraph, until --tokens new tokens are written.
+
+    --smoke: the smoke kit's int8 target, 48 new tokens in continuations of 16."""
     from edgegpt.runtime import Generator
 
     if args.smoke:

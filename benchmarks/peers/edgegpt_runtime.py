@@ -14,9 +14,11 @@ def prepare(models: Models, precision: str) -> tuple[Path, int]:
         from edgegpt.export.package import export_package
 
         quantize = precision != "fp32"
-        export_package(models.checkpoint, out / "model", quantize=quantize,
-                       bits=int(precision[3:]) if quantize else 8, gate=False,
-                       calibration_data=models.calibration if quantize else None)
+        bits = int(precision[3:]) if quantize else 8
+        rounding = models.int4_rounding if bits == 4 else None
+        calibrated = quantize and rounding != "rtn"  # round-to-nearest reads no calibration text
+        export_package(models.checkpoint, out / "model", quantize=quantize, bits=bits, gate=False,
+                       rounding=rounding, calibration_data=models.calibration if calibrated else None)
     directory = models.once(models.root / f"edgegpt-{precision}", build) / "model"
     return directory, files_size(directory.glob("model.onnx*"))
 

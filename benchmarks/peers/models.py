@@ -34,6 +34,7 @@ class Models:
         self.llama_build = llama_bin(work)
         self.skipped: dict[str, str] = {}
         self.calibration: Path | None = None  # edgegpt's calibration text (None: `edgegpt export`'s default)
+        self.int4_rounding: str | None = None  # edgegpt's int4 rounding (None: `edgegpt export`'s default)
         self.cache: dict[str, tuple[Path, int]] = {}  # family-precision -> (model path, bytes of its weights)
 
     def once(self, directory: Path, build: Callable[[Path], None]) -> Path:

@@ -1,0 +1,227 @@
+"""Every benchmark subcommand runs end to end with --smoke (a tiny random model, seconds), so none can rot.
+
+Each runs as a user runs it, `python benchmarks/X.py COMMAND --smoke`, in a fresh process, on one smoke kit
+built once here (benchmarks/common.py: a random `nano` target whose later layers are silenced, a draft of its
+first layers, the int8 package with that draft inside, a slice of text). The checks are on the printed table:
+its header, its rows, numbers that parse, and the properties the kit was built to have (the draft computes the
+target's very function; an int8 cache holds a quarter of float32's bytes), never on timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory) -> Path:
+    """One smoke kit for every smoke run (building it is most of what a smoke run would spend alone)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = common  # its dataclass looks its module up while the module runs
+    try:
+        spec.loader.exec_module(common)
+    finally:
+        del sys.modules[spec.name]
+    work = tmp_path_factory.mktemp("bench")
+    return common.smoke_kit(work / "kit", work).root
+
+
+def smoke(script: str, command: str, *options: str, kit: Path | None = None, prefix: tuple[str, ...] = ()) -> str:
+    """`python benchmarks/SCRIPT COMMAND --smoke [--kit KIT] OPTIONS` in a fresh process: its stdout, after
+    checking it exited 0. A wide COLUMNS keeps every table row on one line."""
+    argv = [*prefix, sys.executable, str(BENCHMARKS / script), command, "--smoke", *options]
+    if kit is not None:
+        argv += ["--kit", str(kit)]
+    env = {**os.environ, "COLUMNS": "260"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, f"{' '.join(argv[-6:])} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def rows(stdout: str) -> dict[str, list[str]]:
+    """A rich table's body rows, by their first cell: {first cell: the other cells}."""
+    table = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│┃").split("│")]
+        if line.lstrip().startswith("│") and len(cells) > 1:
+            table[cells[0]] = cells[1:]
+    return table
+
+
+def number(cell: str) -> float:
+    """A table cell as a number: '1,234', '12.5', '97.9%', '+0.20%', '-0.00%'."""
+    return float(cell.replace(",", "").rstrip("%").replace("+", ""))
+
+
+# -- speculative.py ------------------------------------------------------------------------------------------
+
+
+def test_speculative_run_measures_every_mode_and_skips_a_missing_peer(kit, tmp_path):
+    out = smoke("speculative.py", "run", "--genai", "--peers-work", str(tmp_path / "no-peers"), kit=kit)
+    assert "acceptance" in out and "tokens/step" in out and "x plain" in out
+    body = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines()
+            if line.lstrip().startswith("│")]
+    modes = {(r[0], r[2], r[3]) for r in body}
+    for sampling in ("greedy", "T 0.8", "T 0.8 rep 1.1"):
+        for mode in ("plain", "draft", "lookup", "draft+lookup"):
+            assert ("shakespeare", sampling, mode) in modes
+        for mode in ("plain", "lookup"):
+            assert ("smol", sampling, mode) in modes
+    for r in body:
+        if r[3] in ("plain", "draft", "lookup", "draft+lookup"):
+            assert number(r[6]) > 0  # decode tok/s
+            assert number(r[5]) >= 1  # tokens per pass of the target
+            assert r[3] == "plain" or r[4] == "–" or 0 <= number(r[4]) <= 100
+    assert re.search(r"onnxruntime-genai .*skipped: RuntimeError: .*venv-builder.* is missing", out)
+
+
+def test_speculative_costs_times_passes_by_length(kit):
+    out = smoke("speculative.py", "costs", kit=kit)
+    assert "median ms" in out
+    timed = [line.split() for line in out.splitlines() if line.split()[:1] in (["target"], ["draft"])]
+    assert {t[0] for t in timed} == {"target", "draft"}
+    assert all(float(t[2]) > 0 and int(t[3]) >= 1 for t in timed)
+
+
+def test_draft_recipes_finds_the_kits_draft_agrees_with_its_target(kit):
+    # The kit's target adds exactly zero after the draft's layers: the same logits, so agreement is whole.
+    out = smoke("speculative.py", "draft-recipes", kit=kit)
+    assert "argmax" in out and "T0.8" in out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(kit / "draft")[-40:]])
+    assert [float(x) for x in row[-3:]] == [1.0, 1.0, 1.0]
+
+
+def test_target_continuations_writes_the_tokens_asked_for(kit, tmp_path):
+    out_file = tmp_path / "continuations.txt"
+    out = smoke("speculative.py", "target-continuations", "--out", str(out_file), kit=kit)
+    count, tokens = map(lambda s: int(s.replace(",", "")),
+                        re.search(r"(\d+) continuations, ([\d,]+) new tokens", out).groups())
+    assert tokens >= 48 and count >= 1
+    assert out_file.read_text(encoding="utf-8").strip()
+
+
+# -- formats.py ----------------------------------------------------------------------------------------------
+
+
+def test_quantization_builds_and_measures_each_kind_of_format(kit):
+    out = smoke("formats.py", "quantization", kit=kit)
+    assert "Δ perplexity" in out and "prefill ms" in out
+    table = rows(out)
+    for name in ("fp32", "fp32 + int8 cache", "int8 (default)", "int4 rtn sym (before)", "auto 1%"):
+        assert name in table, name
+        assert number(table[name][0]) > 0  # MB
+    assert table["int8 (default)"][1] == "1.000"  # × int8
+    assert number(table["fp32"][2]) == 4 * number(table["fp32 + int8 cache"][2])  # cache bytes per token
+    assert number(table["int4 rtn sym (before)"][0]) < number(table["int8 (default)"][0]) < number(table["fp32"][0])
+
+
+def test_kv_cache_measures_each_cache_with_its_bytes(kit):
+    out = smoke("formats.py", "kv-cache", kit=kit)
+    assert "KV-cache precision" in out and "× fp32 cache" in out
+    table = rows(out)
+    assert table["int8 weights, fp32 cache"][1] == "1.00"
+    assert table["int8 weights, int8 cache"][1] == "0.25"
+    assert all(number(cell) > 0 for cell in table["int8 weights, int8 cache"][2:4])  # decode tok/s @16, @64
+
+
+def test_kernels_time_every_matmulnbits_case():
+    out = smoke("formats.py", "kernels")
+    assert "ms, 1 token" in out
+    timed = [cells for first, cells in rows(out).items() if first in ("4", "8")]
+    body = [line for line in out.splitlines() if line.lstrip().startswith("│")]
+    assert len(body) == 9 and timed
+    assert all(float(line.split("│")[5]) > 0 and float(line.split("│")[6]) > 0 for line in body)
+
+
+def test_pass_numerics_compares_a_one_token_pass_with_a_longer_one(kit):
+    out = smoke("formats.py", "pass-numerics", kit=kit)
+    found = re.search(r"at (\d+) positions: \|Δ logit\| median (\S+), largest (\S+); argmax differs at (\d+)", out)
+    positions, median, largest, flips = found.groups()
+    assert int(positions) >= 1 and 0 <= float(median) <= float(largest.rstrip(";")) and int(flips) <= int(positions)
+
+
+# -- training.py ---------------------------------------------------------------------------------------------
+
+
+def test_training_shakespeare_trains_and_scores_the_held_out_split():
+    table = rows(smoke("training.py", "shakespeare"))
+    assert table["steps"] == ["2"]
+    assert number(table["val_nats_per_char"][0]) > 0 and number(table["val_chars"][0]) > 0
+
+
+def test_training_distill_scores_teacher_and_both_students():
+    table = rows(smoke("training.py", "distill"))
+    for name in ("teacher_nats_per_char", "scratch_nats_per_char", "distilled_nats_per_char"):
+        assert number(table[name][0]) > 0
+    assert not math.isinf(float(table["gap_closed"][0]))  # a share, or nan when there is no gap to close
+
+
+# -- runtimes.py ---------------------------------------------------------------------------------------------
+
+
+def test_runtimes_compare_measures_edgegpt_and_skips_peers_not_set_up(kit):
+    out = smoke("runtimes.py", "compare", kit=kit)
+    table = rows(out)
+    for name in ("edgegpt fp32", "edgegpt int8", "edgegpt int4"):
+        assert number(table[name][1]) > 0 and number(table[name][3]) > 0  # decode tok/s, TTFT ms
+    assert table["edgegpt fp32"][-1] == "16/16"  # greedy tokens equal to edgegpt fp32's own
+    for peer in ("PyTorch eager fp32", "optimum int8 dynamic", "onnxruntime-genai int4", "llama.cpp Q8_0"):
+        assert re.search(rf"skipped {re.escape(peer)}: RuntimeError: .*runtimes.py setup", out), peer
+
+
+def test_runtimes_real_model_runs_the_command_chain(kit):
+    out = smoke("runtimes.py", "real-model", kit=kit)
+    assert "skipped convert and the import check" in out
+    table = rows(out)
+    assert table["int8"][6] in ("pass", "FAIL (written with --no-gate)")
+    assert number(table["int8"][0]) > 0 and number(table["int8"][7]) > 0  # MB, decode tok/s
+    assert re.search(r"command times: export int8 \d+ s, eval int8 \d+ s", out)
+
+
+def test_runtimes_cuda_measures_on_the_cpu_without_a_gpu():
+    out = smoke("runtimes.py", "cuda")
+    row = next(line.split() for line in out.splitlines() if line.startswith("nano"))
+    assert [number(cell) > 0 for cell in row[2:]] == [True, True, True]
+
+
+def test_runtimes_setup_installs_nothing_in_a_smoke_run():
+    assert "skipped setup" in smoke("runtimes.py", "setup")
+
+
+# -- serving.py ----------------------------------------------------------------------------------------------
+
+
+def test_serving_load_serves_every_client_count(kit):
+    out = smoke("serving.py", "load", kit=kit)
+    body = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines()
+            if line.lstrip().startswith("│")]
+    assert [(r[0], r[1]) for r in body] == [("2", "1"), ("2", "2")]
+    assert all(number(r[2]) > 0 and r[-1] == "0" for r in body)  # edgegpt tok/s, no errors
+    assert "skipped llama.cpp" in out
+
+
+def test_serving_soak_passes_its_memory_and_idle_checks(kit):
+    out = smoke("serving.py", "soak", kit=kit)
+    assert "30 generations" in out and out.strip().splitlines()[-1].startswith("PASS")
+
+
+def test_serving_startup_times_the_desktop_app(kit):
+    if shutil.which("xvfb-run") is None:  # no display to open a window on: the smoke run says so and ends
+        out = smoke("serving.py", "startup", kit=kit)
+        assert "skipped startup: no DISPLAY" in out
+        return
+    out = smoke("serving.py", "startup", kit=kit, prefix=("xvfb-run", "-a"))
+    row = next(line.split() for line in out.splitlines() if line.startswith("python "))
+    assert number(row[1]) > 0 and number(row[2]) >= number(row[1])  # start → window, start → model ready
