@@ -405,9 +405,8 @@ def real_model(args: argparse.Namespace) -> None:
             "tokens": reference["tokens"],
         }
     # What `edgegpt eval` costs on its own (the gates above scored the same text inside export).
-    last = cache / list(formats)[-1] if args.smoke else cache / "int8"
     seconds["eval int8"] = timed("eval int8", lambda: edgegpt(
-        "eval", str(last), "--data", str(text), "--eval-tokens", str(args.eval_tokens), *threads, "--json"))
+        "eval", str(cache / "int8"), "--data", str(text), "--eval-tokens", str(args.eval_tokens), *threads, "--json"))
     show(rows, seconds, text, next(iter(rows.values()))["tokens"], gguf_name)
     if import_difference is not None:
         print(f"import check: max |Δlogits| against transformers' GGUF loader {import_difference:.2e}")
