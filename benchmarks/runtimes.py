@@ -37,6 +37,7 @@ from common import (
     random_checkpoint,
     random_model,
     scratch_dir,
+    shakespeare_split,
     skip,
     smoke_kit,
     subcommands,
@@ -109,7 +110,8 @@ def make_prompts(checkpoint: Path, path: Path) -> int:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    text = SHAKESPEARE.read_text()[-100_000:] if SHAKESPEARE.exists() else (Path(__file__).read_text() * 4)
+    # the end of the held-out split (its last 100,000 characters), or any text when tinyshakespeare is not here
+    text = shakespeare_split()[1][-100_000:] if SHAKESPEARE.exists() else (Path(__file__).read_text() * 4)
     ids = tokenizer.encode(text).ids
     config = json.loads((checkpoint / "config.json").read_text())
     ids = [i % config["vocab_size"] for i in ids]

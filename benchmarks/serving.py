@@ -37,6 +37,7 @@ from common import (
     pydoc_topics_text,
     random_checkpoint,
     scratch_dir,
+    shakespeare_split,
     skip,
     smoke_kit,
     subcommands,
@@ -218,7 +219,8 @@ class Prompts:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        text = SHAKESPEARE.read_text()[-100_000:] if SHAKESPEARE.exists() else Path(__file__).read_text() * 20
+        # the end of the held-out split (its last 100,000 characters), or any text when tinyshakespeare is not here
+        text = shakespeare_split()[1][-100_000:] if SHAKESPEARE.exists() else Path(__file__).read_text() * 20
         ids = tokenizer.encode(text).ids
         self.texts = [tokenizer.decode(ids[i:i + tokens]) for i in range(0, len(ids) - tokens, tokens)]
         self.max_tokens, self.temperature = max_tokens, temperature

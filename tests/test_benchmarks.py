@@ -139,10 +139,9 @@ def test_kv_cache_measures_each_cache_with_its_bytes(kit):
 def test_kernels_time_every_matmulnbits_case():
     out = smoke("formats.py", "kernels")
     assert "ms, 1 token" in out
-    timed = [cells for first, cells in rows(out).items() if first in ("4", "8")]
     body = [line for line in out.splitlines() if line.lstrip().startswith("│")]
-    assert len(body) == 9 and timed
-    assert all(float(line.split("│")[5]) > 0 and float(line.split("│")[6]) > 0 for line in body)
+    assert [line.split("│")[1].strip() for line in body] == ["8"] * 3 + ["4"] * 6  # bits of each case
+    assert all(float(line.split("│")[5]) >= 0 and float(line.split("│")[6]) >= 0 for line in body)  # ms, 1 and 16
 
 
 def test_pass_numerics_compares_a_one_token_pass_with_a_longer_one(kit):
