@@ -59,6 +59,29 @@ def uninterrupted(tmp_path_factory, fault_corpus) -> tuple[Path, dict]:
     return home / "out", run_train(["--data", str(fault_corpus), "--out", str(home / "out"), *ARGS], home)
 
 
+def kill_at_a_random_moment(process: subprocess.Popen, chance: random.Random) -> list[int]:
+    """SIGKILL a training run at a random moment between two saves, chosen so that the run cannot have
+    finished first however fast this machine trains: wait for the validation line of a random step that leaves
+    at least three save periods to go, then for a random part of one period (timed on this run, between its
+    last two validation lines). Returns the steps the run reported."""
+    target = chance.randrange(2 * SAVE_EVERY, STEPS - 3 * SAVE_EVERY + 1, SAVE_EVERY)
+    reported, seen_at, said = [], [], []
+    deadline = time.monotonic() + 300
+    while not reported or reported[-1] < target:
+        line = process.stderr.readline()
+        said.append(line)
+        assert line or process.poll() is None, "training ended before it could be killed:\n" + "".join(said)[-3000:]
+        steps = [int(m) for m in re.findall(r"^step (\d+):", line)]
+        reported += steps
+        seen_at += [time.monotonic()] * len(steps)
+        assert time.monotonic() < deadline
+    period = seen_at[-1] - seen_at[-2]  # the target is past the second validation, so two times are known
+    time.sleep(chance.uniform(0.0, period))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return reported + [int(m) for m in re.findall(r"^step (\d+):", process.stderr.read(), flags=re.M)]
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path, fault_corpus, uninterrupted):
     """Three kills at random moments: every file on disk is whole, at most --save-every steps are lost,
     and the resumed run ends exactly where the uninterrupted one did."""
@@ -69,20 +92,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, fault_corpus, uninterru
         args = ["--data", str(fault_corpus), "--out", str(out), *ARGS]
         process = subprocess.Popen([sys.executable, "-m", "edgegpt", "train", *args], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEGPT_HOME": str(tmp_path)})
-        # Wait for training to start (the first validation line), then kill at a random moment.
-        reported = []
-        deadline = time.monotonic() + 300
-        while not reported:
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "training ended before it could be killed"
-            reported += [int(m) for m in re.findall(r"^step (\d+):", line)]
-            assert time.monotonic() < deadline
-        time.sleep(chance.uniform(0.0, 1.0))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        rest = process.stderr.read()
-        reported += [int(m) for m in re.findall(r"^step (\d+):", rest, flags=re.M)]
-        assert max(reported) < STEPS, "the run finished before the kill; the test needs a longer run"
+        reported = kill_at_a_random_moment(process, chance)
+        assert max(reported) < STEPS, "the run finished before the kill"
 
         # Everything on disk is complete: the weights and state load, nothing half-written is read.
         progress = read_progress(out)
