@@ -8,6 +8,7 @@ made edgegpt importable from a checkout, and the worker processes of `runtimes.p
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -252,7 +253,7 @@ def subcommands(description: str, commands: dict[str, tuple[Callable, Callable]]
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_options, run) in commands.items():
-        doc = (run.__doc__ or "").strip()
+        doc = inspect.cleandoc(run.__doc__ or "")
         command = sub.add_parser(name, help=doc.split("\n\n")[0].replace("\n", " "), description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         add_options(command)
