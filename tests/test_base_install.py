@@ -9,7 +9,9 @@ inherited by any Python child process (bench measures in one), since it rides on
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,24 +139,50 @@ def test_generate_and_chat_work_without_torch(edgegpt, gen, tiny_package):
 
 
 def test_eval_of_a_package_works_without_torch(edgegpt, tiny_package, corpus_file):
-    proc = edgegpt("eval", tiny_package, "--data", corpus_file, "--eval-tokens", "512", "--json")
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "Traceback" not in proc.stderr and str(tiny_package) in json.dumps(metrics)
+    """The same scores as with every extra installed: the package's evaluation never needed torch."""
+    args = ("eval", tiny_package, "--data", corpus_file, "--eval-tokens", "512", "--json")
+    base, full = edgegpt(*args), edgegpt(*args, missing=())
+    assert base.returncode == 0 and full.returncode == 0, base.stderr + full.stderr
+    assert "Traceback" not in base.stderr
+    [scored], [expected] = (json.loads(p.stdout.strip().splitlines()[-1])["models"] for p in (base, full))
+    assert scored["name"] == str(tiny_package) and scored["tokens"] == 512
+    assert scored["perplexity"] == pytest.approx(math.exp(scored["nats_per_token"]))
+    assert {k: v for k, v in scored.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+
+
+def table_value(text: str, key: str) -> str:
+    """The value in the row of a rich table whose first cell is `key`."""
+    match = re.search(rf"^\W*{re.escape(key)}\s*[│┃]\s*(\S+)", text, flags=re.M)
+    assert match, f"no row {key} in:\n{text}"
+    return match.group(1)
 
 
 def test_info_works_without_torch(edgegpt, tiny_package, tiny_checkpoint):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
     package = edgegpt("info", tiny_package)
-    assert package.returncode == 0 and "MatMul" in package.stdout, package.stderr
+    assert package.returncode == 0, package.stderr
     checkpoint = edgegpt("info", tiny_checkpoint)
-    assert checkpoint.returncode == 0 and "parameters" in checkpoint.stdout, checkpoint.stderr
+    assert checkpoint.returncode == 0, checkpoint.stderr
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_len"):
+        assert table_value(package.stdout, key) == table_value(checkpoint.stdout, key) == str(config[key]), key
+    assert "fused graph, float32" in package.stdout and "MatMul" in package.stdout
+    kv_width = config["n_kv_heads"] * config["dim"] // config["n_heads"]
+    assert table_value(package.stdout, "bytes per token") == f"{2 * config['n_layers'] * kv_width * 4:,}"  # K, V
+    from edgegpt.core.config import ModelConfig
+
+    parameters = ModelConfig(**config).num_parameters()
+    assert f"({parameters / 1e6:.2f}M parameters)" in checkpoint.stdout
 
 
 def test_bench_works_without_torch(edgegpt, tiny_package):
     proc = edgegpt("bench", tiny_package, "--prompt-len", "4", "--new-tokens", "4", "--runs", "1", "--provider", "cpu",
                    "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)
+    report = json.loads(proc.stdout)
+    assert (report["model"], report["provider"], report["prompt_len"], report["new_tokens"], report["runs"]) == (
+        str(tiny_package), "cpu", 4, 4, 1)
+    assert report["model_bytes"] == (tiny_package / "model.onnx").stat().st_size
+    assert len(report["decode_runs"]) == 1 and report["decode_tokens_per_s"] > 0 and report["ttft_s"] > 0
 
 
 def test_importing_the_cli_imports_no_heavy_module():
