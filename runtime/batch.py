@@ -15,7 +15,8 @@ decoder: Generator.generate_batch runs its rows to the end (decode_rows), and th
 
 The weights are read once per step for all rows, which is where a batch gains on a CPU. Each row keeps
 its own Sampler and Decoding, the one-by-one stop rules (runtime/decoding.py), so a row's text equals
-what `Generator.generate` gives for that prompt alone with the same options.
+what `Generator.generate` gives for that prompt alone with the same options. Plain decoding only: a row
+that guesses ahead (runtime/speculative.py) runs alone through the Generator instead.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Each sequence keeps its own Sampler and Decoding (the one-by-one stop rules), so
 Generator.stream gives for it alone, as in generate_batch. What batching gains through `edgegpt serve`
 (`benchmarks/serve_load.py`): docs/benchmarks.md.
 Only the fused graph on the CPU batches this way (Generator.generate_batch's condition); `supports` says.
+A sequence that guesses ahead (a draft loaded, or lookup asked for, and `speculate` not False:
+runtime/speculative.py) is not batched: its Stream decodes it on its own through the Generator, in the
+thread that reads it, exactly as Generator.stream does.
 """
 
 from __future__ import annotations
@@ -88,13 +91,14 @@ class ContinuousBatcher:
 
     def stream(self, prompt: str | Sequence[int], *, cancel: Cancel | None = None,
                **options: Unpack[GenerateOptions]) -> Stream[str]:
-        """As Generator.stream: options and the prompt are checked now, decoding starts at the first next()."""
+        """As Generator.stream: options and the prompt are checked now, decoding starts at the first next().
+        A sequence that guesses ahead is decoded on its own (module doc)."""
         resolved = self.generator._resolve(options)
         return self._stream(self.generator._prompts.prompt_ids(prompt, resolved), resolved, cancel)
 
     def stream_chat(self, messages: Sequence[dict[str, str]], *, cancel: Cancel | None = None,
                     **options: Unpack[GenerateOptions]) -> Stream[str]:
-        """As Generator.stream_chat."""
+        """As Generator.stream_chat (and, guessing ahead, decoded on its own as `stream`)."""
         resolved = self.generator._resolve(options)
         return self._stream(self.generator._prompts.chat_ids(messages, resolved), resolved, cancel)
 
@@ -105,6 +109,8 @@ class ContinuousBatcher:
         self._thread.join()
 
     def _stream(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Stream[str]:
+        if self.generator._speculation(options) is not None:  # no silent plain decoding: speculate alone
+            return self.generator._text_stream(prompt_ids, options, cancel)
         decoding = self.generator._decoding(prompt_ids, options, cancel, text=True)
         sequence = _Sequence(prompt_ids, options, decoding, self.generator._vocab_size)
         return Stream(self._pieces(sequence), len(prompt_ids), decoding)

@@ -255,7 +255,8 @@ class Generator:
         Seeds: `seed` may also be a list with one seed per prompt. An int seed is every row's seed, so each
         row is exactly its one-by-one generation with that seed (two equal prompts give equal texts).
         The fused graph on the CPU runs the rows as one batch per decode step (runtime/batch.py); other
-        layouts and CUDA run the rows one after another.
+        layouts and CUDA run the rows one after another, and so does a generation that guesses ahead (a
+        draft loaded or lookup=True, and speculate not False): each row then speculates as generate() does.
         """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise EdgeGPTError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -269,7 +270,8 @@ class Generator:
         ids = [self._prompts.prompt_ids(prompt, row) for prompt, row in zip(prompts, per_row)]
         if not prompts:
             return []
-        if not batches(self._runner, self.provider):
+        # Every row has the same options but the seed, so the first row says whether they all guess ahead.
+        if not batches(self._runner, self.provider) or self._speculation(per_row[0]) is not None:
             return ["".join(self._text_stream(i, o, None)) for i, o in zip(ids, per_row)]
         rows = [Row(i, o, self._decoding(i, o, None, text=True), self._vocab_size) for i, o in zip(ids, per_row)]
         decode_rows(self._runner, rows, self._checked)

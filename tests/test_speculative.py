@@ -367,3 +367,86 @@ def test_the_server_speculates_with_a_draft_and_gives_the_plain_text(tiny_packag
         assert server.request("POST", "/v1/completions", {**body, "lookup": True, "speculate": False}
                               )[1]["choices"][0]["text"] == expected
         assert server.request("POST", "/v1/completions", {**body, "lookup": "yes"})[0] == 400
+
+
+# -- speculation with batching: each row speculates as it would alone, never a silent plain decode ------------
+
+def lookup_differs_from_plain(plain: Generator, corpus_text: str, options: dict) -> tuple[str, int, str]:
+    """A prompt and seed whose seeded text with lookup differs from the plain one (speculation draws other
+    random numbers), found in what this CPU generates; and that text. A batch that decoded it plainly
+    would give the plain text, so the property the tests need is built here, not assumed."""
+    for prompt in corpus_prompts(corpus_text, 6):
+        for seed in range(4):
+            text = plain.generate(prompt, lookup=True, seed=seed, **options)
+            if text != plain.generate(prompt, seed=seed, **options):
+                return prompt, seed, text
+    pytest.fail("lookup never changed a seeded sampled text: nothing to tell speculation from plain decoding")
+
+
+def counting_speculation(monkeypatch) -> list[SpeculationStats]:
+    """Every speculative decode the Generator starts from now on, as the stats it fills."""
+    from edgegpt.runtime import generator as generator_module
+
+    started: list[SpeculationStats] = []
+    run = generator_module.run_speculative
+
+    def recorded(*args):
+        started.append(args[-1])
+        return (yield from run(*args))
+
+    monkeypatch.setattr(generator_module, "run_speculative", recorded)
+    return started
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0, max_new_tokens=40),
+                                     dict(temperature=1.2, top_k=0, max_new_tokens=40, stop_at_eos=False)])
+def test_a_batch_with_lookup_is_its_one_by_one_lookups(plain, corpus_text, options, monkeypatch):
+    prompts = corpus_prompts(corpus_text, 6)
+    seeds = list(range(len(prompts)))
+    expected = [plain.generate(p, lookup=True, seed=s, **options) for p, s in zip(prompts, seeds)]
+    started = counting_speculation(monkeypatch)
+    assert plain.generate_batch(prompts, lookup=True, seed=seeds, **options) == expected
+    assert len(started) == len(prompts) and sum(stats.proposed for stats in started) > 0  # it did guess
+    started.clear()
+    assert plain.generate_batch(prompts, lookup=True, speculate=False, seed=seeds, **options) == \
+        plain.generate_batch(prompts, seed=seeds, **options)
+    assert started == []  # speculate=False: batched plainly, as asked
+
+
+def test_a_batch_with_a_draft_is_its_one_by_one_generations(drafted, corpus_text, monkeypatch):
+    prompts = corpus_prompts(corpus_text, 4)
+    seeds, options = [3, 1, 4, 1], dict(temperature=0.9, max_new_tokens=30)
+    expected = [drafted.generate(p, seed=s, **options) for p, s in zip(prompts, seeds)]
+    started = counting_speculation(monkeypatch)
+    assert drafted.generate_batch(prompts, seed=seeds, **options) == expected
+    assert len(started) == len(prompts) and all(stats.target_steps > 0 for stats in started)
+
+
+def test_the_continuous_batcher_speculates_a_sequence_that_asks(plain, corpus_text):
+    from edgegpt.runtime.continuous import ContinuousBatcher
+
+    options = dict(temperature=1.2, top_k=0, max_new_tokens=40, stop_at_eos=False)
+    prompt, seed, expected = lookup_differs_from_plain(plain, corpus_text, options)
+    batcher = ContinuousBatcher(plain, 2)
+    try:
+        beside = batcher.stream(prompt, seed=seed, **options)  # a plain sequence in the batch meanwhile
+        first = next(beside)
+        stream = batcher.stream(prompt, lookup=True, seed=seed, **options)
+        assert "".join(stream) == expected and stream.speculation.proposed > 0
+        assert first + "".join(beside) == plain.generate(prompt, seed=seed, **options) != expected
+        assert beside.speculation is None
+    finally:
+        batcher.close()
+
+
+def test_a_batching_server_honours_lookup_per_request(tiny_package, plain, corpus_text):
+    from serving import Server
+
+    options = dict(temperature=1.2, top_k=0, max_new_tokens=40, stop_at_eos=False)
+    prompt, seed, expected = lookup_differs_from_plain(plain, corpus_text, options)
+    body = {"prompt": prompt, "temperature": 1.2, "top_k": 0, "max_tokens": 40, "ignore_eos": True, "seed": seed}
+    with Server(tiny_package, "--parallel", "2") as server:  # a fused package on the CPU: continuous batching
+        status, reply = server.request("POST", "/v1/completions", {**body, "lookup": True})
+        assert status == 200 and reply["choices"][0]["text"] == expected
+        status, reply = server.request("POST", "/v1/completions", body)
+        assert status == 200 and reply["choices"][0]["text"] == plain.generate(prompt, seed=seed, **options)

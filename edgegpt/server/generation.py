@@ -8,8 +8,10 @@ from the worker thread that decodes to the event loop that answers HTTP.
              the slot is released by the worker itself, when the decode loop has really ended, so a
              cancelled request frees its slot only once its thread stops using the CPU
 
-Every slot runs its own sequence (its own KV cache, sampler and stop rules) on the one loaded Generator,
-whose session is shared and thread-safe (runtime/generator.py). Cancelling sets the stream's `cancel`
+Every slot runs its own sequence (its own sampler and stop rules; its own KV cache, or its row of the
+continuous batcher's buffers: runtime/continuous.py) on the one loaded Generator, whose session is shared
+and thread-safe (runtime/generator.py). A request that guesses ahead (a draft, lookup) is decoded by its
+slot's own thread even where the others share a batch. Cancelling sets the stream's `cancel`
 event, which the decode loop checks before every forward pass: a request whose client went away stops
 within one decode step.
 """

@@ -15,7 +15,10 @@ edgegpt's own, as extra fields (the `openai` client sends them with extra_body=.
     top_k, min_p, repetition_penalty, ignore_eos (true: the end-of-text token does not end the reply,
     as llama.cpp's server's ignore_eos; benchmarks use it to generate exactly max_tokens tokens),
     truncate ("left": keep the end of a prompt too long for the context; in chat, drop the oldest turns),
-    lookup and speculate (booleans: guess ahead from the text so far; false: no guessing ahead at all)
+    lookup and speculate (booleans: guess ahead from the text so far; false: no guessing ahead at all).
+    Honoured on every server: where the --parallel slots share a continuous batch, a request that guesses
+    ahead is decoded on its own beside the batch (runtime/continuous.py), so it gets what
+    Generator.stream gives with the same options
 Accepted and ignored, because they change nothing here: user, metadata, store, service_tier, and the
 off values of logprobs, top_logprobs, logit_bias, tools, tool_choice, response_format {"type": "text"},
 echo, best_of, suffix. Anything else is a 400 naming the field: a request that asks for something edgegpt
