@@ -15,14 +15,13 @@ The static buffers grow with what the sequence holds instead of being allocated 
               tokens rounded up to a power of two), at most max_length; the valid positions are copied
               over and the new buffer re-bound as past and present; steps in between stay in place.
 
-Why: a buffer of max_length positions is what the graph could hold, not what a conversation holds.
-SmolLM2-135M (30 layers, 3 × 64 cache per layer, 8,192 positions) needs 377 MB of fp32 cache per
-sequence, and onnxruntime's GroupQueryAttention touches the whole buffer on a prefill. Measured on its
-int8 package (2 cores, other work running): the first prefill of a 32-token prompt took 0.32 s with
-8,192 positions and 0.04 s with 512; RSS at the first token 618 MB preallocated, 371 MB grown;
-`edgegpt bench` peak RSS 733 MB before, 351 MB after; decode tokens/s the same (interleaved A/B at 32
-and 1,000 cached tokens), and 600 greedy tokens across two growths identical. Doubling keeps the copies
-to less than the final size in all (a fraction of a decode step per token, amortized).
+Why: a buffer of max_length positions is what the graph could hold, not what a conversation holds. A
+model with a long context (SmolLM2-135M: 8,192 positions) needs hundreds of MB of fp32 cache per sequence
+that way, and onnxruntime's GroupQueryAttention touches the whole buffer on a prefill, so a first
+prefill into a preallocated buffer is several times slower than into a small one, and the process's
+memory is far higher; decode speed is the same either way, and greedy text across growths identical
+(the A/B: docs/benchmarks.md). Doubling keeps the copies to less than the final size in all (a
+fraction of a decode step per token, amortized).
 
 Precision: the buffers are of the package's cache dtype (config.json's graph `dtype`): float32; float16
 (CUDA packages); or int8, onnxruntime's quantized cache (`edgegpt export --kv-cache int8`), a quarter of
@@ -47,8 +46,8 @@ from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.package import ModelPackage
 from edgegpt.runtime.session import ort_error_detail
 
-# Positions a static cache starts with (at most max_length). 256 fp32 positions of SmolLM2-135M are
-# 12 MB: a short exchange never grows, a long one doubles a handful of times. Read at each allocation.
+# Positions a static cache starts with (at most max_length): a short exchange never grows, a long one
+# doubles a handful of times, and a small model's 256 positions are a few MB. Read at each allocation.
 FIRST_POSITIONS = 256
 
 
@@ -138,8 +137,8 @@ class SequenceBuffers:
     """One static-layout sequence's mutable state, shared by all its KVCaches: the cache buffers at their
     current capacity, and a decode step's inputs and logits output as numpy arrays bound once (CPU
     memory, wrapped without a copy): a step writes three numbers and runs. Binding fresh arrays and
-    letting onnxruntime allocate the logits every step measured 3.47 ms per step against 3.35 ms bound
-    once (`small`, 2 threads, raw onnxruntime), and the Python side of re-binding cost about as much again.
+    letting onnxruntime allocate the logits every step is measurably slower per step, and the Python side
+    of re-binding costs about as much again (docs/benchmarks.md).
     """
 
     def __init__(self, vocab_size: int, capacity: int) -> None:
@@ -281,7 +280,7 @@ class StaticRunner:
 
 RUNNERS = {"concat": ConcatRunner, "static": StaticRunner}
 # Where each cache dtype runs: onnxruntime quantizes the int8 cache on the CPU only, and a float16 cache is
-# for CUDA (on the CPU its GroupQueryAttention measured ~8x slower than float32: ONNX-NOTES.md).
+# for CUDA (on the CPU its GroupQueryAttention is several times slower than float32: ONNX-NOTES.md).
 CACHE_PROVIDERS = {"float32": ("cpu", "cuda"), "float16": ("cuda",), "int8": ("cpu",)}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 

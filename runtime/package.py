@@ -157,7 +157,7 @@ class ModelPackage:
     def load(cls, path: str | Path, tokenizer: Tokenizer | None = None) -> "ModelPackage":
         """Validate the directory and parse everything except model.onnx (the session loads that).
         tokenizer: one already parsed from a byte-identical tokenizer.json (a draft shares its target's),
-        used instead of parsing it again: 0.1 s for SmolLM2's 49,152 tokens."""
+        used instead of parsing it again (a large vocabulary takes a noticeable part of a load to parse)."""
         path = Path(path)
         if not path.is_dir():
             raise EdgeGPTError(f"no model package at {path}; run `edgegpt train` and `edgegpt export` first")

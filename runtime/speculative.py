@@ -1,7 +1,7 @@
 """Speculative decoding: guess several tokens cheaply, check them with one forward pass of the model.
 
 At batch 1 a decode step reads every weight to make one token; a forward of K+1 tokens reads them once
-for all K+1 positions (SmolLM2-135M int8 on 2 cores: 1 token 8.8 ms, 4 tokens 13.2 ms). So:
+for all K+1 positions, so it costs far less than K+1 steps (docs/benchmarks.md). So:
 
     history (prompt + kept tokens) ─► a drafter proposes d1..dK after the last token
         draft model   a smaller model with the same tokenizer runs ahead K steps (its own KV cache)
@@ -19,10 +19,10 @@ for all K+1 positions (SmolLM2-135M int8 on 2 cores: 1 token 8.8 ms, 4 tokens 13
 
 The result is distributed exactly as plain sampling of the logits the passes compute (greedy: p is
 one-hot, so a draft is kept only when it is the argmax). On float32 packages a pass of K+1 tokens gives
-the one-token logits to ~2e-5, so greedy text is the plain text (tests/test_speculative.py). On int8
+the one-token logits to float32 rounding, so greedy text is the plain text (tests/test_speculative.py). On int8
 packages it does not: onnxruntime's MatMulNBits computes a multi-token pass differently, so greedy text
-with speculation is another text, not the plain one (`benchmarks/pass_numerics.py`, SmolLM2-135M: |Δ logit|
-between a 1-token and a 4-token pass, median 0.50 int8, 2.3e-5 float32).
+with speculation is another text, not the plain one (`benchmarks/pass_numerics.py` measures |Δ logit|
+between a 1-token and a 4-token pass: docs/benchmarks.md).
 Seeded runs repeat, but draw other random numbers than plain decoding,
 so a seeded sampled text differs from the plain one while following the same distribution.
 
@@ -79,17 +79,17 @@ class Drafter(Protocol):
         """After a verification: history[:valid] still holds; `accepted` of `proposed` guesses were kept."""
 
 
-# What a pass of k + 1 tokens costs in one-token passes: 1.5 at k = 3, as SmolLM2-135M int8 on 2 cores
-# (8.8 -> 13.2 ms, issue 14's figures); the first extra token costs most. Timed inside speculative runs
-# (`benchmarks/speculative_costs.py`, `small` int8 with a `nano` draft) passes cost ~12% more than this
-# (1.38 at k = 1, 1.64 at k = 3): the model errs towards guessing.
+# What a pass of k + 1 tokens costs in one-token passes, fitted to SmolLM2-135M int8 on a CPU; the first
+# extra token costs most. Timed inside speculative runs (`benchmarks/speculative_costs.py`) passes cost
+# somewhat more than this, so the model errs towards guessing (the figures: docs/benchmarks.md).
 def pass_cost(k: int) -> float:
     return 1.0 if k == 0 else 1.1 + 0.13 * k
 
 
-# What one guess costs in one-token target passes, verification included: a `nano` draft's step is 0.14 of
-# a `small` target's, its catch-up step of two tokens after an all-kept pass 0.23 (both int8, 2 cores,
-# `benchmarks/speculative_costs.py`); a lookup is a dictionary probe, and checking a sampled guess a softmax.
+# What one guess costs in one-token target passes, verification included: a `nano` draft's step is a small
+# fraction of a `small` target's, a little more for its catch-up step after an all-kept pass
+# (`benchmarks/speculative_costs.py`, docs/benchmarks.md); a lookup is a dictionary probe, and checking a
+# sampled guess a softmax.
 DRAFT_GUESS_COST = 0.15
 LOOKUP_GUESS_COST = 0.04
 # Guessing must promise this much more than plain decoding: the cost model is a few percent off either way.
