@@ -214,3 +214,12 @@ def test_version_falls_back_to_the_package_when_not_installed(monkeypatch):
     monkeypatch.setattr(edgegpt, "__version__", "9.8.7-source")
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout == "edgegpt 9.8.7-source\n"
+
+
+def test_the_process_bench_times_imports_no_cli_framework():
+    """`edgegpt bench`'s cold start is what generating costs in a fresh process: its child must not pay
+    for typer (or the rest of the command line) on top."""
+    code = "import sys, edgegpt.cli.bench_child; print(sorted(m for m in sys.modules if m.split('.')[0] == 'typer'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

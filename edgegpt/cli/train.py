@@ -60,7 +60,7 @@ def train_options(values: dict[str, Any]) -> TrainOptions:
     """TrainOptions from the command's values: the paths as strings (absolute where the field says so)."""
     values = dict(values)
     for field, flag in flags():
-        path = values[field.name]
+        path = values.get(field.name)
         if flag.path and path is not None:
             values[field.name] = str(path.resolve() if flag.absolute else path)
     return TrainOptions(**values)
