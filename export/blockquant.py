@@ -28,8 +28,8 @@ Three roundings:
               layer's output error, not the weights', is what is kept small; each block's grid is the
               "search" one, chosen when the walk reaches the block. Needs calibration text.
 
-SmolLM2-135M at 4 bits, blocks of 32 (benchmarks/quantization.py, 16,384 held-out tokens, whole package):
-symmetric "rtn" +23.3% perplexity, asymmetric "search" +9.0%, asymmetric "gptq" +8.2%.
+How much each method keeps of a real model's perplexity at 4 bits (`benchmarks/formats.py quantization`):
+docs/benchmarks.md, section Quantization.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edgegpt.scoring import Score
-from edgegpt.train.loop import Reporter
+from edgegpt.train.reporting import Reporter
 
 stderr = Console(stderr=True, highlight=False)
 

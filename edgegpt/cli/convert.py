@@ -20,7 +20,9 @@ def convert(
     """Import a GGUF file or a Hugging Face model as a checkpoint, or write a checkpoint as a Hugging Face
     directory. Generation settings (eos ids, bos) and the chat template come along; a .gguf file needs the
     gguf package (pip install "edgegpt\\[convert]")."""
-    with user_errors("convert", needs=TRAINING_NEEDS):
+    from_gguf = source.suffix.lower() == ".gguf"
+    with user_errors("convert", "of a .gguf file" if from_gguf else "", needs=TRAINING_NEEDS,
+                     extra="convert" if from_gguf else None):
         from edgegpt.convert import convert as run_convert
 
         direction, written = run_convert(source, out)

@@ -35,19 +35,22 @@ EXTRA_OF_MODULE = {
 }
 
 
-def missing_extra_message(error: ModuleNotFoundError, command: str, purpose: str = "") -> str | None:
+def missing_extra_message(error: ModuleNotFoundError, command: str, purpose: str = "",
+                          extra: str | None = None) -> str | None:
     """The one line for `command` failing on an optional dependency that is not installed, or None when
     `error` is anything else. Only the top-level module itself counts as missing: a submodule that
-    fails to import (`torch._C`) is a broken installation, which a traceback explains better."""
-    extra = EXTRA_OF_MODULE.get(error.name or "")
-    if extra is None:
+    fails to import (`torch._C`) is a broken installation, which a traceback explains better. `extra`
+    names the extra that brings everything this use of `command` needs, where that is not the module's own
+    (converting a GGUF file needs [convert], which brings [train] along)."""
+    if error.name not in EXTRA_OF_MODULE:
         return None
+    extra = extra or EXTRA_OF_MODULE[error.name]
     needs = f"edgegpt {command}{f' {purpose}' if purpose else ''} needs {error.name}"
     return f"{needs}, which is not installed; it comes with the [{extra}] extra: pip install 'edgegpt[{extra}]'"
 
 
 @contextmanager
-def user_errors(command: str, purpose: str = "", needs: Iterable[str] = ()) -> Iterator[None]:
+def user_errors(command: str, purpose: str = "", needs: Iterable[str] = (), extra: str | None = None) -> Iterator[None]:
     """A user mistake (EdgeGPTError) or a missing optional dependency is one line on stderr and exit code 2;
     a bug keeps its traceback. `needs`: the optional modules `command` always imports, checked before it
     starts (export would otherwise find onnxscript missing only when it writes the package, minutes in).
@@ -60,7 +63,7 @@ def user_errors(command: str, purpose: str = "", needs: Iterable[str] = ()) -> I
     except EdgeGPTError as e:
         fail(str(e))
     except ModuleNotFoundError as e:
-        message = missing_extra_message(e, command, purpose)
+        message = missing_extra_message(e, command, purpose, extra)
         if message is None:
             raise
         fail(message)

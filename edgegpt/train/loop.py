@@ -43,7 +43,7 @@ from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CONFIG, TOKENIZER, TRAIN_STATE, WEIGHTS
 from edgegpt.core.io import write_bytes_atomic
 from edgegpt.model import GPT
-from edgegpt.scoring import Score, char_starts_table
+from edgegpt.scoring import char_starts_table
 from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train import distributed
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
@@ -57,6 +57,7 @@ from edgegpt.train.distill import (
     student_config_from_teacher,
 )
 from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
+from edgegpt.train.reporting import Reporter
 from edgegpt.train.state import load_train_state, read_progress, save_train_state
 from edgegpt.train.validation import evaluate_sample
 
@@ -82,17 +83,6 @@ class TrainSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class Reporter:
-    """What training tells the user; the CLI draws a progress bar, tests stay silent."""
-
-    def start(self, total_steps: int | None, budget_s: float | None, info: dict[str, Any]) -> None: ...
-    def step(self, step: int, loss: float, tokens_per_s: float, progress: float,
-             parts: dict[str, float] | None = None) -> None: ...
-    def evaluated(self, step: int, result: Score, best: bool) -> None: ...
-    def log(self, message: str) -> None: ...
-    def stop(self) -> None: ...
 
 
 @dataclass

@@ -182,7 +182,7 @@ def flags() -> list[tuple[dataclasses.Field, Flag]]:
 
 # --as-draft: alpha 0, temperature 1, i.e. only KL(teacher ‖ student) on the unsoftened distributions. A
 # guess is kept with probability sum(min(p, q)) (greedy: when the argmaxes agree), which grows as q nears p
-# itself; labels and softening aim elsewhere. benchmarks/draft_recipes.py compares the recipes (agreement
+# itself; labels and softening aim elsewhere. `benchmarks/speculative.py draft-recipes` compares the recipes (agreement
 # with the target, kept guesses, validation loss): its figures are in docs/benchmarks.md.
 DRAFT_RECIPE = (0.0, 1.0)
 
