@@ -350,8 +350,10 @@ def test_cli_chat_with_a_template_drops_the_oldest_turns(chat_package, corpus_te
     assert "edgegpt: error: the conversation is" in strict.stderr.strip().splitlines()[-1]
 
 
-def test_cli_max_length_caps_generate_and_chat(chat_package):
-    base = ["--model", str(chat_package), "--temperature", "0", "--provider", "cpu", "--max-length", "24"]
+def test_cli_max_length_caps_generate_and_chat(scripted_package, tmp_path):
+    # The scripted package never writes its eos (conftest.SCRIPT), so the context is what ends both replies.
+    scripted_chat = package_with(scripted_package, tmp_path / "model", PLAIN_CHAT)
+    base = ["--model", str(scripted_chat), "--temperature", "0", "--provider", "cpu", "--max-length", "24"]
     capped = runner.invoke(app, ["generate", "The ", *base, "--max-new-tokens", "50"])
     assert capped.exit_code == 0, capped.output
     assert capped.stderr.strip() == "edgegpt: the model's context (24 tokens) is full; " \

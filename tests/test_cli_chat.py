@@ -78,6 +78,20 @@ def test_generate_flags_reach_the_sampler(tiny_package, gen):
     assert bad.exit_code == 2 and bad.stderr.startswith("edgegpt: error: min_p")
 
 
+def test_repetition_penalty_reaches_the_sampler(tiny_package, gen, corpus_text):
+    """--repetition-penalty's output is the API's with the penalty, on a prompt where the penalty changes the
+    greedy text (looked for: what a briefly trained model repeats depends on the CPU's rounding)."""
+    options = dict(max_new_tokens=30, temperature=0)
+    candidates = ["The ", *(line.strip() for line in corpus_text.splitlines()[:100] if line.strip())]
+    prompt = next((p for p in candidates
+                   if gen.generate(p, **options, repetition_penalty=1e6) != gen.generate(p, **options)), None)
+    assert prompt is not None, "the penalty changes no prompt's text: the test could not tell it was applied"
+    penalised = runner.invoke(app, ["generate", prompt, "--model", str(tiny_package), "--max-new-tokens", "30",
+                                    "--temperature", "0", "--repetition-penalty", "1e6", "--provider", "cpu"])
+    assert penalised.exit_code == 0, penalised.output
+    assert penalised.stdout == prompt + gen.generate(prompt, **options, repetition_penalty=1e6) + "\n"
+
+
 def test_convert_prints_the_direction(tiny_checkpoint, tmp_path):
     result = runner.invoke(app, ["convert", str(tiny_checkpoint), str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
