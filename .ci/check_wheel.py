@@ -122,11 +122,12 @@ def check_base_install(bin_dir: Path, wheel: Path, package: Path, gguf_file: Pat
         fail(f"generate from the wheel gave {text!r}, the checkout {from_checkout!r}")
     step("base install: info, and generate equal to the checkout's")
 
-    chat = run([*edgegpt, "chat", "--model", str(package), "--max-new-tokens", "8", "--temperature", "0"],
-               cwd=outside, stdin="Hi there\n/quit\n")
-    if "Traceback" in chat.stderr or "/quit leaves" not in chat.stdout:
-        fail(f"edgegpt chat:\n{chat.stdout}\n{chat.stderr}")
-    step("base install: chat")
+    options = ["--model", str(package), "--max-new-tokens", "8", "--temperature", "0"]
+    chat = run([*edgegpt, "chat", *options], cwd=outside, stdin="Hi there\n/quit\n")
+    answer = run([*edgegpt, "generate", "--chat", "Hi there", *options], cwd=outside).stdout
+    if "/quit leaves" not in chat.stderr or chat.stdout != answer:
+        fail(f"edgegpt chat replied {chat.stdout!r}, generate --chat {answer!r}:\n{chat.stderr}")
+    step("base install: chat replies as generate --chat does")
 
     check_imports(bin_dir / "python", outside)
     for command, extra in ((["convert", str(gguf_file), str(outside / "converted")], "convert"),
@@ -153,6 +154,8 @@ for requirement in distribution("edgegpt").requires or []:
         optional.add(re.split(r"[ <>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("-", "_"))
 imported, needs_extra = [], {}
 for module in pkgutil.walk_packages(edgegpt.__path__, "edgegpt."):
+    if module.name.endswith(".__main__"):  # runs the CLI
+        continue
     try:
         importlib.import_module(module.name)
         imported.append(module.name)
