@@ -68,7 +68,8 @@ class ContinuousBatcher:
         stream = batcher.stream_chat(messages, **options)          # as Generator.stream_chat
 
     More sequences than rows wait (first come, first served) until a row is free. close() ends the
-    decode thread; sequences still running end with an EdgeGPTError.
+    decode thread; sequences still running in it end with an EdgeGPTError. A sequence that guesses ahead
+    takes no row: it decodes on its own (module doc), and close() leaves it be.
     """
 
     def __init__(self, generator: Generator, rows: int) -> None:

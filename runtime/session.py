@@ -1,6 +1,6 @@
 """Execution providers and the onnxruntime InferenceSession: which provider a package runs on, threads,
-and readable load errors. The provider policy lives here and nowhere else (Generator.load calls
-open_session; kv_cache.check_cache_runs only refuses what this policy never picks).
+and readable load errors. The provider policy lives here (Generator.load calls open_session); once the
+session exists, kv_cache.check_cache_runs checks that its provider runs the package's cache dtype.
 
 Providers, as the user names them:
     "auto"  CUDA when this onnxruntime has the CUDA provider and a GPU actually initialises, else CPU
