@@ -59,6 +59,17 @@ def tracked_sources() -> list[str]:
     return sorted(path for path in listing if (CHECKOUT / path).is_file())
 
 
+def source_modules() -> set[str]:
+    """The import names of the tracked Python files, as setup.py maps the three folders (no __main__)."""
+    prefix = {"edgegpt": "edgegpt", "export": "edgegpt.export", "runtime": "edgegpt.runtime"}
+    names = set()
+    for path in tracked_sources():
+        folder, _, rest = path.removesuffix(".py").partition("/")
+        if path.endswith(".py") and not rest.endswith("__main__"):
+            names.add(".".join([prefix[folder], *rest.split("/")]).removesuffix(".__init__"))
+    return names
+
+
 def build_wheel(work: Path) -> Path:
     """pip wheel over a copy of the tracked files, so nothing stale in build/ or the working tree rides along."""
     source = work / "source"
@@ -142,7 +153,7 @@ def check_base_install(bin_dir: Path, wheel: Path, package: Path, gguf_file: Pat
 
 
 IMPORT_EVERY_MODULE = r"""
-import importlib, json, pkgutil, re, sys
+import importlib, json, pathlib, re
 from importlib.metadata import distribution
 
 import edgegpt
@@ -152,18 +163,21 @@ optional = set()
 for requirement in distribution("edgegpt").requires or []:
     if "extra ==" in requirement:
         optional.add(re.split(r"[ <>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("-", "_"))
+optional.discard("edgegpt")  # [convert] brings edgegpt[train]: a missing edgegpt module is never optional
 imported, needs_extra = [], {}
-for module in pkgutil.walk_packages(edgegpt.__path__, "edgegpt."):
-    if module.name.endswith(".__main__"):  # runs the CLI
+root = pathlib.Path(edgegpt.__file__).parent
+for path in sorted(root.rglob("*.py")):  # every file, also inside packages that need an extra
+    name = ".".join(("edgegpt", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+    if name.endswith(".__main__"):  # runs the CLI
         continue
     try:
-        importlib.import_module(module.name)
-        imported.append(module.name)
+        importlib.import_module(name)
+        imported.append(name)
     except ModuleNotFoundError as error:
         top = (error.name or "").split(".")[0]
-        if top.lower() not in optional and top.lower() != "edgegpt":
+        if top.lower() not in optional:
             raise
-        needs_extra[module.name] = top
+        needs_extra[name] = top
 print(json.dumps({"imported": imported, "needs_extra": needs_extra}))
 """
 
@@ -172,6 +186,10 @@ def check_imports(python: Path, outside: Path) -> None:
     """Every module imports, or fails only on a distribution an extra brings; the runtime, the core and
     the CLI need none."""
     report = json.loads(run([str(python), "-c", IMPORT_EVERY_MODULE], cwd=outside).stdout)
+    found = {"edgegpt", *report["imported"], *report["needs_extra"]}
+    if found != (expected := source_modules()):
+        fail(f"modules in the checkout but not in the installed wheel: {sorted(expected - found)}; "
+             f"in the wheel only: {sorted(found - expected)}")
     for name, missing in report["needs_extra"].items():
         if name.startswith(("edgegpt.runtime", "edgegpt.core", "edgegpt.cli")):
             fail(f"{name} needs {missing}, which the base install lacks")
