@@ -66,8 +66,8 @@ def create_app(generator, settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["slots"] = app.state.slots = Slots(settings.parallel, settings.max_queue)
-        # Parallel requests share each decode step when the package allows (runtime/continuous.py): 4
-        # clients got 2x the tokens/s of one slot (benchmarks/serve_load.py). Otherwise, and when guessing
+        # Parallel requests share each decode step when the package allows (runtime/continuous.py; what that
+        # buys under load: docs/benchmarks.md, section Serving). Otherwise, and when guessing
         # ahead was asked for (a draft, lookup: runtime/speculative.py, one sequence at a time), each slot
         # decodes on its own, side by side on the one session.
         speculating = generator.draft is not None or settings.lookup
