@@ -101,7 +101,7 @@ def test_empty_prompt_starts_from_end_of_text(generator):
 
 
 def test_stream_joined_equals_generate(generator):
-    options = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    options = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
     pieces = list(generator.stream("The ", **options))
     assert len(pieces) > 5 and all(pieces)
     assert "".join(pieces) == generator.generate("The ", **options)

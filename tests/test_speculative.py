@@ -57,31 +57,52 @@ def corpus_prompts(corpus_text: str, count: int = 12) -> list[str]:
     return prompts
 
 
-GREEDY_CASES = [dict(max_new_tokens=40), dict(max_new_tokens=25, stop=["\n"]), dict(max_new_tokens=60, stop=[" the"]),
+# A stop case's strings come from the plain text itself (stop_from_text), so every CPU's text has them.
+GREEDY_CASES = [dict(max_new_tokens=40), dict(max_new_tokens=25, stop="one"), dict(max_new_tokens=60, stop="two"),
                 dict(max_new_tokens=1), dict(max_new_tokens=50, stop_at_eos=False)]
+
+
+def stop_from_text(options: dict, plain: Generator, prompt: str) -> dict:
+    """options with "stop" replaced by strings the plain greedy text holds: "one", three characters from its
+    middle (it ends there or earlier); "two", those and two characters near its start (the earlier one wins)."""
+    if "stop" not in options:
+        return options
+    text = plain.generate(prompt, temperature=0, **{k: v for k, v in options.items() if k != "stop"})
+    middle, start = len(text) // 2, min(3, len(text) // 4)
+    stops = [text[middle : middle + 3]] + ([text[start : start + 2]] if options["stop"] == "two" else [])
+    return {**options, "stop": [s for s in stops if s] or None}
 
 
 @pytest.mark.parametrize("options", GREEDY_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_greedy_with_a_draft_is_the_plain_text(drafted, plain, corpus_text, options):
+    stopped = 0
     for prompt in corpus_prompts(corpus_text):
-        expected = plain.stream(prompt, temperature=0, **options)
+        options_here = stop_from_text(options, plain, prompt)
+        expected = plain.stream(prompt, temperature=0, **options_here)
         text = "".join(expected)
-        stream = drafted.stream(prompt, temperature=0, **options)
+        stream = drafted.stream(prompt, temperature=0, **options_here)
         assert "".join(stream) == text
         assert (stream.finish_reason, stream.completion_tokens) == (expected.finish_reason, expected.completion_tokens)
         assert stream.speculation is not None and stream.speculation.target_steps <= expected.completion_tokens
+        stopped += stream.finish_reason == "stop"
+    assert stopped > 0 or "stop" not in options  # the stop path ran
 
 
 @pytest.mark.parametrize("options", GREEDY_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_greedy_with_lookup_is_the_plain_text(plain, corpus_text, options):
-    kept = 0
+    kept = stopped = 0
     for prompt in corpus_prompts(corpus_text):
-        expected = plain.stream(prompt, temperature=0, **options)
+        options_here = stop_from_text(options, plain, prompt)
+        expected = plain.stream(prompt, temperature=0, **options_here)
         text = "".join(expected)
-        stream = plain.stream(prompt, temperature=0, lookup=True, **options)
+        stream = plain.stream(prompt, temperature=0, lookup=True, **options_here)
         assert "".join(stream) == text and stream.finish_reason == expected.finish_reason
         kept += stream.speculation.accepted
-    assert kept > 0 or options["max_new_tokens"] == 1  # lookup did guess right, so runs were accepted
+        stopped += stream.finish_reason == "stop"
+    # Lookup did guess right, so runs were accepted: the cases that run on (a stop string from the text's
+    # middle may end a reply before it repeats anything) and make more than one token.
+    assert kept > 0 or options["max_new_tokens"] == 1 or "stop" in options
+    assert stopped > 0 or "stop" not in options  # the stop path ran
 
 
 def test_the_same_weights_as_draft_are_always_right(tiny_package, plain):
