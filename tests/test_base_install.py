@@ -97,6 +97,16 @@ def test_a_command_that_needs_torch_names_the_train_extra(command, edgegpt, tmp_
     assert not (tmp_path / "written").exists() and not (tmp_path / "home").exists()
 
 
+def test_converting_a_gguf_file_names_the_convert_extra(edgegpt, tmp_path):
+    """[train] alone would not do (the file needs gguf too): the line names [convert], which brings both."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    proc = edgegpt("convert", source, tmp_path / "written")
+    assert_needs_extra(proc, "convert")
+    assert "convert of a .gguf file needs torch" in proc.stderr
+    assert not (tmp_path / "written").exists()
+
+
 @pytest.mark.parametrize("missing", TRAIN_EXTRA[1:])
 def test_export_with_torch_but_not_the_rest_of_the_extra_names_what_is_missing(missing, edgegpt, tmp_path,
                                                                                tiny_checkpoint):
