@@ -153,9 +153,10 @@ CLI_CASES: dict[str, Case] = {}
 API_CASES: dict[str, Case] = {}
 
 
-def cli(name: str, *words: str, subprocess: bool = False, xfail: str | None = None):
+def cli(name: str, *words: str, subprocess: bool = False, xfail: str | None = None, slow: bool = False):
     def register(build):
         marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+        marks += [pytest.mark.slow] if slow else []
         CLI_CASES[name] = Case(build, words, subprocess, marks)
         return build
     return register
@@ -189,7 +190,7 @@ def _(s):
     return s.train(data=s.root / "inputs" / "tables")
 
 
-@cli("train-existing-checkpoint-kept", "photo.png", "UTF-8")
+@cli("train-existing-checkpoint-kept", "photo.png", "UTF-8", slow=True)  # trains until it meets the bad file
 def _(s):
     s.copy_of("tiny_checkpoint", s.out / "checkpoint")
     return s.train(data=s.file("photo.png", BINARY))

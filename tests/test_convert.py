@@ -16,6 +16,7 @@ from edgegpt.core.errors import EdgeGPTError
 transformers = pytest.importorskip("transformers", reason="transformers is in the [dev] extra")
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_transformers_loads_our_export(tmp_path, tiny_checkpoint):
     direction, hf_dir = convert(tiny_checkpoint, tmp_path / "hf")
     assert direction == "checkpoint → huggingface"

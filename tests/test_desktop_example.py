@@ -165,6 +165,7 @@ def test_a_bad_model_path_is_one_line_in_the_window_not_a_traceback(display, tmp
     assert report["replies"] == [] and report["ready_s"] is None
 
 
+@pytest.mark.slow  # over half a second on two cores
 @pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not on PATH (Debian: apt-get install xdotool)")
 def test_without_a_path_the_model_is_chosen_in_the_folder_dialog(display, tiny_package):
     (pieces, _), = expected_replies(tiny_package, ["Hello"], 16)

@@ -87,6 +87,7 @@ def test_window_option_of_eval(tiny_checkpoint, few_hundred_tokens):
     assert table.exit_code == 0 and "windows of 32 tokens, stride 16" in " ".join(table.stdout.split())
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_export_records_the_window(long_context_checkpoint, few_hundred_tokens, tmp_path):
     text, n_tokens = few_hundred_tokens
     result = runner.invoke(app, ["export", str(long_context_checkpoint), "--out", str(tmp_path / "model"),
@@ -150,6 +151,7 @@ def test_reference_logits_of_scored_positions_only(tiny_checkpoint):
     assert reference.model.lm_head._forward_pre_hooks == {}  # the cut is removed after each call
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_batched_greedy_equals_one_prompt_at_a_time(tiny_checkpoint, corpus_text):
     from edgegpt.checkpoint import load_checkpoint
     from edgegpt.reference import TorchReference

@@ -20,6 +20,7 @@ runner = CliRunner()
 STRICT = GateLimits(perplexity_increase={"int8": -0.5})  # perplexity would have to halve
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_failed_gate_writes_nothing_and_keeps_the_old_package(tiny_checkpoint, tiny_package, corpus_file, tmp_path):
     out = tmp_path / "model"
     shutil.copytree(tiny_package, out)
@@ -34,6 +35,7 @@ def test_failed_gate_writes_nothing_and_keeps_the_old_package(tiny_checkpoint, t
     assert [m["name"] for m in report["gates"]["models"]] == ["PyTorch float32", "package (fused, int8)"]
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_no_gate_writes_and_records_the_failure(tiny_checkpoint, corpus_file, tmp_path):
     report = export_package(tiny_checkpoint, tmp_path / "model", quantize=True, eval_data=corpus_file,
                             eval_tokens=EVAL_TOKENS, gate=False, gate_limits=STRICT)
@@ -49,6 +51,7 @@ def test_float32_logit_gate(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_cli_prints_the_table_then_one_line_when_a_gate_fails(tiny_checkpoint, corpus_file, tmp_path, monkeypatch):
     import edgegpt.export.gates as gates
 
@@ -125,6 +128,7 @@ def test_checkpoint_whose_config_and_weights_disagree(tiny_checkpoint, tmp_path)
 # -- edgegpt eval ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_eval_checkpoint_and_package_agree(tiny_checkpoint, tiny_package, corpus_file):
     args = ["--data", str(corpus_file), "--eval-tokens", str(EVAL_TOKENS), "--json"]
     torch_run = runner.invoke(app, ["eval", str(tiny_checkpoint), *args])
@@ -156,6 +160,7 @@ def test_eval_of_a_package_needs_data(tiny_package):
     assert_one_line_error(runner.invoke(app, ["eval", str(tiny_package)]), "--data")
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_the_method_option_reaches_the_quantizer(tiny_checkpoint, corpus_file, tmp_path):
     out = tmp_path / "model"
     result = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(out), "--quantize", "--method", "dynamic",

@@ -172,6 +172,7 @@ def test_batch_with_one_seed_per_row_and_a_row_that_fills_the_context(gen, corpu
 # -- threads and cancelling --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_eight_threads_share_one_generator(gen):
     """8 threads × 20 seeded generations each, every thread in its own order, equal the sequential ones."""
     jobs = [(prompt, seed) for prompt in PROMPTS for seed in range(5)]  # 20

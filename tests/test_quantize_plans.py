@@ -205,6 +205,7 @@ def test_a_mixed_plan_loads_generates_and_is_recorded(tiny_package, calibration,
     assert logprob_gap(tiny_package, package, corpus_text) < 0.6
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_quantize_auto_meets_its_budget_and_records_the_plan(tiny_checkpoint, tiny_package, corpus_file, tmp_path,
                                                             corpus_text):
     from rich.console import Console
@@ -260,6 +261,7 @@ def test_bad_quantization_options_are_one_line_and_write_nothing(tiny_checkpoint
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_an_impossible_budget_is_refused_after_measuring_writing_nothing(tiny_checkpoint, corpus_file, tmp_path,
                                                                         monkeypatch):
     """A budget even float32 projections miss: one line, no package (the measurement is faked to be sure

@@ -190,6 +190,7 @@ def test_a_long_prompt_with_truncate_left_is_served(server):
     assert status == 200 and answer["usage"]["prompt_tokens"] + 4 <= 128
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_a_plain_transcript_when_the_package_has_no_template(tiny_package):
     gen = Generator.load(tiny_package, provider="cpu")
     expected = gen.generate(plain_transcript(QUESTION), stop=list(TRANSCRIPT_STOPS), temperature=0, max_new_tokens=24)
@@ -200,6 +201,7 @@ def test_a_plain_transcript_when_the_package_has_no_template(tiny_package):
 
 # -- the API key ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over half a second on two cores
 def test_an_api_key_is_required_when_set(chat_package):
     with Server(chat_package, env={"EDGEGPT_API_KEY": "sesame"}) as server:
         status, answer = server.request("POST", CHAT, GOOD)
@@ -247,6 +249,7 @@ def start_stream(server: Server, body: dict):
     return connection, response
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_a_client_that_hangs_up_is_cancelled_and_frees_its_slot(long_package):
     with Server(long_package, "--parallel", "1", "--max-queue", "0") as server:
         connection, _ = start_stream(server, LONG)
@@ -269,6 +272,7 @@ def test_a_client_that_hangs_up_is_cancelled_and_frees_its_slot(long_package):
         assert health["busy"] == 0 and health["cancelled"] == 2, health
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_a_request_waits_in_line_for_a_slot(long_package):
     with Server(long_package, "--parallel", "1", "--max-queue", "1") as server:
         connection, _ = start_stream(server, LONG)
@@ -283,6 +287,7 @@ def test_a_request_waits_in_line_for_a_slot(long_package):
         assert answers and answers[0][0] == 200
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_sigterm_cancels_what_runs_past_the_timeout_and_exits_cleanly(long_package):
     server = Server(long_package, "--shutdown-timeout", "0.5")
     connection, response = start_stream(server, {**LONG, "max_tokens": 4000})
@@ -293,6 +298,7 @@ def test_sigterm_cancels_what_runs_past_the_timeout_and_exits_cleanly(long_packa
     assert "Traceback" not in "".join(server.log)
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_bad_server_options_are_one_line(chat_package):
     import subprocess
     import sys

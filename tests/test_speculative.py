@@ -251,6 +251,7 @@ CHI2_LIMIT = 103.4
 DRAWS = 6000
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_speculative_sampling_has_the_target_distribution():
     probs = exact_distribution()
     assert chi_square(continuations(DRAWS, speculate=False), probs) < CHI2_LIMIT  # the test's own yardstick
@@ -278,6 +279,7 @@ def resample_from_p(guesses, distributions, logits, sampler):
     return [*tokens, sampler.choose(logits[len(guesses)])], len(tokens)
 
 
+@pytest.mark.slow  # over half a second on two cores
 @pytest.mark.parametrize("wrong_rule", [accept_all, resample_from_p])
 def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch, wrong_rule):
     monkeypatch.setattr(speculative, "verify", wrong_rule)
@@ -356,6 +358,7 @@ def test_guess_length_is_the_same_for_the_same_history():
 
 # -- the commands ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over half a second on two cores
 def test_generate_and_bench_take_the_speculation_flags(tiny_package, plain):
     from typer.testing import CliRunner
 
@@ -378,6 +381,7 @@ def test_generate_and_bench_take_the_speculation_flags(tiny_package, plain):
     assert run_bench(tiny_package, prompt_len=8, new_tokens=16, runs=1, provider="cpu")["speculation"] is None
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_the_server_speculates_with_a_draft_and_gives_the_plain_text(tiny_package, plain):
     from serving import Server
 
@@ -460,6 +464,7 @@ def test_the_continuous_batcher_speculates_a_sequence_that_asks(plain, corpus_te
         batcher.close()
 
 
+@pytest.mark.slow  # over half a second on two cores
 def test_a_batching_server_honours_lookup_per_request(tiny_package, plain, corpus_text):
     from serving import Server
 
