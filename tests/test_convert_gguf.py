@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -114,33 +115,69 @@ def encode_q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, scale.astype(np.int8).view(np.uint8), _f16(d).view(np.uint8)], axis=1)
 
 
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+def encode_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """IQ4_NL blocks for rows of 32 values: an fp16 scale and a 4-bit index per value into a fixed non-uniform
+    table, value = d·table[q]; low nibbles hold values 0-15, high nibbles 16-31. The nearest level, with the
+    scale that maps the largest magnitude onto the table's end (no search, as llama.cpp does)."""
+    n = x.shape[0]
+    blocks = x.reshape(n, 32).astype(np.float32)
+    peak = blocks[np.arange(n), np.abs(blocks).argmax(-1)]
+    d = _f16(peak / -127 + 1e-12).astype(np.float32)[:, None]  # the peak lands on -127, the widest level
+    q = np.abs(blocks[..., None] - d[..., None] * IQ4_LEVELS).argmin(-1).astype(np.uint8)
+    return np.concatenate([_f16(d).view(np.uint8), q[:, :16] | (q[:, 16:] << 4)], axis=1)
+
+
+# Types gguf 0.19 can only dequantize and whose encoders would be long (Q2_K, Q3_K, IQ4_XS): the blocks are
+# random bytes, except the fp16 scale fields (byte offsets in a block), which are set so that the weights
+# have the spread of the originals. The property tested is the same: the checkpoint holds gguf's reading
+# of the file's bytes.
+RANDOM_BLOCK_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.IQ4_XS: (0,)}
+
+
+def random_blocks(x: np.ndarray, qtype: Q) -> np.ndarray:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(zlib.crc32(x.tobytes()))  # the same weights give the same bytes
+    blocks = rng.integers(0, 256, (x.size // block_size, type_size), dtype=np.uint8)
+    for scale in (np.float16(1.0), None):
+        if scale is None:  # every value is linear in the scale fields: rescale to the originals' spread
+            spread = gguf.quants.dequantize(blocks, qtype).std()
+            scale = np.float16(x.std() / spread)
+        for offset in RANDOM_BLOCK_SCALES[qtype]:
+            blocks[:, offset:offset + 2] = np.full((len(blocks), 1), scale, np.float16).view(np.uint8)
+    return blocks.reshape(x.shape[0], -1)
+
+
 def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
-    """x [rows, cols] as the bytes (or floats) of a tensor of type qtype."""
+    """x [rows, cols] as the bytes (or floats) of a tensor of type qtype; every row on its own."""
     if qtype == Q.F32:
         return x.astype(np.float32)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        rows = x.reshape(-1, 256)
-        blocks = encode_q6_k(rows) if qtype == Q.Q6_K else encode_q4_k(rows, 4 if qtype == Q.Q4_K else 5)
-        return blocks.reshape(x.shape[0], -1)
+    if qtype in RANDOM_BLOCK_SCALES:
+        return random_blocks(x, qtype)
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL):
+        block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+        rows = x.reshape(-1, block_size)
+        encode = {Q.Q6_K: encode_q6_k, Q.IQ4_NL: encode_iq4_nl, Q.Q4_K: encode_q4_k,
+                  Q.Q5_K: lambda r: encode_q4_k(r, 5)}[qtype]
+        return encode(rows).reshape(x.shape[0], -1)
     return gguf.quants.quantize(x.astype(np.float32), qtype)
 
 
 def write_gguf(path: Path, model: GPT, tokenizer_meta: dict, qtype: Q = Q.F32, *, arch: str = "llama",
-               skip: tuple[str, ...] = (), extra: dict | None = None) -> Path:
+               skip: tuple[str, ...] = (), extra: dict | None = None, hyper: dict | None = None) -> Path:
     """`model` as llama.cpp's converter writes it: Q/K rows permuted, 2-D weights in `qtype`, norms (and
-    biases) in F32, the tied head left out."""
+    biases) in F32, the tied head left out. `hyper` replaces hyperparameters (GGUFWriter.add_<key>) with
+    values that may contradict the tensors."""
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    values = {"context_length": cfg.max_len, "embedding_length": cfg.dim, "block_count": cfg.n_layers,
+              "feed_forward_length": cfg.ffn_dim, "head_count": cfg.n_heads, "head_count_kv": cfg.n_kv_heads,
+              "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.norm_eps,
+              "rope_dimension_count": cfg.head_dim, "vocab_size": cfg.vocab_size, **(hyper or {})}
+    for key, value in values.items():
+        getattr(w, f"add_{key}")(value)
     add_tokenizer(w, tokenizer_meta)
     for key, value in (extra or {}).items():
         {str: w.add_string, int: w.add_uint32, float: w.add_float32, bool: w.add_bool}[type(value)](key, value)
@@ -148,15 +185,17 @@ def write_gguf(path: Path, model: GPT, tokenizer_meta: dict, qtype: Q = Q.F32, *
         if (cfg.tie_embeddings and name == "lm_head.weight") or gguf_name(name) in skip:
             continue
         t = tensor.detach().float()
+        # Rows are quantized independently, so quantizing before permuting writes the bytes llama.cpp's
+        # converter writes (which permutes first), and the test's reference can quantize in Hugging Face's order.
+        data = torch.from_numpy(t.numpy() if t.dim() == 1 else quantize(t.numpy(), qtype))
         if ".q_proj." in name:
-            t = permute_like_llama_cpp(t, cfg.n_heads)
+            data = permute_like_llama_cpp(data, cfg.n_heads)
         elif ".k_proj." in name:
-            t = permute_like_llama_cpp(t, cfg.n_kv_heads)
+            data = permute_like_llama_cpp(data, cfg.n_kv_heads)
         if t.dim() == 1:
-            w.add_tensor(gguf_name(name), t.numpy())
+            w.add_tensor(gguf_name(name), data.numpy())
         else:
-            data = quantize(t.numpy(), qtype)
-            w.add_tensor(gguf_name(name), data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+            w.add_tensor(gguf_name(name), data.numpy(), raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -268,12 +307,23 @@ def test_permutation_is_llama_cpp_interleave_and_round_trips():
 # -- tensor types --------------------------------------------------------------------------------------------
 
 # The largest relative error (Frobenius norm, per tensor) of each type's weights against the float
-# originals, measured on these weights: F16 2.1e-4, BF16 1.7e-3, Q8_0 5.4e-3, Q6_K 2.0e-2, Q5_K 4.0e-2,
-# Q4_1 7.9e-2, Q4_K 8.1e-2 (the simple encoder above), Q4_0 8.6e-2; limits with headroom. A row out of place
-# or a block read wrongly is an error of order 1. The logits are compared with the dequantized reference,
-# exactly: on random weights a 4-bit model's logits differ from the float ones by whole units anyway.
-TYPES = {Q.F32: 0.0, Q.F16: 5e-4, Q.BF16: 4e-3, Q.Q8_0: 8e-3, Q.Q4_0: 0.12, Q.Q4_1: 0.1, Q.Q4_K: 0.12,
-         Q.Q5_K: 0.06, Q.Q6_K: 0.03}
+# originals, measured on these weights: F16 2.1e-4, BF16 1.7e-3, Q8_0 5.4e-3, Q6_K 2.0e-2, Q5_1 3.8e-2,
+# Q5_K 4.0e-2, Q5_0 4.3e-2, Q4_1 7.9e-2, IQ4_NL 8.0e-2, Q4_K 8.1e-2 (the simple encoders above), Q4_0 8.6e-2;
+# limits with headroom. A row out of place or a block read wrongly is an error of order 1. None: random
+# blocks, which stand for no original. The logits are compared with the dequantized reference, exactly:
+# on random weights a 4-bit model's logits differ from the float ones by whole units anyway.
+TYPES = {Q.F32: 0.0, Q.F16: 5e-4, Q.BF16: 4e-3, Q.Q8_0: 8e-3, Q.Q4_0: 0.12, Q.Q4_1: 0.1, Q.Q5_0: 0.06,
+         Q.Q5_1: 0.06, Q.Q2_K: None, Q.Q3_K: None, Q.Q4_K: 0.12, Q.Q5_K: 0.06, Q.Q6_K: 0.03, Q.IQ4_NL: 0.12,
+         Q.IQ4_XS: None}
+
+
+def test_every_supported_type_is_tested_and_dequantizable():
+    from edgegpt.convert.gguf import SUPPORTED_TYPES
+
+    assert sorted(SUPPORTED_TYPES) == sorted(t.name for t in TYPES)
+    for name in SUPPORTED_TYPES:  # what the file's reader will be asked to do
+        block_size, type_size = gguf.GGML_QUANT_SIZES[Q[name]]
+        assert gguf.quants.dequantize(np.zeros((2, type_size), np.uint8), Q[name]).shape == (2, block_size)
 
 
 def dequantized_reference(model: GPT, qtype: Q) -> GPT:
@@ -304,12 +354,13 @@ def test_each_tensor_type_converts_to_its_dequantized_weights(tmp_path, gpt2_tok
         assert torch.equal(ours.state_dict()[name], tensor), name
         original = model.state_dict()[name]
         error = ((tensor - original).norm() / original.norm()).item()
-        assert error <= TYPES[qtype], f"{name}: relative error {error:.2e} for {qtype.name}"
+        if TYPES[qtype] is not None:
+            assert error <= TYPES[qtype], f"{name}: relative error {error:.2e} for {qtype.name}"
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         converted, expected, original = ours(ids), reference(ids), model(ids)
     assert (converted - expected).abs().max().item() <= 1e-5
-    scale = original.abs().max().item()
+    scale = expected.abs().max().item()
     assert scale > 1.0, "flat logits would hide a misplaced row"
     if qtype == Q.F32:
         assert (converted - original).abs().max().item() <= 1e-5
@@ -448,7 +499,7 @@ def bad_file(tmp_path: Path, gpt2_tokenizer: Tokenizer, qtype: Q = Q.F32, meta: 
 
 @pytest.mark.parametrize("case, words", [
     ("architecture", ["'qwen2'", "'llama'"]),
-    ("quantization", ["Q5_0", "Q4_K", "Q8_0"]),
+    ("quantization", ["TQ2_0", "Q5_0", "Q2_K", "IQ4_XS"]),
     ("pre-tokenizer", ["'mystery-bpe'", "smollm", "llama-bpe"]),
     ("sentencepiece", ["'llama'", "'gpt2'"]),
     ("mixture of experts", ["mixture of experts"]),
@@ -459,7 +510,7 @@ def test_a_file_edgegpt_cannot_represent_is_one_line(tmp_path, gpt2_tokenizer, c
     (tmp_path / "in").mkdir()
     build = {
         "architecture": lambda: bad_file(tmp_path, gpt2_tokenizer, arch="qwen2"),
-        "quantization": lambda: bad_file(tmp_path, gpt2_tokenizer, Q.Q5_0),
+        "quantization": lambda: bad_file(tmp_path, gpt2_tokenizer, Q.TQ2_0),  # ternary: no type edgegpt reads
         "pre-tokenizer": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"pre": "mystery-bpe"}),
         "sentencepiece": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"model": "llama"}),
         "mixture of experts": lambda: bad_file(tmp_path, gpt2_tokenizer, extra={"llama.expert_count": 8}),
@@ -467,6 +518,22 @@ def test_a_file_edgegpt_cannot_represent_is_one_line(tmp_path, gpt2_tokenizer, c
         "missing tensor": lambda: bad_file(tmp_path, gpt2_tokenizer, skip=("blk.1.ffn_down.weight",)),
     }[case]
     line = run_cli(build(), tmp_path / "out" / "ckpt")
+    assert all(word in line for word in words), line
+
+
+@pytest.mark.parametrize("hyper, words", [
+    ({"embedding_length": 128}, ["llama.embedding_length is 128", "token_embd.weight", "256", "contradicts"]),
+    ({"vocab_size": 999}, ["llama.vocab_size is 999", "contradicts"]),
+    ({"block_count": 3}, ["llama.block_count is 3", "blocks 0–1 (2 in all)"]),
+    ({"block_count": 1}, ["llama.block_count is 1", "blocks 0–1 (2 in all)"]),
+    ({"head_count": 3}, ["dim 256 is not divisible by n_heads 3"]),
+    ({"head_count_kv": 3}, ["n_heads 4 is not a multiple of n_kv_heads 3"]),
+    ({"feed_forward_length": 384}, ["ffn_gate.weight is [512, 256]", "[384, 256]"]),
+    ({"rope_dimension_count": 32}, ["rope.dimension_count is 32", "64"]),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_metadata_that_contradicts_the_tensors_is_one_line(tmp_path, gpt2_tokenizer, hyper, words):
+    (tmp_path / "in").mkdir()
+    line = run_cli(bad_file(tmp_path, gpt2_tokenizer, hyper=hyper), tmp_path / "out" / "ckpt")
     assert all(word in line for word in words), line
 
 

@@ -31,9 +31,11 @@ from edgegpt.model import GPT
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURE = "llama"
-# The tensor types read: float, and the quantizations llama.cpp's common files use. gguf.quants can
-# dequantize a few more (IQ*, TQ*, Q2_K, Q3_K, Q5_0/1), but nothing here has checked them.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# The tensor types read: float, and every quantization llama.cpp's `llama-quantize` writes for the common
+# file types (Q2_K … Q8_0, IQ4_NL, IQ4_XS) that gguf.quants can dequantize; each is tested against it. The
+# other IQ* and TQ* types are left out: they come from importance-matrix or ternary runs, never checked here.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K", "IQ4_NL", "IQ4_XS")
 INSTALL = "pip install 'edgegpt[convert]'"
 
 # GGUF tensor name → edgegpt parameter name; {i} is a layer index.
@@ -160,11 +162,11 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
                            "needs plain rotary embeddings")
     dim = _number(meta, f"{p}embedding_length", source)
     heads = _number(meta, f"{p}attention.head_count", source)
-    if "token_embd.weight" not in tensors:
-        raise EdgeGPTError(f"{source}: tensor token_embd.weight is missing; not a complete {ARCHITECTURE} GGUF file")
+    n_layers = _number(meta, f"{p}block_count", source)
+    _check_metadata_against_tensors(meta, tensors, dim, n_layers, source)
     cfg_args = dict(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are innermost first: [dim, vocab]
-        dim=dim, n_layers=_number(meta, f"{p}block_count", source), n_heads=heads,
+        dim=dim, n_layers=n_layers, n_heads=heads,
         n_kv_heads=_number(meta, f"{p}attention.head_count_kv", source, default=heads),
         ffn_dim=_number(meta, f"{p}feed_forward_length", source),
         max_len=_number(meta, f"{p}context_length", source),
@@ -184,6 +186,30 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
             raise EdgeGPTError(f"{source}: {p}{key} is {value}, but edgegpt needs it to equal "
                                f"embedding_length / head_count = {cfg.head_dim}")
     return cfg
+
+
+def _check_metadata_against_tensors(meta: dict[str, Any], tensors: dict[str, Any], dim: int, n_layers: int,
+                                    source: str) -> None:
+    """The hyperparameters that the tensors themselves state, compared before any shape is derived from them:
+    a file whose metadata contradicts its tensors was written wrongly, and which side is right is unknowable."""
+    p = f"{ARCHITECTURE}."
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None:
+        raise EdgeGPTError(f"{source}: tensor token_embd.weight is missing; not a complete {ARCHITECTURE} GGUF file")
+    width, rows = (int(d) for d in embedding.shape[:2])  # innermost first: [dim, vocab]
+    if width != dim:
+        raise EdgeGPTError(f"{source}: metadata {p}embedding_length is {dim}, but token_embd.weight holds vectors of "
+                           f"{width}; the file contradicts itself")
+    vocab = meta.get(f"{p}vocab_size")
+    if vocab is not None and vocab != rows:
+        raise EdgeGPTError(f"{source}: metadata {p}vocab_size is {vocab!r}, but token_embd.weight has {rows} rows; "
+                           "the file contradicts itself")
+    blocks = sorted({int(name.split(".")[1]) for name in tensors
+                     if name.startswith("blk.") and name.split(".")[1].isdigit()})
+    if blocks != list(range(n_layers)):
+        held = f"blocks {blocks[0]}–{blocks[-1]} ({len(blocks)} in all)" if blocks else "no blk.N tensors"
+        raise EdgeGPTError(f"{source}: metadata {p}block_count is {n_layers}, but the file holds {held}; the file "
+                           "contradicts itself")
 
 
 def _name_map(n_layers: int) -> dict[str, str]:
@@ -222,7 +248,11 @@ def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str
 
 
 def _dequantize(tensor: Any, gguf: Any) -> torch.Tensor:
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:  # an older gguf release than the one the [convert] extra asks for
+        raise EdgeGPTError(f"the installed gguf package cannot dequantize {tensor.tensor_type.name} tensors; "
+                           "upgrade it: pip install --upgrade gguf") from None
     shape = tuple(reversed([int(d) for d in tensor.shape]))
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
 
