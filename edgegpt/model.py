@@ -4,6 +4,9 @@
                                                                        ─► RMSNorm ─► LM head (tied) ─► logits
 
 No biases, except on the Q/K/V projections when cfg.qkv_bias is set (an imported Qwen2-family model).
+Each other family difference is one config field, off by default (Llama): cfg.head_dim wider or narrower
+than dim / n_heads, cfg.qk_norm (Qwen3: RMSNorm of each query and key head before the rotary), and
+cfg.rope_scaling (Llama 3.x: slower rotary frequencies for long wavelengths, llama3_inverse_frequencies).
 
 Every convention matches Hugging Face's `LlamaForCausalLM` (rotate-half rotary, KV head h // group
 serving query head h, RMSNorm computed in fp32 and scaled after casting back), so weights convert
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgegpt.core.config import ModelConfig
+from edgegpt.core.config import ModelConfig, RopeScaling
 
 # One layer's cache: (key, value), each [batch, n_kv_heads, past_len, head_dim], rotary already applied.
 LayerCache = tuple[Tensor, Tensor]
@@ -43,13 +46,36 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def inverse_frequencies(cfg: ModelConfig) -> Tensor:
+    """The rotary's angular speed per channel pair, [head_dim / 2] fp32: theta^(-2j / head_dim), then
+    Llama 3's scaling when cfg.rope_scaling says so."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    if cfg.rope_scaling is not None:
+        inv_freq = llama3_inverse_frequencies(inv_freq, cfg.rope_scaling)
+    return inv_freq
+
+
+def llama3_inverse_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """Llama 3.x's frequencies (`rope_type: llama3`), as Hugging Face computes them.
+
+    A pair whose wavelength 2π / inv_freq fits original_max_len / high_freq_factor times into the original
+    context turns fast enough to be left alone; one whose wavelength is longer than original_max_len /
+    low_freq_factor never completed a turn in training, so it is slowed `factor` times to stretch over the
+    longer context. In between, the two are blended linearly in original_max_len / wavelength.
+    """
+    wavelength = 2 * math.pi / inv_freq
+    turns = scaling.original_max_len / wavelength  # full turns over the original context
+    # 0 at low_freq_factor turns or fewer (fully slowed), 1 at high_freq_factor or more (kept)
+    keep = ((turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - keep) * inv_freq / scaling.factor + keep * inv_freq
+
+
 class Rotary(nn.Module):
     """cos/sin for rotary position embedding, computed from positions (not a table) in fp32."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [B, S] -> cos, sin [B, 1, S, head_dim], broadcast over heads."""
@@ -67,13 +93,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Qwen3 (cfg.qk_norm): each head's query and key RMS-normed over head_dim, one weight shared by heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: LayerCache | None
     ) -> tuple[Tensor, LayerCache]:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # cos/sin are computed in fp32; cast like Hugging Face does, or bf16 q/k would silently become fp32.
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -129,7 +158,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_dropout = nn.Dropout(dropout)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -1,11 +1,13 @@
-"""Checkpoint ↔ Hugging Face directory: Llama family (Llama, SmolLM, Mistral without a sliding window) and
-Qwen2 family (Llama plus Q/K/V biases), lossless both ways.
+"""Checkpoint ↔ Hugging Face directory: Llama family (Llama, SmolLM, Mistral without a sliding window; Llama
+3.x's rotary scaling), Qwen2 family (Llama plus Q/K/V biases) and Qwen3 (Llama plus per-head q/k RMSNorm and
+its own head_dim), lossless both ways.
 
 edgegpt's model is Llama's architecture with other parameter names, so conversion is renaming:
 
     embed.weight                      ↔ model.embed_tokens.weight
     layers.{i}.attn_norm.weight       ↔ model.layers.{i}.input_layernorm.weight
     layers.{i}.attn.{q,k,v,o}_proj    ↔ model.layers.{i}.self_attn.{q,k,v,o}_proj   (.weight; .bias for q,k,v: Qwen2)
+    layers.{i}.attn.{q,k}_norm.weight ↔ model.layers.{i}.self_attn.{q,k}_norm.weight  (Qwen3)
     layers.{i}.mlp_norm.weight        ↔ model.layers.{i}.post_attention_layernorm.weight
     layers.{i}.mlp.{gate,up,down}_proj ↔ model.layers.{i}.mlp.{gate,up,down}_proj
     norm.weight                       ↔ model.norm.weight
@@ -32,7 +34,7 @@ from tokenizers import Tokenizer
 
 from edgegpt.checkpoint import load_checkpoint, read_chat_template, read_generation_config, save_checkpoint
 from edgegpt.convert.generation import clean_generation_config, eos_ids
-from edgegpt.core.config import ModelConfig
+from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
@@ -48,14 +50,21 @@ _NAMES = [
     ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     ("layers.{i}.attn.{p}_proj.weight", "model.layers.{i}.self_attn.{p}_proj.weight"),
     ("layers.{i}.attn.{p}_proj.bias", "model.layers.{i}.self_attn.{p}_proj.bias"),
+    ("layers.{i}.attn.{p}_norm.weight", "model.layers.{i}.self_attn.{p}_norm.weight"),
     ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
     ("layers.{i}.mlp.{p}_proj.weight", "model.layers.{i}.mlp.{p}_proj.weight"),
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
 ]
 
-# model_type → what it is called in messages. Each is Llama's block; qwen2 adds Q/K/V biases.
-SUPPORTED = {"llama": "Llama, SmolLM", "mistral": "Mistral without a sliding window", "qwen2": "Qwen2, Qwen2.5"}
+# model_type → what it is called in messages. Each is Llama's block; qwen2 adds Q/K/V biases, qwen3 q/k norms.
+SUPPORTED = {"llama": "Llama, SmolLM", "mistral": "Mistral without a sliding window", "qwen2": "Qwen2, Qwen2.5",
+             "qwen3": "Qwen3"}
+# Qwen2 and Qwen3 declare a sliding window but use it only when use_sliding_window is true.
+_WINDOW_SWITCHED = ("qwen2", "qwen3")
+# Hugging Face's rope_scaling keys of `rope_type: llama3` ↔ RopeScaling's fields.
+_LLAMA3_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+                "original_max_position_embeddings": "original_max_len"}
 SUPPORTED_TEXT = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED.items())
 
 
@@ -73,9 +82,13 @@ def _translate(name: str, to_hf: bool) -> str:
 
 
 def hf_config(cfg: ModelConfig, generation: dict[str, Any]) -> dict[str, Any]:
-    """config.json for `cfg`: a LlamaForCausalLM, or a Qwen2ForCausalLM when it has Q/K/V biases (Llama's
-    `attention_bias` would put one on o_proj too)."""
+    """config.json for `cfg`: a LlamaForCausalLM, a Qwen2ForCausalLM when it has Q/K/V biases (Llama's
+    `attention_bias` would put one on o_proj too), a Qwen3ForCausalLM when it has q/k norms."""
     eos = generation.get("eos_token_id")
+    rope_scaling = None
+    if cfg.rope_scaling is not None:
+        rope_scaling = {"rope_type": cfg.rope_scaling.rope_type,
+                        **{theirs: getattr(cfg.rope_scaling, ours) for theirs, ours in _LLAMA3_KEYS.items()}}
     common = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -86,7 +99,7 @@ def hf_config(cfg: ModelConfig, generation: dict[str, Any]) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_len,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
@@ -96,9 +109,14 @@ def hf_config(cfg: ModelConfig, generation: dict[str, Any]) -> dict[str, Any]:
         "eos_token_id": eos,
         "torch_dtype": "float32",
     }
+    window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    if cfg.qk_norm:
+        if cfg.qkv_bias:  # Qwen3's attention_bias would put one on o_proj too
+            raise EdgeGPTError("no Hugging Face class has q/k norms and Q/K/V biases without an o_proj bias")
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common, **window,
+                "attention_bias": False}
     if cfg.qkv_bias:
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common, "use_sliding_window": False,
-                "sliding_window": None, "max_window_layers": cfg.n_layers}
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common, **window}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "attention_bias": False,
             "mlp_bias": False}
 
@@ -115,8 +133,8 @@ def _check_no_sliding_window(data: dict[str, Any], source: Path) -> None:
     """Refuse a sliding window shorter than the context: edgegpt's attention always sees the whole past."""
     model_type, context = data["model_type"], data.get("max_position_embeddings")
     window = data.get("sliding_window")
-    if model_type == "qwen2" and not data.get("use_sliding_window", False):
-        window = None  # Qwen2 declares a window but uses it only when use_sliding_window is true
+    if model_type in _WINDOW_SWITCHED and not data.get("use_sliding_window", False):
+        window = None
     layer_types = data.get("layer_types") or []
     sliding = "sliding_attention" in layer_types or (
         window is not None and not (_positive_int(context) and _positive_int(window) and window >= context))
@@ -133,10 +151,10 @@ def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type not in SUPPORTED:
         raise EdgeGPTError(f"{source}: model_type is {model_type!r}; edgegpt converts {SUPPORTED_TEXT}")
-    rope_scaling = data.get("rope_scaling")
-    if rope_scaling is not None and not (isinstance(rope_scaling, dict) and
-                                         rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"):
-        raise EdgeGPTError(f"{source}: rope_scaling={rope_scaling!r:.120} is not supported (edgegpt needs None)")
+    rope_scaling = _rope_scaling_from_hf(data.get("rope_scaling"), source)
+    if data.get("partial_rotary_factor", 1.0) != 1.0:
+        raise EdgeGPTError(f"{source}: partial_rotary_factor={data['partial_rotary_factor']!r} is not supported "
+                           "(edgegpt turns every channel of a head)")
     # Llama's attention_bias puts a bias on o_proj too, which the model has no place for; Qwen2's Q/K/V
     # biases are implied by its model_type.
     for key, fine in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
@@ -158,15 +176,38 @@ def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     if not isinstance(data.get("tie_word_embeddings", False), bool):
         raise EdgeGPTError(f"{source}: tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
     heads = data["num_attention_heads"]
-    if (data.get("head_dim") or data["hidden_size"] // heads) * heads != data["hidden_size"]:
-        raise EdgeGPTError(f"{source}: head_dim × heads must equal hidden_size")
+    # Qwen3 (and Gemma) choose head_dim on their own; without one, it is hidden_size / heads.
+    if not data.get("head_dim") and data["hidden_size"] % heads:
+        raise EdgeGPTError(f"{source}: hidden_size {data['hidden_size']} is not divisible by "
+                           f"num_attention_heads {heads} and there is no head_dim")
     return ModelConfig(
         vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
         n_heads=heads, n_kv_heads=data.get("num_key_value_heads") or heads, ffn_dim=data["intermediate_size"],
         max_len=data.get("max_position_embeddings") or 2048, rope_theta=float(data.get("rope_theta", 10000.0)),
         norm_eps=float(data.get("rms_norm_eps", 1e-5)), tie_embeddings=data.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2",
+        qkv_bias=model_type == "qwen2", head_dim=data.get("head_dim") or None, qk_norm=model_type == "qwen3",
+        rope_scaling=rope_scaling,
     )
+
+
+def _rope_scaling_from_hf(data: Any, source: Path) -> RopeScaling | None:
+    """Hugging Face's rope_scaling: None or `default` (plain rotary), `llama3` (Llama 3.x); anything else is
+    refused, since a rotary computed differently from training gives a model that answers wrongly."""
+    if data is None:
+        return None
+    kind = data.get("rope_type", data.get("type")) if isinstance(data, dict) else None
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise EdgeGPTError(f"{source}: rope_scaling={data!r:.120} is not supported (edgegpt reads none, "
+                           "'default' and 'llama3')")
+    missing = [key for key in _LLAMA3_KEYS if key not in data]
+    if missing:
+        raise EdgeGPTError(f"{source}: rope_scaling of type llama3 has no {', '.join(missing)}")
+    try:
+        return RopeScaling(**{ours: data[theirs] for theirs, ours in _LLAMA3_KEYS.items()})
+    except EdgeGPTError as e:
+        raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
 
 def _adds(tokenizer: Tokenizer, bos: int | None, eos: int | None) -> tuple[bool, bool]:

@@ -14,7 +14,56 @@ from typing import Any
 from edgegpt.core.errors import EdgeGPTError
 
 # Fields added after config.json's format was fixed: a file without them takes the dataclass default.
-OPTIONAL_FIELDS = frozenset({"qkv_bias"})
+OPTIONAL_FIELDS = frozenset({"qkv_bias", "head_dim", "qk_norm", "rope_scaling"})
+
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x's rotary scaling (Hugging Face's `rope_scaling` with `rope_type: llama3`).
+
+    Each rotary frequency is kept, divided by `factor`, or blended between the two, by how its wavelength
+    compares with the context the model was first trained on (edgegpt.model.llama3_inverse_frequencies):
+    wavelengths shorter than original_max_len / high_freq_factor keep their frequency, those longer than
+    original_max_len / low_freq_factor are slowed down `factor` times.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_len: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise EdgeGPTError(f"config: rope_scaling type {self.rope_type!r} is not supported "
+                               f"(edgegpt knows {', '.join(ROPE_SCALING_TYPES)})")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise EdgeGPTError(f"config: rope_scaling {name} must be a positive number, got {value!r}")
+        if not _positive_int(self.original_max_len):
+            raise EdgeGPTError(f"config: rope_scaling original_max_len must be a positive integer, "
+                               f"got {self.original_max_len!r}")
+        if not self.high_freq_factor > self.low_freq_factor:
+            # the blend divides by their difference
+            raise EdgeGPTError("config: rope_scaling high_freq_factor must be larger than low_freq_factor")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RopeScaling":
+        if not isinstance(data, dict):
+            raise EdgeGPTError(f"config: rope_scaling must be an object or null, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(data.keys() - names), sorted(names - data.keys() - {"rope_type"})
+        if unknown or missing:
+            raise EdgeGPTError(f"config: rope_scaling has {'unknown' if unknown else 'no'} keys "
+                               f"{', '.join(unknown or missing)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -40,28 +89,40 @@ class ModelConfig:
     # Qwen2 family, which is otherwise Llama's architecture. Added after the other fields, so it is optional
     # in config.json: checkpoints written before it existed load unchanged.
     qkv_bias: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    # Width of one attention head. None (Llama, and every preset) means dim // n_heads, and is replaced by
+    # that value when the config is built, so `cfg.head_dim` is always a number (to_dict writes null again).
+    # Qwen3 and Gemma 3 choose it on its own (Qwen3-0.6B: dim 1024, 16 heads of 128). Changing dim or n_heads
+    # with dataclasses.replace keeps the old number: pass head_dim=None with them (`preset` does).
+    head_dim: int | None = None
+    # Qwen3's per-head RMSNorm of the queries and keys (weights [head_dim]), after the projections and
+    # before the rotary.
+    qk_norm: bool = False
+    # Llama 3.x's rotary scaling; None: plain rotary with rope_theta.
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        self.validate()
+        if isinstance(self.rope_scaling, dict):  # as config.json holds it
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        if self.head_dim is None and _positive_int(self.dim) and _positive_int(self.n_heads):
+            if self.dim % self.n_heads:
+                raise EdgeGPTError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        self.validate()  # (a dim or n_heads that is not a number is reported here)
 
     def validate(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_len", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value):
                 raise EdgeGPTError(f"config: {name} must be a positive integer, got {value!r}")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise EdgeGPTError(f"config: {name} must be a positive number, got {value!r}")
-        for name in ("tie_embeddings", "qkv_bias"):
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise EdgeGPTError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
-        if self.dim % self.n_heads:
-            raise EdgeGPTError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise EdgeGPTError(f"config: rope_scaling must be an object or null, got {self.rope_scaling!r:.80}")
         if self.n_heads % self.n_kv_heads:
             raise EdgeGPTError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -69,14 +130,20 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count without building the model (tied head counted once)."""
-        d, kv = self.dim, self.n_kv_heads * self.head_dim
-        per_layer = d * d * 2 + d * kv * 2 + 3 * d * self.ffn_dim + 2 * d
-        per_layer += (d + 2 * kv) if self.qkv_bias else 0
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = d * q * 2 + d * kv * 2 + 3 * d * self.ffn_dim + 2 * d
+        per_layer += (q + 2 * kv) if self.qkv_bias else 0
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * per_layer + d + head
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """config.json's content. head_dim is null when it is dim // n_heads, so a file edited to another dim or
+        n_heads derives it again rather than keeping a stale one."""
+        data = dataclasses.asdict(self)
+        if self.head_dim * self.n_heads == self.dim:
+            data["head_dim"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> "ModelConfig":
@@ -123,4 +190,7 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise EdgeGPTError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes.keys() & {"dim", "n_heads"} and "head_dim" not in changes:
+        changes["head_dim"] = None  # derived again from the new shape, not kept from the preset's
+    return dataclasses.replace(PRESETS[name], **changes)
