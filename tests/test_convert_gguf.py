@@ -215,12 +215,18 @@ def add_tokenizer(w, meta: dict) -> None:
         w.add_tokenizer_pre(meta["pre"])
     w.add_token_list(meta["tokens"])
     w.add_token_types(meta["types"])
-    w.add_token_merges(meta["merges"])
+    if meta.get("merges") is not None:
+        w.add_token_merges(meta["merges"])
+    if meta.get("scores") is not None:  # SentencePiece-style files
+        w.add_token_scores(meta["scores"])
+    if meta.get("add_space_prefix") is not None:
+        w.add_add_space_prefix(meta["add_space_prefix"])
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("eot", w.add_eot_token_id),
-                     ("pad", w.add_pad_token_id)):
+                     ("pad", w.add_pad_token_id), ("unk", w.add_unk_token_id)):
         if meta.get(key) is not None:
             add(meta[key])
-    w.add_add_bos_token(meta.get("add_bos", False))
+    if meta.get("add_bos", False) is not None:  # None: the file does not say
+        w.add_add_bos_token(meta.get("add_bos", False))
     if meta.get("chat_template"):
         w.add_chat_template(meta["chat_template"])
 
@@ -501,7 +507,7 @@ def bad_file(tmp_path: Path, gpt2_tokenizer: Tokenizer, qtype: Q = Q.F32, meta: 
     ("architecture", ["'qwen2'", "'llama'"]),
     ("quantization", ["TQ2_0", "Q5_0", "Q2_K", "IQ4_XS"]),
     ("pre-tokenizer", ["'mystery-bpe'", "smollm", "llama-bpe"]),
-    ("sentencepiece", ["'llama'", "'gpt2'"]),
+    ("tokenizer model", ["'bert'", "'gpt2'", "'llama'"]),
     ("mixture of experts", ["mixture of experts"]),
     ("rope scaling", ["rotary scaling", "yarn"]),
     ("missing tensor", ["blk.1.ffn_down.weight", "missing"]),
@@ -512,7 +518,7 @@ def test_a_file_edgegpt_cannot_represent_is_one_line(tmp_path, gpt2_tokenizer, c
         "architecture": lambda: bad_file(tmp_path, gpt2_tokenizer, arch="qwen2"),
         "quantization": lambda: bad_file(tmp_path, gpt2_tokenizer, Q.TQ2_0),  # ternary: no type edgegpt reads
         "pre-tokenizer": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"pre": "mystery-bpe"}),
-        "sentencepiece": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"model": "llama"}),
+        "tokenizer model": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"model": "bert"}),
         "mixture of experts": lambda: bad_file(tmp_path, gpt2_tokenizer, extra={"llama.expert_count": 8}),
         "rope scaling": lambda: bad_file(tmp_path, gpt2_tokenizer, extra={"llama.rope.scaling.type": "yarn"}),
         "missing tensor": lambda: bad_file(tmp_path, gpt2_tokenizer, skip=("blk.1.ffn_down.weight",)),
