@@ -232,12 +232,10 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str) -> Tokenizer:
     # Control tokens (<|im_start|>, <|eot_id|>) are special: matched whole in any text, left out of decoded
     # text when special tokens are skipped. User-defined tokens (<think>) are matched whole too but stay
     # ordinary text in the output, as llama.cpp prints them and as Hugging Face marks them (special=false).
-    # SentencePiece matches its user-defined pieces in the text with spaces already made "▁", so there they
-    # are matched after normalization; except with a dummy prefix, which `tokenizers` would also put before
-    # each of them (then they are matched in the raw text, the same for every piece without "▁" in it).
-    # Each already has its id in the vocabulary, which the added token takes over.
-    user_normalized = kind == "llama" and not _dummy_prefix(meta)
-    added = [AddedToken(tokens[i], special=t == CONTROL, normalized=user_normalized and t == USER_DEFINED)
+    # Both are matched in the text as written, before spaces become "▁": SentencePiece and llama.cpp do so
+    # too, so Gemma 3's user-defined "▁▁" pieces never stand for two spaces. Each already has its id in the
+    # vocabulary, which the added token takes over.
+    added = [AddedToken(tokens[i], special=t == CONTROL, normalized=False)
              for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
     tokenizer.add_special_tokens([a for a in added if a.special])
     tokenizer.add_tokens([a for a in added if not a.special])
