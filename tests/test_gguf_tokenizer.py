@@ -177,6 +177,7 @@ def test_merges_follow_the_scores_not_the_ids():
     assert tokenizer.encode("zz").tokens == [UNK]  # no byte pieces: unknown characters are one <unk>
 
 
+@pytest.mark.slow  # a SentencePiece training, a conversion there and back
 def test_gemma_style_generation_config_ends_at_end_of_turn(tmp_path, corpus):
     template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
     proto = train_sentencepiece(corpus, dummy_prefix=False)
@@ -186,6 +187,15 @@ def test_gemma_style_generation_config_ends_at_end_of_turn(tmp_path, corpus):
     end_of_turn = meta["tokens"].index("<end_of_turn>")
     assert generation == {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0}
     assert (ckpt / "chat_template.jinja").read_text() == template
+    # and on to Hugging Face, whose fast tokenizer reads the rebuilt tokenizer.json the same way
+    transformers = pytest.importorskip("transformers")
+    convert(ckpt, tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    _, ours = load_checkpoint(ckpt)
+    assert fast.bos_token == BOS and fast.eos_token == EOS
+    for text in MULTILINGUAL:
+        assert fast(text)["input_ids"] == ours.encode(text).ids, text
+        assert fast.decode(ours.encode(text).ids, skip_special_tokens=True) == text
 
 
 def test_sentencepiece_file_adds_bos_when_it_does_not_say(corpus):
