@@ -196,7 +196,10 @@ def _check_metadata_against_tensors(meta: dict[str, Any], tensors: dict[str, Any
     embedding = tensors.get("token_embd.weight")
     if embedding is None:
         raise EdgeGPTError(f"{source}: tensor token_embd.weight is missing; not a complete {ARCHITECTURE} GGUF file")
-    width, rows = (int(d) for d in embedding.shape[:2])  # innermost first: [dim, vocab]
+    if len(embedding.shape) != 2:
+        raise EdgeGPTError(f"{source}: tensor token_embd.weight has {len(embedding.shape)} dimensions, not 2; "
+                           "the file is corrupt")
+    width, rows = (int(d) for d in embedding.shape)  # innermost first: [dim, vocab]
     if width != dim:
         raise EdgeGPTError(f"{source}: metadata {p}embedding_length is {dim}, but token_embd.weight holds vectors of "
                            f"{width}; the file contradicts itself")
