@@ -6,7 +6,7 @@ added, and the name of a pre-tokenizer that llama.cpp hard-codes (`tokenizer.ggm
 those onto the equivalent `tokenizers` pieces, written here because nothing reads the file's metadata that
 way: transformers 4.57's GGUF conversion gets SmolLM2's special tokens and pre-tokenizer wrong (it adds a
 BOS to every encoding, reports `<|im_start|>` as eos and does not split digits; BENCHMARK-NOTES.md), and
-builds merges for Gemma 3's SentencePiece vocabulary that split common words (issue 21).
+reads Gemma 3's SentencePiece BPE pieces as a Unigram model, which splits common words into pieces.
 
     tokenizer.ggml.model       "gpt2": byte-level BPE, merges listed; "llama": SentencePiece-style BPE, where
                                the merges follow from the scores (sentencepiece_merges)
