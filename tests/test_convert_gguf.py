@@ -4,7 +4,9 @@ from the metadata encodes as the original; every bad file is one line, exit 2, n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import zlib
 from pathlib import Path
@@ -20,7 +22,7 @@ from edgegpt.cli.app import app
 from edgegpt.convert import convert
 from edgegpt.convert.gguf import unpermute_from_gguf
 from edgegpt.convert.gguf_tokenizer import GPT2_PATTERN, LLAMA3_PATTERN
-from edgegpt.core.config import ModelConfig
+from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
 
@@ -165,11 +167,29 @@ def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(x.astype(np.float32), qtype)
 
 
+def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
+    """What convert_hf_to_gguf.py writes as rope_freqs.weight for `rope_type: llama3`: per rotary frequency,
+    the factor it is divided by (written out again here, not taken from edgegpt or the converter)."""
+    s = cfg.rope_scaling
+    factors = []
+    for freq in 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim):
+        wavelength = 2 * math.pi / freq
+        if wavelength < s.original_max_len / s.high_freq_factor:
+            factors.append(1.0)
+        elif wavelength > s.original_max_len / s.low_freq_factor:
+            factors.append(s.factor)
+        else:
+            smooth = (s.original_max_len / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return np.array(factors, np.float32)
+
+
 def write_gguf(path: Path, model: GPT, tokenizer_meta: dict, qtype: Q = Q.F32, *, arch: str = "llama",
-               skip: tuple[str, ...] = (), extra: dict | None = None, hyper: dict | None = None) -> Path:
+               skip: tuple[str, ...] = (), extra: dict | None = None, hyper: dict | None = None,
+               rope_factors: np.ndarray | None = None) -> Path:
     """`model` as llama.cpp's converter writes it: Q/K rows permuted, 2-D weights in `qtype`, norms (and
-    biases) in F32, the tied head left out. `hyper` replaces hyperparameters (GGUFWriter.add_<key>) with
-    values that may contradict the tensors."""
+    biases) in F32, the tied head left out, Llama 3's rotary factors as rope_freqs.weight (or `rope_factors`).
+    `hyper` replaces hyperparameters (GGUFWriter.add_<key>) with values that may contradict the tensors."""
     cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
     values = {"context_length": cfg.max_len, "embedding_length": cfg.dim, "block_count": cfg.n_layers,
@@ -196,6 +216,10 @@ def write_gguf(path: Path, model: GPT, tokenizer_meta: dict, qtype: Q = Q.F32, *
             w.add_tensor(gguf_name(name), data.numpy())
         else:
             w.add_tensor(gguf_name(name), data.numpy(), raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    if rope_factors is None and cfg.rope_scaling is not None:
+        rope_factors = llama3_rope_factors(cfg)
+    if rope_factors is not None:
+        w.add_tensor("rope_freqs.weight", rope_factors)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -281,12 +305,13 @@ def gpt2_tokenizer(corpus) -> Tokenizer:
     return train_original("gpt2", corpus)
 
 
-def tiny_model(vocab_size: int, *, tied: bool = True, qkv_bias: bool = False, seed: int = 0) -> GPT:
+def tiny_model(vocab_size: int, *, tied: bool = True, qkv_bias: bool = False, seed: int = 0, **fields) -> GPT:
     """dim 256 and ffn 512: every projection's rows are whole 256-value K-quant blocks. Weights large
     enough that the logits are not flat, so a misplaced row shows."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
-                      max_len=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tied, qkv_bias=qkv_bias)
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                                max_len=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tied,
+                                qkv_bias=qkv_bias), **fields})
     model = GPT(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -396,6 +421,44 @@ def test_qkv_biases_in_a_llama_file_are_read_and_unpermuted(tmp_path, gpt2_token
         assert torch.equal(ours.state_dict()[name], tensor), name
 
 
+LLAMA32_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192)
+
+
+def test_llama3_rotary_scaling_is_read_from_rope_freqs(tmp_path, gpt2_tokenizer):
+    """Llama 3.x files keep their rotary scaling only as rope_freqs.weight; the checkpoint gets it back as
+    rope_scaling, and its logits are the original model's (at positions far enough for the slow frequencies
+    to matter)."""
+    model = tiny_model(gpt2_tokenizer.get_vocab_size(), rope_theta=500000.0, max_len=4096,
+                       rope_scaling=LLAMA32_SCALING)
+    factors = llama3_rope_factors(model.cfg)
+    assert (factors == 1).any() and (factors == 32).any() and ((factors > 1) & (factors < 32)).any()
+    path = write_gguf(tmp_path / "llama3.gguf", model, tokenizer_meta(gpt2_tokenizer, "llama-bpe", eos=0))
+    _, ckpt = convert(path, tmp_path / "ckpt")
+    ours, _ = load_checkpoint(ckpt)
+    assert ours.cfg == model.cfg and ours.cfg.rope_scaling == LLAMA32_SCALING
+    plain = GPT(dataclasses.replace(model.cfg, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 4000), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        converted, original, unscaled = ours(ids)[:, -8:], model(ids)[:, -8:], plain(ids)[:, -8:]
+    assert (converted - original).abs().max().item() <= 1e-4
+    assert (unscaled - original).abs().max().item() > 1e-2, "the scaling does not show at these positions"
+
+
+@pytest.mark.parametrize("change, words", [
+    ("other bands", ["rope_freqs.weight is not Llama 3's scaling", "factor 32"]),
+    ("wrong length", ["rope_freqs.weight is F32 [16]", "F32 [32]"]),
+])
+def test_rotary_factors_that_are_not_llama3s_are_one_line(tmp_path, gpt2_tokenizer, change, words):
+    (tmp_path / "in").mkdir()
+    model = tiny_model(gpt2_tokenizer.get_vocab_size(), rope_theta=500000.0, max_len=4096)
+    other = dataclasses.replace(model.cfg, rope_scaling=dataclasses.replace(LLAMA32_SCALING, high_freq_factor=8.0))
+    factors = llama3_rope_factors(other) if change == "other bands" else np.ones(16, np.float32)
+    path = bad_file_of(tmp_path, model, gpt2_tokenizer, rope_factors=factors)
+    line = run_cli(path, tmp_path / "out" / "ckpt")
+    assert all(word in line for word in words), line
+
+
 # -- the tokenizer -------------------------------------------------------------------------------------------
 
 
@@ -498,7 +561,11 @@ def good_file(tmp_path_factory, gpt2_tokenizer) -> Path:
 
 def bad_file(tmp_path: Path, gpt2_tokenizer: Tokenizer, qtype: Q = Q.F32, meta: dict | None = None,
              **options) -> Path:
-    model = tiny_model(gpt2_tokenizer.get_vocab_size())
+    return bad_file_of(tmp_path, tiny_model(gpt2_tokenizer.get_vocab_size()), gpt2_tokenizer, qtype, meta, **options)
+
+
+def bad_file_of(tmp_path: Path, model: GPT, gpt2_tokenizer: Tokenizer, qtype: Q = Q.F32, meta: dict | None = None,
+                **options) -> Path:
     fields = tokenizer_meta(gpt2_tokenizer, "gpt2", eos=0)
     return write_gguf(tmp_path / "in" / "bad.gguf", model, {**fields, **(meta or {})}, qtype, **options)
 

@@ -15,6 +15,7 @@ written: the architecture, every tensor's type, name and shape, the hyperparamet
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ import torch
 
 from edgegpt.checkpoint import save_checkpoint
 from edgegpt.convert.gguf_tokenizer import chat_template_from_gguf, generation_from_gguf, tokenizer_from_gguf
-from edgegpt.core.config import ModelConfig
+from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import staged_directory
-from edgegpt.model import GPT
+from edgegpt.model import GPT, llama3_inverse_frequencies
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -34,6 +35,9 @@ ARCHITECTURE = "llama"
 # The tensor types read: float, and every quantization llama.cpp's `llama-quantize` writes for the common
 # file types (Q2_K … Q8_0, IQ4_NL, IQ4_XS) that gguf.quants can dequantize; each is tested against it. The
 # other IQ* and TQ* types are left out: they come from importance-matrix or ternary runs, never checked here.
+# Llama 3.x's rotary scaling bands (low_freq_factor, high_freq_factor, original context length): the values
+# Meta's models use and llama.cpp's converter assumes when a config does not say.
+LLAMA3_BANDS = (1.0, 4.0, 8192)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K", "IQ4_NL", "IQ4_XS")
 INSTALL = "pip install 'edgegpt[convert]'"
@@ -157,9 +161,9 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
         raise EdgeGPTError(f"{source}: a mixture of experts ({meta[f'{p}expert_count']} experts) is not supported; "
                            "edgegpt converts dense Llama models")
     scaling = meta.get(f"{p}rope.scaling.type")
-    if (scaling not in (None, "none")) or "rope_freqs.weight" in tensors:
-        raise EdgeGPTError(f"{source}: rotary scaling ({scaling or 'rope_freqs.weight'}) is not supported; edgegpt "
-                           "needs plain rotary embeddings")
+    if scaling not in (None, "none"):
+        raise EdgeGPTError(f"{source}: rotary scaling ({scaling}) is not supported; edgegpt reads plain rotary "
+                           "embeddings and Llama 3's scaling (rope_freqs.weight)")
     dim = _number(meta, f"{p}embedding_length", source)
     heads = _number(meta, f"{p}attention.head_count", source)
     n_layers = _number(meta, f"{p}block_count", source)
@@ -177,6 +181,8 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
     )
     try:
         cfg = ModelConfig(**cfg_args)
+        if "rope_freqs.weight" in tensors:
+            cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(meta, tensors["rope_freqs.weight"], cfg))
     except EdgeGPTError as e:
         raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
     # Rotary over part of a head, or heads wider than dim / n_heads: shapes edgegpt's attention has no room for.
@@ -186,6 +192,33 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
             raise EdgeGPTError(f"{source}: {p}{key} is {value}, but edgegpt needs it to equal "
                                f"embedding_length / head_count = {cfg.head_dim}")
     return cfg
+
+
+def _llama3_scaling(meta: dict[str, Any], tensor: Any, cfg: ModelConfig) -> RopeScaling | None:
+    """Llama 3.x's rotary scaling, from the factor each rotary frequency is divided by (rope_freqs.weight).
+
+    llama.cpp's converter keeps only these factors, not the parameters they came from. Meta's Llama 3.1 and
+    3.2 all use low_freq_factor 1, high_freq_factor 4 and an original context of 8,192 (LLAMA3_BANDS), and the
+    slowest frequencies are divided by `factor` itself: those parameters are taken, and accepted only if they
+    give back every factor in the file. None when every factor is 1 (no scaling)."""
+    if tuple(int(d) for d in tensor.shape) != (cfg.head_dim // 2,) or tensor.tensor_type.name != "F32":
+        raise EdgeGPTError(f"tensor rope_freqs.weight is {tensor.tensor_type.name} {[int(d) for d in tensor.shape]}; "
+                           f"Llama 3's rotary factors are F32 [{cfg.head_dim // 2}]")
+    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float64).reshape(-1))
+    if not torch.isfinite(factors).all() or not (factors > 0).all():
+        raise EdgeGPTError("tensor rope_freqs.weight holds factors that are not positive numbers; the file is corrupt")
+    if (factors == 1).all():
+        return None
+    low, high, original = LLAMA3_BANDS
+    original = meta.get(f"{ARCHITECTURE}.rope.scaling.original_context_length", original)
+    scaling = RopeScaling(factor=float(str(np.float32(factors.max()))), low_freq_factor=low, high_freq_factor=high,
+                          original_max_len=original)
+    inverse = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    if not torch.allclose(llama3_inverse_frequencies(inverse, scaling), inverse / factors, rtol=1e-5, atol=0):
+        raise EdgeGPTError("rotary scaling: rope_freqs.weight is not Llama 3's scaling (factor "
+                           f"{scaling.factor:g}, low_freq_factor {low:g}, high_freq_factor {high:g}, original context "
+                           f"{original}); edgegpt reads only that one")
+    return scaling
 
 
 def _check_metadata_against_tensors(meta: dict[str, Any], tensors: dict[str, Any], dim: int, n_layers: int,
@@ -230,6 +263,8 @@ def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str
     known = _name_map(cfg.n_layers)
     names = {}
     for name, tensor in tensors.items():
+        if name == "rope_freqs.weight":  # read into the config's rope_scaling (_llama3_scaling)
+            continue
         kind = tensor.tensor_type.name
         if kind not in SUPPORTED_TYPES:
             raise EdgeGPTError(f"{source}: tensor {name} is of type {kind}, which edgegpt does not read; supported: "
