@@ -125,7 +125,8 @@ def calibrate(model: GPT, text: EvalText, quant_type: str = QUANT_TYPE, margin: 
 
     handles = []
     for i, block in enumerate(model.layers):
-        handles.append(block.attn.k_proj.register_forward_hook(record(k_max, i, rotary=True)))
+        # k_norm: the keys as the cache gets them, after Qwen3's q/k norm (an nn.Identity without one)
+        handles.append(block.attn.k_norm.register_forward_hook(record(k_max, i, rotary=True)))
         handles.append(block.attn.v_proj.register_forward_hook(record(v_max, i, rotary=False)))
     was_training = model.training
     model.eval()

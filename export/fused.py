@@ -187,6 +187,8 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
                        └─► v_proj/MatMul ─► [B, S, Hkv·D] ─┘   (rotary, causal mask, GQA, softmax inside)
         packed:   x ─► qkv_proj/MatMul ─► [B, S, (H + 2·Hkv)·D] ─► GroupQueryAttention(query only)
         cfg.qkv_bias (Qwen2): each MatMul above is followed by {q,k,v,qkv}_proj/Add(bias), before the rotary
+        cfg.qk_norm (Qwen3): query and key each RMS-normed per head before GroupQueryAttention (head_norm);
+        packed, qkv_proj/Split first hands GroupQueryAttention three inputs
 
         GroupQueryAttention's other inputs: past_key.{i} / past_value.{i} [B, Hkv, max_length, D] (the
         runtime binds the same buffers as present_key.{i} / present_value.{i}), seqlens_k [B],
@@ -211,9 +213,16 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
     if pack_qkv:
         packed_bias = None if biases is None else np.concatenate(biases)
         projected = [project("qkv_proj", np.concatenate([q, k, v], axis=1), packed_bias), "", ""]
+        if cfg.qk_norm:
+            widths = g.constant("qkv_split", np.array([q.shape[1], k.shape[1], v.shape[1]], np.int64))
+            outputs = [f"{scope}/qkv_proj/Split_output_{n}" for n in range(3)]
+            projected = g.op("Split", f"{scope}/qkv_proj/Split", [projected[0], widths], outputs=outputs, axis=-1)
     else:
         projected = [project(name, w, b) for name, w, b in zip(("q_proj", "k_proj", "v_proj"), (q, k, v),
                                                                 biases or (None, None, None))]
+    if cfg.qk_norm:
+        projected[0] = head_norm(g, cfg, weights, f"{prefix}.q_norm", projected[0])
+        projected[1] = head_norm(g, cfg, weights, f"{prefix}.k_norm", projected[1])
     past = [KV_NAMES["past_key"].format(layer=layer), KV_NAMES["past_value"].format(layer=layer)]
     present = [KV_NAMES["present_key"].format(layer=layer), KV_NAMES["present_value"].format(layer=layer)]
     inputs = [*projected, *past, "seqlens_k", "total_sequence_length", "rotary.cos_cache", "rotary.sin_cache"]
@@ -231,6 +240,26 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
     )[0]
     o = g.weight(f"{prefix}.o_proj.weight", weights[f"{prefix}.o_proj.weight"].T)
     return g.op("MatMul", f"{scope}/o_proj/MatMul", [out, o])[0]
+
+
+def head_norm(g: "_Graph", cfg: ModelConfig, weights: dict, norm: str, x: str) -> str:
+    """Qwen3's per-head RMSNorm of the queries or keys, one weight [D] shared by every head.
+
+        x [B, S, heads·D] ─► Reshape [B, S, heads, D] ─► SimplifiedLayerNormalization(scale = {norm}.weight, axis -1)
+                          ─► Reshape [B, S, heads·D] ─► GroupQueryAttention (which applies the rotary after it)
+
+    Spelled out rather than given to GroupQueryAttention's q_norm_weight / k_norm_weight inputs: onnxruntime
+    1.32 honours those on CUDA and WebGPU only, and its CPU kernel rejects them (the op's schema says so).
+    The schema names this Reshape → SimplifiedLayerNormalization → Reshape stack as the Qwen3 form that its
+    graph fusion folds into those inputs where they are honoured.
+    """
+    scope = "/" + norm.replace(".attn.", "/attn/")
+    heads = g.op("Reshape", f"{scope}/Reshape", [x, g.constant("head_shape", np.array([0, 0, -1, cfg.head_dim]))])[0]
+    normed = g.op(
+        "SimplifiedLayerNormalization", f"{scope}/SimplifiedLayerNormalization",
+        [heads, g.weight(f"{norm}.weight", weights[f"{norm}.weight"])], epsilon=cfg.norm_eps, axis=-1, stash_type=1,
+    )[0]
+    return g.op("Reshape", f"{scope}/Reshape_1", [normed, g.constant("flat_heads_shape", np.array([0, 0, -1]))])[0]
 
 
 def skip_norm(g: "_Graph", cfg: ModelConfig, weights: dict, norm: str, x: str, residual: str) -> tuple[str, str]:
@@ -360,6 +389,12 @@ class _Graph:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         return self.float32(name, array, self.dtype)
+
+    def constant(self, name: str, values: np.ndarray) -> str:
+        """An int64 initializer (a shape, split widths) that every layer shares: stored the first time only."""
+        if name not in {t.name for t in self.initializers}:
+            self.float32(name, values, np.int64)
+        return name
 
     def float32(self, name: str, array: np.ndarray, dtype: type = np.float32) -> str:
         """An initializer in `dtype` whatever the graph's precision (the int8 cache's scales are float32)."""

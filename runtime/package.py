@@ -62,10 +62,13 @@ class ModelSpec:
     n_heads: int
     n_kv_heads: int
     max_len: int  # context length: prompt + generated tokens never exceed it
+    # config.json's head_dim: set where a family chooses the head width itself (Qwen3); null or absent means
+    # dim // n_heads.
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
 
 @dataclass(frozen=True)
@@ -244,11 +247,13 @@ def _positive_int(data: Mapping[str, Any], key: str, source: str) -> int:
 def _parse_model(data: Mapping[str, Any], source: str) -> ModelSpec:
     source = f"{source} (model)"
     names = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_len")
-    spec = ModelSpec(**{name: _positive_int(data, name, source) for name in names})
+    explicit_head_dim = None if data.get("head_dim") is None else _positive_int(data, "head_dim", source)
+    spec = ModelSpec(**{name: _positive_int(data, name, source) for name in names},
+                     explicit_head_dim=explicit_head_dim)
     for name, limit in (("max_len", MAX_CONTEXT), ("vocab_size", MAX_VOCAB)):
         if getattr(spec, name) > limit:
             raise EdgeGPTError(f"{source}: {name} {getattr(spec, name)} is beyond this runtime's limit of {limit}")
-    if spec.dim % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+    if (explicit_head_dim is None and spec.dim % spec.n_heads) or spec.n_heads % spec.n_kv_heads:
         raise EdgeGPTError(
             f"{source}: dim {spec.dim}, n_heads {spec.n_heads} and n_kv_heads {spec.n_kv_heads} are inconsistent"
         )
