@@ -1,8 +1,9 @@
 """GGUF (llama.cpp's file format) → checkpoint, for the Llama architecture.
 
-    FILE.gguf ─► metadata: llama.* hyperparameters ─► ModelConfig
+    FILE.gguf ─► metadata: llama.* hyperparameters ─► ModelConfig (checked against the tensors' shapes)
              │            tokenizer.* ─────────────► tokenizer.json, generation_config.json,
              │                                       chat_template.jinja (gguf_tokenizer.py)
+             ├► rope_freqs.weight (Llama 3.x) ──────► ModelConfig.rope_scaling
              └► tensors: dequantized to float32 (gguf.quants.dequantize), Q/K rows put back in
                          Hugging Face's order, renamed ─► model.safetensors
 
@@ -10,7 +11,8 @@ Quantized weights come out as the float32 values they stand for: the checkpoint 
 llama.cpp runs, and `edgegpt export --quantize` quantizes it again in its own formats.
 
 The `gguf` package (the [convert] extra) reads the file. Everything is checked before anything is
-written: the architecture, every tensor's type, name and shape, the hyperparameters and the tokenizer.
+written: the architecture, every tensor's type, name and shape, the hyperparameters (a file whose metadata
+contradicts its tensors is refused, not guessed at) and the tokenizer.
 """
 
 from __future__ import annotations
