@@ -223,3 +223,23 @@ def test_the_fused_qwen3_graph_quantizes_with_its_norms_in_float(tmp_path, tiny_
         expected = torch.log_softmax(model(ids)[0], dim=-1)
     got = torch.log_softmax(torch.from_numpy(Generator.load(int8_dir, "cpu").score(ids[0].tolist())), dim=-1)
     assert 0 < (got - expected).abs().max().item() < 0.5
+
+
+def test_the_int8_cache_calibrates_qwen3_keys_after_their_norm(tmp_path, tiny_checkpoint):
+    """The int8 cache's key steps cover every key the cache receives (normed, then turned by the rotary):
+    what calibration measured before the norm would not bound them."""
+    from edgegpt.export.cache_precision import INT8_MAX, calibrate
+    from edgegpt.quality import EvalText
+
+    save_hf(tiny_qwen3(tied=True), tmp_path / "hf", tiny_checkpoint)
+    model, _ = load_checkpoint(convert(tmp_path / "hf", tmp_path / "ckpt")[1])
+    tokens = np.random.default_rng(4).integers(0, 512, 256)
+    text = EvalText(tokens=tokens, char_table=np.ones(512, np.int64), source="random", capped=False, window=128)
+    scales = calibrate(model, text, quant_type="PER_CHANNEL", margin=1.0)
+    with torch.no_grad():
+        for start in (0, 128):
+            _, cache = model.forward_cached(torch.as_tensor(tokens[None, start:start + 128]))
+            for layer, (keys, _) in enumerate(cache):
+                largest = keys[0].abs().amax(dim=1).numpy()  # [n_kv_heads, head_dim]
+                steps = scales.k[layer].reshape(largest.shape)
+                assert np.all(largest <= steps * INT8_MAX * (1 + 1e-5)), layer
