@@ -7,6 +7,7 @@ logits a one-token pass does.
     python benchmarks/formats.py kv-cache --checkpoint DIR --data TEXT [--weights fp32,int8] [--profile]
     python benchmarks/formats.py kernels [--threads 2] [--layers 30] [--runs 30]
     python benchmarks/formats.py pass-numerics --model PACKAGE --text pydoc-topics.txt [--k 4]
+    python benchmarks/formats.py export-memory [--dim 1024 --layers 4 --vocab 32000] [--external-data-threshold B]
     python benchmarks/formats.py COMMAND --smoke        # seconds, on a tiny random model
 
 Packages are made by the exporter's own steps and run through the runtime's Generator, as an app would.
@@ -721,11 +722,118 @@ def pass_numerics(args: argparse.Namespace) -> None:
           f"|Δ logit| median {np.median(differences):.3g}, largest {max(differences):.3g}; argmax differs at {flips}")
 
 
+# -- export-memory: peak RSS of `export --quantize` against the model's float32 bytes ------------------------------
+
+EXPORT_MEMORY_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from edgegpt.export.gates import GateFailed
+from edgegpt.export.package import export_package
+import edgegpt.export.quantize, edgegpt.export.fused, edgegpt.runtime  # imports count in the baseline
+checkpoint, out, data, threshold = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start, gated = time.perf_counter(), True
+kwargs = {} if threshold == "default" else {"external_data_threshold": int(threshold)}
+try:
+    export_package(Path(checkpoint), Path(out), quantize=True, eval_data=Path(data), eval_tokens=512, **kwargs)
+except GateFailed:
+    gated = False  # random weights: the gate's verdict means nothing, the memory it took still counts
+print(json.dumps({"baseline_rss": baseline, "seconds": time.perf_counter() - start, "gate_passed": gated}))
+"""
+
+
+def export_memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--external-data-threshold", type=int, default=None,
+                        help="bytes of weights above which the graphs keep them in model.onnx.data "
+                             "(default: the exporter's own)")
+    parser.add_argument("--json", action="store_true")
+
+
+def export_memory(args: argparse.Namespace) -> None:
+    """Peak resident memory of `export --quantize` (int8, gated) on a random model, against its float32 bytes.
+
+    The export runs in a child process of its own, so its peak RSS (getrusage of the child) is the export's
+    alone: imports included, reported separately as the RSS right after importing the exporter. The issue's
+    bound is peak RSS <= 3x the model's float32 weight bytes.
+    """
+    import subprocess
+
+    import torch
+
+    from common import BENCHMARK_TEXT
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.core.config import ModelConfig
+    from edgegpt.model import GPT
+    from edgegpt.tokenizer import train_tokenizer
+
+    if args.smoke:
+        args.dim, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab = 128, 2, 4, 2, 384, 512
+    work = scratch_dir("export-memory")
+    cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_len=256)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())  # the tied head counted once
+    save_checkpoint(work / "checkpoint", model, train_tokenizer([BENCHMARK_TEXT], 300))
+    del model
+    text = work / "held-out.txt"
+    text.write_text(BENCHMARK_TEXT * 4, encoding="utf-8")
+    threshold = "default" if args.external_data_threshold is None else str(args.external_data_threshold)
+    before = resource_children_maxrss()
+    done = subprocess.run([sys.executable, "-c", EXPORT_MEMORY_CHILD, str(work / "checkpoint"), str(work / "model"),
+                           str(text), threshold], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"export failed:\n{done.stderr[-4000:]}")
+    peak = resource_children_maxrss()
+    if peak <= before:
+        sys.exit("the child's peak RSS is not above this process's earlier children; run export-memory alone")
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    package = work / "model"
+    files = {p.name: p.stat().st_size for p in sorted(package.iterdir()) if p.is_file()}
+    if args.smoke:
+        import shutil
+
+        shutil.rmtree(work)
+    result = {
+        "machine": machine(), "config": cfg.to_dict(), "float32_weight_bytes": weight_bytes,
+        "peak_rss_bytes": peak, "baseline_rss_bytes": child["baseline_rss"],
+        "peak_over_weights": peak / weight_bytes,
+        "peak_above_baseline_over_weights": (peak - child["baseline_rss"]) / weight_bytes,
+        "seconds": round(child["seconds"], 1), "gate_passed": child["gate_passed"], "package_files": files,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"export --quantize (int8) peak RSS, {machine()}")
+    for column in ("float32 weights", "peak RSS", "RSS after imports", "peak / weights", "(peak - imports) / weights",
+                   "seconds", "package files"):
+        table.add_column(column)
+    mib = 1 << 20
+    table.add_row(f"{weight_bytes / mib:,.0f} MiB", f"{peak / mib:,.0f} MiB", f"{child['baseline_rss'] / mib:,.0f} MiB",
+                  f"{result['peak_over_weights']:.2f}x", f"{result['peak_above_baseline_over_weights']:.2f}x",
+                  f"{result['seconds']}", ", ".join(files))
+    Console().print(table)
+
+
+def resource_children_maxrss() -> int:
+    """The largest RSS any finished child of this process reached, in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 COMMANDS = {
     "quantization": (quantization_options, quantization),
     "kv-cache": (kv_cache_options, kv_cache),
     "kernels": (kernels_options, kernels),
     "pass-numerics": (pass_numerics_options, pass_numerics),
+    "export-memory": (export_memory_options, export_memory),
 }
 
 

@@ -101,6 +101,10 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4))
 
 
+# Weights quantized at once (a slice of output columns): bounds the rounding's temporaries.
+CHUNK_VALUES = 1 << 22
+
+
 def quantize_matrix(weight: np.ndarray, fmt: BlockFormat, rounding: str = "search",
                     importance: np.ndarray | None = None, hessian: np.ndarray | None = None) -> QuantizedMatrix:
     """Quantize W [K, N]; importance [K] (mean square of each input channel), or None for uniform;
@@ -111,20 +115,32 @@ def quantize_matrix(weight: np.ndarray, fmt: BlockFormat, rounding: str = "searc
         return _gptq(weight, fmt, hessian)
     k, n = weight.shape
     blocks = -(-k // fmt.block_size)
-    padded = np.zeros((blocks * fmt.block_size, n), np.float32)
-    padded[:k] = weight
-    w = padded.T.reshape(n, blocks, fmt.block_size)  # [N, blocks, block]
     weights = np.ones(blocks * fmt.block_size, np.float32)
     if importance is not None:
         weights[:k] = np.maximum(np.asarray(importance, np.float32), 0) / max(float(np.mean(importance)), 1e-30)
     weights[k:] = 0  # padding carries no error
     weights = weights.reshape(1, blocks, fmt.block_size)
+    # Every output column's blocks are quantized on their own, so columns go in slices: the grid search's
+    # temporaries are several times the slice, never several times a whole LM head.
+    step = max(1, CHUNK_VALUES // (blocks * fmt.block_size))
+    parts = [_quantize_columns(weight[:, start:start + step], fmt, rounding, weights) for start in range(0, n, step)]
+    codes, scales, zeros = (np.concatenate(arrays) if len(parts) > 1 else arrays[0] for arrays in zip(*parts))
+    return QuantizedMatrix(fmt, k, codes, scales[..., 0].astype(np.float32), zeros[..., 0].astype(np.uint8))
+
+
+def _quantize_columns(weight: np.ndarray, fmt: BlockFormat, rounding: str,
+                      weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes [n, blocks, block], scales and zero points [n, blocks, 1]) of the columns W [K, n]."""
+    k, n = weight.shape
+    blocks = weights.shape[1]
+    padded = np.zeros((blocks * fmt.block_size, n), np.float32)
+    padded[:k] = weight
+    w = padded.T.reshape(n, blocks, fmt.block_size)  # [n, blocks, block]
     if rounding == "rtn":
         scales, zeros = _rtn_grid(w, fmt)
     else:
         scales, zeros = _searched_grid(w, fmt, weights)
-    codes = _codes(w, scales, zeros, fmt)
-    return QuantizedMatrix(fmt, k, codes, scales[..., 0].astype(np.float32), zeros[..., 0].astype(np.uint8))
+    return _codes(w, scales, zeros, fmt), scales, zeros
 
 
 def _codes(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, fmt: BlockFormat) -> np.ndarray:

@@ -28,12 +28,20 @@ CALIBRATION_WINDOW = 512  # tokens per forward; the statistics need many tokens,
 class Calibration:
     tokens: int
     source: str
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # graph weight name -> float64 [K, K]
+    # graph weight name -> float64 Σ xᵀx [K, K], or only its diagonal [K] when no GPTQ needs the whole
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
     fisher: dict[str, np.ndarray] = field(default_factory=dict)  # graph weight name -> float32 [K, N]
 
     def importance(self, name: str) -> np.ndarray | None:
         xtx = self.inputs.get(name)
-        return None if xtx is None else np.diag(xtx) / max(self.tokens, 1)
+        if xtx is None:
+            return None
+        return (xtx if xtx.ndim == 1 else np.diag(xtx)) / max(self.tokens, 1)
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """GPTQ's Σ xᵀx for the weight, or None when it was not kept (calibrate(hessians=False))."""
+        xtx = self.inputs.get(name)
+        return xtx if xtx is not None and xtx.ndim == 2 else None
 
 
 def module_of(weight_name: str) -> str | None:
@@ -61,8 +69,12 @@ def _graph_layout(weight_name: str, per_module: dict[str, torch.Tensor]) -> np.n
 
 
 def calibrate(model: GPT, tokens: np.ndarray, source: str, weight_names: list[str], *, fisher: bool,
-              progress: Callable[[int, int], None] | None = None) -> Calibration:
-    """Run `model` over `tokens` in windows of CALIBRATION_WINDOW; statistics for `weight_names`."""
+              progress: Callable[[int, int], None] | None = None, hessians: bool = True) -> Calibration:
+    """Run `model` over `tokens` in windows of CALIBRATION_WINDOW; statistics for `weight_names`.
+
+    hessians: keep each projection's whole Σ xᵀx (GPTQ's Hessian: K² float64 values per projection, more
+    than the weights themselves for a wide MLP) rather than only its diagonal, the importance the "search"
+    rounding reads."""
     wanted = {module_of(n) for n in weight_names} - {None}
     graded = {m for n in weight_names for m in _parts(n)} if fisher else set()
     modules = {n: m for n, m in model.named_modules() if n in wanted | graded}
@@ -72,7 +84,7 @@ def calibrate(model: GPT, tokens: np.ndarray, source: str, weight_names: list[st
     def keep_input(name: str):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            product = (x.T @ x).double()
+            product = (x.T @ x).double() if hessians else (x * x).sum(dim=0).double()
             sums[name] = sums[name] + product if name in sums else product
         return hook
 

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.export.external_data import WeightSpool, move_initializers
 from edgegpt.export.onnx_export import KV_NAMES, MAX_IR_VERSION, OPSET, check_self_contained
 from edgegpt.model import GPT
 
@@ -113,7 +114,8 @@ SCALE_NAMES = {"k": "layers.{layer}.attn.k_scale", "v": "layers.{layer}.attn.v_s
 
 def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_qkv: bool = PACK_QKV,
                       scales: CacheScales | None = None) -> None:
-    """Write the fused graph of `model` to `path` (one self-contained file, per fused_graph_contract).
+    """Write the fused graph of `model` to `path` (per fused_graph_contract; its weights in a data file beside
+    it above the external-data threshold: export/external_data.py).
 
     precision "fp32", or "fp16" for CUDA: weights, activations and cache in float16 (the contrib ops
     accumulate norms and softmax in float32), logits cast to float32 for the sampler.
@@ -124,7 +126,7 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
     cfg = model.cfg
     _, np_dtype, elem = _precision(precision)
     weights = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
-    g = _Graph(np_dtype)
+    g = _Graph(np_dtype, WeightSpool(Path(path)))  # weights go to disk as they are made (export/external_data.py)
     contract = fused_graph_contract(cfg, precision, scales)
     if scales is not None:
         check_scales(cfg, scales)
@@ -150,16 +152,17 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
         g.nodes, "edgegpt_fused",
         [value(n, s) for n, s in contract["inputs"].items()],
         [value(n, s) for n, s in contract["outputs"].items()],
-        initializer=g.initializers,
     )
     proto = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="edgegpt", ir_version=MAX_IR_VERSION,
     )
+    del graph
+    move_initializers(g.initializers, proto.graph)
     check_graph_contract(proto, contract)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    g.spool.save(proto)  # a large graph keeps its weights in model.onnx.data, a small one is one file
+    del proto  # before onnxruntime loads its own copy
     check_self_contained(path)
     check_loads(path)
 
@@ -382,8 +385,9 @@ def check_loads(path: Path) -> None:
 class _Graph:
     """Nodes and initializers being collected; every weight is stored in the graph's precision."""
 
-    def __init__(self, dtype: type) -> None:
+    def __init__(self, dtype: type, spool: WeightSpool | None = None) -> None:
         self.dtype = dtype
+        self.spool = spool  # where the weights' bytes go (None: kept in the TensorProtos)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
@@ -398,7 +402,8 @@ class _Graph:
 
     def float32(self, name: str, array: np.ndarray, dtype: type = np.float32) -> str:
         """An initializer in `dtype` whatever the graph's precision (the int8 cache's scales are float32)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
+        array = np.ascontiguousarray(array, dtype=dtype)
+        self.initializers.append(self.spool.tensor(array, name) if self.spool else numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, name: str, inputs: list[str], outputs: list[str] | None = None,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from edgegpt.core.config import ModelConfig
+from edgegpt.export.external_data import data_path, save_model
 from edgegpt.model import GPT
 
 # Pinned rather than torch's default so a torch upgrade cannot silently move the graph to an opset (or
@@ -140,11 +141,12 @@ def export_plain_onnx(model: GPT, path: Path) -> None:
     name_dims(proto, contract)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
-    onnx.checker.check_model(proto)
     check_contract(proto, contract)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    del program  # its tensors, beside the proto's copy
+    save_model(proto, path)  # a large graph keeps its weights in model.onnx.data (export/external_data.py)
+    del proto
+    onnx.checker.check_model(str(path))  # by path: the checker refuses an in-memory model over 2 GB
     check_self_contained(path)
 
 
@@ -185,11 +187,15 @@ def check_contract(proto: onnx.ModelProto, contract: dict[str, Any]) -> None:
 
 
 def check_self_contained(path: Path) -> None:
-    """Raise if the saved model points at external data: a package must be one relocatable file."""
+    """Raise if the saved model points at external data anywhere but its own data file beside it
+    (export/external_data.py): a package must stay relocatable."""
     proto = onnx.load_model(str(path), load_external_data=False)
-    external = [t.name for t in proto.graph.initializer if uses_external_data(t)]
+    allowed = data_path(Path(path)).name
+    external = [t.name for t in proto.graph.initializer if uses_external_data(t)
+                and any(e.key == "location" and e.value != allowed for e in t.external_data)]
     if external:
-        raise RuntimeError(f"{path} stores {len(external)} tensors as external data (e.g. {external[0]})")
+        raise RuntimeError(f"{path} stores {len(external)} tensors as external data outside {allowed} "
+                           f"(e.g. {external[0]})")
 
 
 @dataclass(frozen=True)

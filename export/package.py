@@ -25,12 +25,14 @@ from edgegpt.checkpoint import load_checkpoint
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import MANIFEST, MODEL
 from edgegpt.core.io import staged_directory
+from edgegpt.export import external_data
 from edgegpt.export.cache_precision import (
     build_int8_cache_graph,
     cache_perplexity_check,
     cache_record,
     resolve_kv_cache,
 )
+from edgegpt.export.external_data import TENSOR_SIZE_THRESHOLD, data_path, graph_bytes, replace_data_file
 from edgegpt.export.gates import (
     GateFailed,
     GateLimits,
@@ -211,26 +213,39 @@ OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"
 
 
 def optimize_offline(path: Path) -> str:
-    """Replace the graph at `path` by onnxruntime's CPU-optimized version; returns the manifest's note."""
+    """Replace the graph at `path` by onnxruntime's CPU-optimized version; returns the manifest's note.
+    A graph with external data (export/external_data.py) gets its optimized weights written to a data file
+    of the same name, so the package's file names do not depend on the optimization."""
     import onnx
     import onnxruntime as ort
 
     from edgegpt.export.onnx_export import MAX_IR_VERSION
 
+    path = Path(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OFFLINE_LEVEL)
-    staged = path.with_name(path.stem + ".optimized.onnx")
+    # A folder of its own, so the optimized graph's data file can carry the final name from the start.
+    staging = path.parent / f"{path.stem}.optimizing"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    staged = staging / path.name
     options.optimized_model_filepath = str(staged)
+    if data_path(path).is_file():
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         data_path(path).name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(TENSOR_SIZE_THRESHOLD))
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    proto = onnx.load_model(str(staged))
+    proto = onnx.load_model(str(staged), load_external_data=False)  # the weights stay in the data file
     used = {node.domain or "" for node in proto.graph.node} | {"", "ai.onnx"}
     kept = [o for o in proto.opset_import if o.domain in used]  # onnxruntime lists every domain it knows
     del proto.opset_import[:]
     proto.opset_import.extend(kept)
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-    onnx.save_model(proto, str(path))
-    staged.unlink()
+    onnx.save_model(proto, str(path))  # as it is: any external data keeps pointing at the data file's name
+    replace_data_file(staged, path)
+    shutil.rmtree(staging)
     return f"{OFFLINE_LEVEL} at export by onnxruntime {ort.__version__} (CPU); loaded with ORT_ENABLE_ALL"
 
 
@@ -304,6 +319,7 @@ def export_package(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     window: int | None = None,
     draft: Path | None = None,
+    external_data_threshold: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically). The gates
@@ -314,6 +330,8 @@ def export_package(
     plan within `max_ppl_increase` percent: export/quantize_package.py).
     draft: a smaller checkpoint with the same tokenizer, exported with the same options into the package's
     `draft/` folder and gated on its own, for speculative decoding (export/draft.py).
+    external_data_threshold: bytes of weights above which model.onnx keeps them in model.onnx.data
+    (default export/external_data.py's EXTERNAL_DATA_THRESHOLD, below protobuf's 2 GiB limit).
     Raises GateFailed (an EdgeGPTError carrying the report) when a gate fails and `gate` is on.
     """
     say = progress or (lambda message: None)
@@ -332,6 +350,10 @@ def export_package(
     # a mistake in the command, not a setting.
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
         raise EdgeGPTError(f"--eval-tokens must be a positive number of tokens, got {eval_tokens!r}")
+    if external_data_threshold is not None and (isinstance(external_data_threshold, bool)
+                                                or not isinstance(external_data_threshold, int)
+                                                or external_data_threshold < 0):
+        raise EdgeGPTError(f"external_data_threshold must be a number of bytes >= 0, got {external_data_threshold!r}")
     runnable = precision == "float32" or cuda_available()  # the runtime runs float16 on CUDA only
     plan = ExportPlan(fuse=fuse, precision=precision, quantize=quantize, bits=bits, options=options, budget=budget,
                       kv_cache=kv_cache, gate=gate, limits=limits, runnable=runnable)
@@ -361,7 +383,7 @@ def export_package(
         raise EdgeGPTError("--calibration-data is read by --quantize with the search or gptq rounding; drop it")
     say(f"exporting {checkpoint} to {out}")  # only once the inputs are known good: errors stay one line
 
-    with staged_directory(out) as stage:
+    with staged_directory(out) as stage, external_data.external_data_threshold(external_data_threshold):
         target = Source(checkpoint, model, tokenizer, text, calibration)
         report, fields = build_package(target, stage, out, plan, say, start)
         if drafted is not None:
@@ -384,7 +406,10 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
     float_dir = stage / "work" / "float"
     float_dir.mkdir(parents=True)
     say(f"building the {kind} {precision} graph")
-    contract = build_graph(model, float_dir / MODEL, plan.fuse, precision)
+    # A graph that is not the package's (quantization or an int8 cache follows) keeps its weights outside
+    # whatever its size, so the next step reads them one at a time (export/external_data.py).
+    with external_data.external_data_threshold(0 if quantize or plan.kv_cache == "int8" else None):
+        contract = build_graph(model, float_dir / MODEL, plan.fuse, precision)
     optimization = "none at export; ORT_ENABLE_ALL at load"
     if precision == "float32" and not quantize:  # the shipped file is what the checks below judge
         optimization = optimize_offline(float_dir / MODEL)
@@ -400,7 +425,8 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
         say("calibrating the int8 KV cache on the held-out text")
         final_dir = stage / "work" / "int8-cache"
         final_dir.mkdir()
-        contract, cache = build_int8_cache_graph(model, text, final_dir / MODEL)
+        with external_data.external_data_threshold(0 if quantize else None):
+            contract, cache = build_int8_cache_graph(model, text, final_dir / MODEL)
         if not quantize:
             optimization = optimize_offline(final_dir / MODEL)
         write_package_metadata(final_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
@@ -436,7 +462,7 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
     gates = GateReport(enabled=plan.gate, checks=checks, text=text, rows=rows)
     report = ExportReport(
         checkpoint=checkpoint, package=out, graph_kind=kind, precision=label,
-        float_bytes=(float_dir / MODEL).stat().st_size, package_bytes=(final_dir / MODEL).stat().st_size,
+        float_bytes=graph_bytes(float_dir / MODEL), package_bytes=graph_bytes(final_dir / MODEL),
         quantization=quantization, verification=verification, gates=gates,
         graph=describe_graph(final_dir / MODEL), seconds=0.0, kv_cache=cache,
     )

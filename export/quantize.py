@@ -48,6 +48,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.blockquant import BLOCK_SIZES, ROUNDINGS, BlockFormat, QuantizedMatrix, quantize_matrix
+from edgegpt.export.external_data import external_locations, load_remaining, read_tensor, save_model
 from edgegpt.export.onnx_export import MAX_IR_VERSION, quiet
 from edgegpt.export.plan import FLOAT
 
@@ -133,25 +134,31 @@ class PreparedGraph:
     tied: bool
     untied_table: np.ndarray | None
     projections: dict[str, str]  # weight initializer name -> MatMul node name (the head excluded)
+    base_dir: Path | None = None  # where the graph's external data lies (None: every tensor is in the proto)
 
     def weight(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(initializer(self.proto, name))
+        return read_tensor(initializer(self.proto, name), self.base_dir)
 
 
 def prepare_graph(src: Path) -> PreparedGraph:
-    proto = onnx.load_model(str(src))
+    """The graph at `src`, its external data left on disk: each weight is read when it is quantized, so the
+    float graph is never held in memory whole (export/external_data.py)."""
+    src = Path(src)
+    proto = onnx.load_model(str(src), load_external_data=False)
+    base_dir = src.parent if external_locations(proto) else None
     for i, node in enumerate(proto.graph.node):
         node.name = node.name or f"/{node.op_type}_{i}"
-    materialize_transposed_weights(proto)
+    materialize_transposed_weights(proto, base_dir)
     embedding, head = find_embedding_and_head(proto)
-    tied = embedding is not None and head is not None and is_transpose_of(proto, head.input[1], embedding.input[0])
+    tied = embedding is not None and head is not None and is_transpose_of(proto, head.input[1], embedding.input[0],
+                                                                          base_dir)
     untied_table = None
     if embedding is not None and not tied:
-        untied_table = numpy_helper.to_array(initializer(proto, embedding.input[0]))
+        untied_table = read_tensor(initializer(proto, embedding.input[0]), base_dir)
     weights = {t.name for t in proto.graph.initializer}
     projections = {n.input[1]: n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights
                    and (head is None or n.name != head.name)}
-    return PreparedGraph(proto, embedding, head, tied, untied_table, projections)
+    return PreparedGraph(proto, embedding, head, tied, untied_table, projections, base_dir)
 
 
 def quantize_weights(graph: PreparedGraph, options: QuantOptions, bits: set[int],
@@ -162,7 +169,7 @@ def quantize_weights(graph: PreparedGraph, options: QuantOptions, bits: set[int]
     for name in graph.projections:
         weight = graph.weight(name)
         importance = calibration.importance(name) if calibration is not None else None
-        hessian = calibration.inputs.get(name) if calibration is not None else None
+        hessian = calibration.hessian(name) if calibration is not None else None
         for b in sorted(bits):
             out[name, b] = quantize_matrix(weight, options.format(b), options.rounding, importance, hessian)
             done += 1
@@ -188,13 +195,17 @@ def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = Non
     needed = {b for b in full_plan.values() if b != FLOAT} if options.method == "nbits" else set()
     quantized = quantize_weights(graph, options, needed, calibration)
     proto = write_quantized(graph, options, full_plan, quantized, Path(dst).parent)
-    onnx.save_model(proto, str(dst))
-    return settings(options, graph.tied, full_plan if options.method == "nbits" else None, calibration)
+    tied = graph.tied
+    del graph, quantized  # the float weights' last references
+    save_model(proto, Path(dst))  # one file, or with model.onnx.data above the threshold
+    return settings(options, tied, full_plan if options.method == "nbits" else None, calibration)
 
 
 def write_quantized(graph: PreparedGraph, options: QuantOptions, plan: dict[str, int],
                     quantized: dict[tuple[str, int], QuantizedMatrix], workdir: Path) -> onnx.ModelProto:
-    """A copy of the prepared graph with the plan applied (the prepared graph is left as it was)."""
+    """A copy of the prepared graph with the plan applied (the prepared graph is left as it was), every
+    tensor in memory (a prepared graph's external data stays on disk until the projections are replaced:
+    the copy is then small)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(graph.proto)
     nodes = {n.name: n for n in proto.graph.node}
@@ -209,6 +220,7 @@ def write_quantized(graph: PreparedGraph, options: QuantOptions, plan: dict[str,
     if graph.embedding is not None:
         head = nodes[graph.head.name] if graph.tied else None
         quantize_embedding(proto, graph.embedding, head, graph.untied_table)
+    load_remaining(proto, graph.base_dir)  # the float tensors left (norms, rotary tables; dynamic's projections)
     if options.method == "dynamic":
         with quiet():  # the quantizer logs advice and progress through the root logger
             root, level = logging.getLogger(), logging.getLogger().level
@@ -281,7 +293,7 @@ def initializer(proto: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
     return next((t for t in proto.graph.initializer if t.name == name), None)
 
 
-def materialize_transposed_weights(proto: onnx.ModelProto) -> list[str]:
+def materialize_transposed_weights(proto: onnx.ModelProto, base_dir: Path | None = None) -> list[str]:
     """Replace MatMul(x, Transpose(W_initializer)) by MatMul(x, W^T) with W^T stored as its own initializer.
 
     The plain torch.onnx graph computes the tied LM head that way, and the quantizers only reach a
@@ -298,7 +310,7 @@ def materialize_transposed_weights(proto: onnx.ModelProto) -> list[str]:
         transpose = producers.get(node.input[1])
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
             continue
-        weight = numpy_helper.to_array(initializers[transpose.input[0]])
+        weight = read_tensor(initializers[transpose.input[0]], base_dir)
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
         if weight.ndim != 2 or perm not in (None, [1, 0]):
             continue
@@ -328,9 +340,10 @@ def find_embedding_and_head(proto: onnx.ModelProto) -> tuple[onnx.NodeProto | No
     return embedding, head
 
 
-def is_transpose_of(proto: onnx.ModelProto, head_weight: str, table: str) -> bool:
+def is_transpose_of(proto: onnx.ModelProto, head_weight: str, table: str, base_dir: Path | None = None) -> bool:
     a, b = initializer(proto, head_weight), initializer(proto, table)
-    return a is not None and b is not None and np.array_equal(numpy_helper.to_array(a).T, numpy_helper.to_array(b))
+    return (a is not None and b is not None and tuple(a.dims) == tuple(reversed(b.dims))
+            and np.array_equal(read_tensor(a, base_dir).T, read_tensor(b, base_dir)))
 
 
 def quantize_embedding(proto: onnx.ModelProto, embedding: onnx.NodeProto, head: onnx.NodeProto | None,

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import MODEL, TRAIN_STATE
 from edgegpt.core.io import read_json
 from edgegpt.export.calibration import calibrate
+from edgegpt.export.external_data import save_model
 from edgegpt.export.plan import (
     FLOAT,
     byte_sizes,
@@ -98,7 +98,8 @@ def quantize_fixed(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpt
     if text is not None and needs_calibration(options, auto=False):
         names = list(prepare_graph(float_dir / MODEL).projections)
         say(f"calibrating on {text.source}")
-        calibration = calibrate(model, text.tokens, text.source, names, fisher=False)
+        calibration = calibrate(model, text.tokens, text.source, names, fisher=False,
+                                hessians=options.rounding == "gptq")
     say(f"quantizing weights to {options.bits} bits ({options.method}"
         + (f", {options.rounding})" if options.method == "nbits" else ")"))
     return quantize_graph(float_dir / MODEL, out_dir / MODEL, options=options, calibration=calibration)
@@ -117,7 +118,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
     graph = prepare_graph(float_dir / MODEL)
     names = list(graph.projections)
     say(f"calibrating on {text.source} (inputs and Fisher information)")
-    calibration = calibrate(model, text.tokens, text.source, names, fisher=True)
+    calibration = calibrate(model, text.tokens, text.source, names, fisher=True, hessians=options.rounding == "gptq")
     say(f"quantizing {len(names)} projections at 4 bits ({options.rounding}) and 8 bits")
     four = replace(options, bits=4)
     quantized = quantize_weights(graph, four, {4}, calibration)
@@ -139,7 +140,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
     def measure(plan: dict[str, int]) -> float:
         shutil.rmtree(trial, ignore_errors=True)
         trial.mkdir()
-        onnx.save_model(write_quantized(graph, four, plan, quantized, trial), str(trial / MODEL))
+        save_model(write_quantized(graph, four, plan, quantized, trial), trial / MODEL)
         finish(trial)
         return perplexity(trial) / reference - 1
 
@@ -147,7 +148,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
         plan, trials = search_plan(names, upgrades, sizes, budget, measure, say)
     finally:
         shutil.rmtree(trial, ignore_errors=True)
-    onnx.save_model(write_quantized(graph, four, plan, quantized, out_dir), str(out_dir / MODEL))
+    save_model(write_quantized(graph, four, plan, quantized, out_dir), out_dir / MODEL)
     recorded = settings(four, graph.tied, plan, calibration)
     counts = {bits: sum(1 for b in plan.values() if b == bits) for bits in (4, 8, FLOAT)}
     recorded.update({

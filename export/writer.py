@@ -1,6 +1,7 @@
 """The model package's metadata files (docs/FORMATS.md): config, tokenizer, generation defaults, manifest.
 
     model.onnx              written by the graph steps before this
+    model.onnx.data         a large graph's weights (ONNX external data: export/external_data.py)
     config.json             ModelConfig + the graph's input/output contract
     tokenizer.json          the checkpoint's tokenizer
     generation_config.json  sampling and stopping defaults
@@ -26,12 +27,13 @@ from tokenizers import Tokenizer
 import edgegpt
 from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, TOKENIZER
+from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, MANIFEST, MODEL, MODEL_DATA, TOKENIZER
 from edgegpt.core.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from edgegpt.tokenizer import end_of_text_id
 
 PACKAGE_FILES = (MODEL, CONFIG, TOKENIZER, GENERATION_CONFIG, MANIFEST)
-OPTIONAL_FILES = (CHAT_TEMPLATE,)  # what an imported model brings along (docs/FORMATS.md)
+# What an imported model brings along, and a large graph's weights (export/external_data.py; docs/FORMATS.md).
+OPTIONAL_FILES = (CHAT_TEMPLATE, MODEL_DATA)
 # The checkpoint's own generation_config.json (an imported model's) overrides these defaults.
 SOURCE_GENERATION_KEYS = ("eos_token_id", "bos_token_id", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                           "repetition_penalty")

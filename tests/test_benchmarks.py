@@ -9,6 +9,7 @@ target's very function; an int8 cache holds a quarter of float32's bytes), never
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -142,6 +143,18 @@ def test_kernels_time_every_matmulnbits_case():
     body = [line for line in out.splitlines() if line.lstrip().startswith("│")]
     assert [line.split("│")[1].strip() for line in body] == ["8"] * 3 + ["4"] * 6  # bits of each case
     assert all(float(line.split("│")[5]) >= 0 and float(line.split("│")[6]) >= 0 for line in body)  # ms, 1 and 16
+
+
+def test_export_memory_measures_a_quantized_export_in_a_child_process():
+    out = json.loads(smoke("formats.py", "export-memory", "--external-data-threshold", "0", "--json"))
+    cfg = out["config"]
+    head = cfg.get("head_dim") or cfg["dim"] // cfg["n_heads"]
+    assert out["float32_weight_bytes"] == 4 * (cfg["vocab_size"] * cfg["dim"] + cfg["n_layers"] * (
+        2 * cfg["dim"] + cfg["dim"] * (cfg["n_heads"] + 2 * cfg["n_kv_heads"]) * head
+        + cfg["n_heads"] * head * cfg["dim"] + 3 * cfg["dim"] * cfg["ffn_dim"]) + cfg["dim"])
+    assert out["peak_rss_bytes"] >= out["baseline_rss_bytes"] > 0
+    assert out["peak_over_weights"] == out["peak_rss_bytes"] / out["float32_weight_bytes"]
+    assert {"model.onnx", "model.onnx.data", "manifest.json"} <= set(out["package_files"])  # threshold 0
 
 
 def test_pass_numerics_compares_a_one_token_pass_with_a_longer_one(kit):

@@ -19,6 +19,7 @@ TRAIN_STATE = "train_state.json"  # step, options, data position
 
 # A model package directory (`edgegpt export`).
 MODEL = "model.onnx"
+MODEL_DATA = "model.onnx.data"  # a large model.onnx's weights (ONNX external data), beside it
 GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "manifest.json"
 
