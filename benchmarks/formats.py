@@ -795,7 +795,8 @@ def export_memory(args: argparse.Namespace) -> None:
         sys.exit("the child's peak RSS is not above this process's earlier children; run export-memory alone")
     child = json.loads(done.stdout.strip().splitlines()[-1])
     package = work / "model"
-    files = {p.name: p.stat().st_size for p in sorted(package.iterdir()) if p.is_file()}
+    # A failed gate (random weights) writes no package; the memory the export took still counts.
+    files = {p.name: p.stat().st_size for p in sorted(package.iterdir()) if p.is_file()} if package.is_dir() else {}
     if args.smoke:
         import shutil
 
