@@ -738,7 +738,26 @@ try:
     export_package(Path(checkpoint), Path(out), quantize=True, eval_data=Path(data), eval_tokens=512, **kwargs)
 except GateFailed:
     gated = False  # random weights: the gate's verdict means nothing, the memory it took still counts
-print(json.dumps({"baseline_rss": baseline, "seconds": time.perf_counter() - start, "gate_passed": gated}))
+print(json.dumps({"baseline_rss": baseline, "seconds": time.perf_counter() - start, "gate_passed": gated,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+# Builds the random checkpoint in a process of its own: a process's peak RSS counts from its parent's at fork,
+# so the process that forks the export must not have held the model.
+CHECKPOINT_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from edgegpt.checkpoint import save_checkpoint
+from edgegpt.core.config import ModelConfig
+from edgegpt.model import GPT
+from edgegpt.tokenizer import train_tokenizer
+directory, fields, text = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+model = GPT(ModelConfig(**fields)).eval()
+save_checkpoint(directory, model, train_tokenizer([text], 300))
+print(json.dumps({"weight_bytes": sum(p.numel() * 4 for p in model.parameters()),  # the tied head counted once
+                  "config": model.cfg.to_dict()}))
 """
 
 
@@ -758,42 +777,34 @@ def export_memory_options(parser: argparse.ArgumentParser) -> None:
 def export_memory(args: argparse.Namespace) -> None:
     """Peak resident memory of `export --quantize` (int8, gated) on a random model, against its float32 bytes.
 
-    The export runs in a child process of its own, so its peak RSS (getrusage of the child) is the export's
-    alone: imports included, reported separately as the RSS right after importing the exporter. The issue's
-    bound is peak RSS <= 3x the model's float32 weight bytes.
+    The export runs in a child process of its own (and the random checkpoint is made in another), so its peak
+    RSS (the child's own ru_maxrss) is the export's alone: imports included, reported separately as the peak
+    RSS right after importing the exporter. The issue's bound is peak RSS <= 3x the model's float32 weight bytes.
     """
     import subprocess
 
-    import torch
-
     from common import BENCHMARK_TEXT
-    from edgegpt.checkpoint import save_checkpoint
-    from edgegpt.core.config import ModelConfig
-    from edgegpt.model import GPT
-    from edgegpt.tokenizer import train_tokenizer
 
     if args.smoke:
         args.dim, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab = 128, 2, 4, 2, 384, 512
     work = scratch_dir("export-memory")
-    cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_len=256)
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    weight_bytes = sum(p.numel() * 4 for p in model.parameters())  # the tied head counted once
-    save_checkpoint(work / "checkpoint", model, train_tokenizer([BENCHMARK_TEXT], 300))
-    del model
+    fields = dict(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                  n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_len=256)
+    made = subprocess.run([sys.executable, "-c", CHECKPOINT_CHILD, str(work / "checkpoint"), json.dumps(fields),
+                           BENCHMARK_TEXT], capture_output=True, text=True)
+    if made.returncode != 0:
+        sys.exit(f"making the checkpoint failed:\n{made.stderr[-4000:]}")
+    made = json.loads(made.stdout.strip().splitlines()[-1])
+    weight_bytes, config = made["weight_bytes"], made["config"]
     text = work / "held-out.txt"
     text.write_text(BENCHMARK_TEXT * 4, encoding="utf-8")
     threshold = "default" if args.external_data_threshold is None else str(args.external_data_threshold)
-    before = resource_children_maxrss()
     done = subprocess.run([sys.executable, "-c", EXPORT_MEMORY_CHILD, str(work / "checkpoint"), str(work / "model"),
                            str(text), threshold], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"export failed:\n{done.stderr[-4000:]}")
-    peak = resource_children_maxrss()
-    if peak <= before:
-        sys.exit("the child's peak RSS is not above this process's earlier children; run export-memory alone")
     child = json.loads(done.stdout.strip().splitlines()[-1])
+    peak = child["peak_rss"]
     package = work / "model"
     # A failed gate (random weights) writes no package; the memory the export took still counts.
     files = {p.name: p.stat().st_size for p in sorted(package.iterdir()) if p.is_file()} if package.is_dir() else {}
@@ -802,7 +813,7 @@ def export_memory(args: argparse.Namespace) -> None:
 
         shutil.rmtree(work)
     result = {
-        "machine": machine(), "config": cfg.to_dict(), "float32_weight_bytes": weight_bytes,
+        "machine": machine(), "config": config, "float32_weight_bytes": weight_bytes,
         "peak_rss_bytes": peak, "baseline_rss_bytes": child["baseline_rss"],
         "peak_over_weights": peak / weight_bytes,
         "peak_above_baseline_over_weights": (peak - child["baseline_rss"]) / weight_bytes,
@@ -820,13 +831,6 @@ def export_memory(args: argparse.Namespace) -> None:
                   f"{result['peak_over_weights']:.2f}x", f"{result['peak_above_baseline_over_weights']:.2f}x",
                   f"{result['seconds']}", ", ".join(files))
     Console().print(table)
-
-
-def resource_children_maxrss() -> int:
-    """The largest RSS any finished child of this process reached, in bytes (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 COMMANDS = {
