@@ -17,6 +17,9 @@ from edgegpt.runtime import Generator
 
 PROMPT = "The import statement"
 
+# Every test exports packages (one a plain torch.onnx graph): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def external_package(tmp_path_factory, tiny_checkpoint) -> Path:
