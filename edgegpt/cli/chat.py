@@ -56,9 +56,8 @@ from edgegpt.cli.options import (
     TopPOption,
     Truncate,
     TruncateOption,
-    speculation,
+    load_generator,
 )
-from edgegpt.core import workspace
 
 if TYPE_CHECKING:
     from edgegpt.runtime import Generator
@@ -88,11 +87,7 @@ def chat(
     reply ends at the model's end of turn; without one, as a plain transcript where a reply ends at a
     blank line (or at a --stop string). /reset forgets the conversation; /quit, Ctrl-D or Ctrl-C leaves."""
     with user_errors("chat"):
-        from edgegpt.runtime import Generator
-
-        draft, lookup = speculation(draft, lookup, no_speculation)
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
-                                   draft=draft)
+        generator, lookup = load_generator(model, provider, max_length, draft, lookup, no_speculation)
         # --stop adds to the transcript's blank line rather than replacing it: without that stop a reply
         # would run on into the next turns of the conversation.
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

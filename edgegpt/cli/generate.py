@@ -27,9 +27,8 @@ from edgegpt.cli.options import (
     TopPOption,
     Truncate,
     TruncateOption,
-    speculation,
+    load_generator,
 )
-from edgegpt.core import workspace
 from edgegpt.core.errors import EdgeGPTError
 
 
@@ -59,14 +58,11 @@ def generate(
     """Continue PROMPT, streaming the text as it is generated (with --chat: answer it). A prompt given as an
     argument is printed before its continuation; one read from a file or standard input is not."""
     with user_errors("generate"):
-        from edgegpt.runtime import Generator
 
         echo = prompt is not None and prompt != "-" and prompt_file is None
         prompt = read_prompt(prompt, prompt_file)
 
-        draft, lookup = speculation(draft, lookup, no_speculation)
-        generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
-                                   draft=draft)
+        generator, lookup = load_generator(model, provider, max_length, draft, lookup, no_speculation)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop or None, seed=seed,
                        truncate=truncate.option, lookup=lookup)

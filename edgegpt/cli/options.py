@@ -17,9 +17,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
+
+from edgegpt.core import workspace
+
+if TYPE_CHECKING:
+    from edgegpt.runtime import Generator
 
 
 class Provider(str, Enum):
@@ -85,3 +90,15 @@ def speculation(draft: Path | None, lookup: bool, no_speculation: bool) -> tuple
     if no_speculation:
         return None, False
     return (draft if draft is not None else "auto"), lookup
+
+
+def load_generator(model: Path | None, provider: Provider, max_length: int | None, draft: Path | None,
+                   lookup: bool, no_speculation: bool) -> tuple[Generator, bool]:
+    """The Generator `generate` and `chat` run (the workspace's package unless --model), with the three
+    speculation flags applied, and the `lookup` option their calls take."""
+    from edgegpt.runtime import Generator
+
+    draft, lookup = speculation(draft, lookup, no_speculation)
+    generator = Generator.load(model or workspace.model_dir(), provider=provider.value, max_length=max_length,
+                               draft=draft)
+    return generator, lookup
