@@ -17,6 +17,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.convert import convert
 from edgegpt.convert.gguf_tokenizer import QWEN2_PATTERN, sentencepiece_merges, tokenizer_from_gguf
+from edgegpt.convert.sentencepiece_reference import (  # the oracles, shared with benchmarks/real_model.py
+    sentencepiece_from_gguf,
+    sentencepiece_from_metadata,
+)
 from edgegpt.runtime.detokenizer import StreamDecoder
 
 pytest.importorskip("gguf", reason="gguf is in the [convert] and [dev] extras")
@@ -72,24 +76,6 @@ def sentencepiece_meta(proto: sp_model.ModelProto, **fields) -> dict:
             "types": [int(p.type) for p in proto.pieces], "merges": None, "pre": None,
             "add_space_prefix": proto.normalizer_spec.add_dummy_prefix, "bos": 2, "eos": 1, "unk": 3, "pad": 0,
             **fields}
-
-
-def sentencepiece_from_metadata(tokens: list[str], scores: list[float], types: list[int],
-                                dummy_prefix: bool) -> spm.SentencePieceProcessor:
-    """The oracle: SentencePiece running a BPE model built from nothing but what the file holds. llama.cpp's
-    converter writes a user-defined piece's "▁" as a space (llama.cpp matches those pieces in the raw text;
-    SentencePiece after spaces became "▁"): the model gets its own form back."""
-    proto = sp_model.ModelProto()
-    proto.trainer_spec.model_type = sp_model.TrainerSpec.BPE
-    proto.trainer_spec.byte_fallback = 6 in types  # byte pieces <0x00>…<0xFF>, which SentencePiece then requires
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = dummy_prefix
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
-    for token, score, kind in zip(tokens, scores, types):
-        piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = token.replace(" ", "▁") if kind == 4 else token, score, kind
-    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +136,8 @@ def test_a_real_gemma3_file_encodes_as_sentencepiece(corpus_text):
     from edgegpt.convert.gguf import read_gguf
 
     meta, _ = read_gguf(Path(path))
-    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
-    types = list(meta["tokenizer.ggml.token_type"])
-    types[meta["tokenizer.ggml.unknown_token_id"]] = 2  # llama.cpp's converter marks <unk> as control
-    oracle = sentencepiece_from_metadata(tokens, scores, types, dummy_prefix=False)
+    assert meta["tokenizer.ggml.add_space_prefix"] is False  # Gemma 3: no dummy prefix
+    oracle = sentencepiece_from_gguf(meta)
     tokenizer = tokenizer_from_gguf(meta, path)
     for text in [*MULTILINGUAL, "import numpy as np", corpus_text[:20_000]]:
         assert tokenizer.encode(text, add_special_tokens=False).ids == oracle.encode(text), text[:80]

@@ -37,6 +37,23 @@ def llama_source(work: Path) -> Path | None:
     return Path(found[-1]) if found else None
 
 
+# The x86 instruction sets llama.cpp is built for when the CPU has AMX: a native build (-march=native) compiles
+# ggml's AMX path, and that build crashed in its first evaluation on a Xeon with AMX (docs/benchmarks.md,
+# "Running the peers"). Everything else this kind of CPU has stays on.
+NO_AMX = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+          "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+          "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+
+
+def cpu_options() -> tuple[str, ...]:
+    """-DGGML_NATIVE=ON, or the explicit instruction sets without AMX on a CPU that has AMX."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return NO_AMX if "amx_int8" in flags.split() else ("-DGGML_NATIVE=ON",)
+
+
 def setup(work: Path) -> None:
     """Create both venvs and build llama.cpp under `work`; what is already there is reused."""
     work.mkdir(parents=True, exist_ok=True)
@@ -57,8 +74,9 @@ def setup(work: Path) -> None:
     build = work / "llama.cpp-build"
     # llama-server (`serving.py load`) needs no TLS and no web UI: without the last three options its
     # build links OpenSSL when present and downloads the UI's prebuilt assets
-    run_logged(["cmake", "-S", llama_source(work), "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    run_logged(["cmake", "-S", llama_source(work), "-B", build, "-DCMAKE_BUILD_TYPE=Release", *cpu_options(),
                 "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"])
-    run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "llama-server", "-j", "2"])
+    run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "llama-server",
+                "llama-perplexity", "-j", "2"])
     log(f"setup done under {work}")
