@@ -26,10 +26,11 @@ import torch
 
 from edgegpt.checkpoint import save_checkpoint
 from edgegpt.convert.gguf_tokenizer import chat_template_from_gguf, generation_from_gguf, tokenizer_from_gguf
+from edgegpt.convert.weights import TensorProgress, expected_shapes, model_holding
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import staged_directory
-from edgegpt.model import GPT, llama3_inverse_frequencies
+from edgegpt.model import llama3_inverse_frequencies
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -297,9 +298,10 @@ def _dequantize(tensor: Any, gguf: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
 
 
-def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: ModelConfig,
-                      source: str) -> dict[str, torch.Tensor]:
-    """Every tensor as float32 under its edgegpt name, Q/K rows (and biases) back in Hugging Face's order."""
+def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: ModelConfig, source: str,
+                      progress: TensorProgress | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor as float32 under its edgegpt name, Q/K rows (and biases) back in Hugging Face's order;
+    progress(done, total) after each."""
     gguf = _import_gguf()
     weights = {}
     for name, ours in names.items():
@@ -315,12 +317,14 @@ def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: Model
         if not torch.isfinite(w).all():
             raise EdgeGPTError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
         weights[ours] = w
+        if progress:
+            progress(len(weights), len(names))
     return weights
 
 
-def from_gguf(path: Path, out: Path) -> Path:
+def from_gguf(path: Path, out: Path, progress: TensorProgress | None = None) -> Path:
     """Write a llama-architecture GGUF file as an edgegpt checkpoint (float32 weights, its tokenizer,
-    generation config and chat template)."""
+    generation config and chat template); progress(done, total) after each tensor is dequantized."""
     path = Path(path)
     source = str(path)
     meta, tensors = read_gguf(path)
@@ -331,15 +335,10 @@ def from_gguf(path: Path, out: Path) -> Path:
                            f"{cfg.vocab_size} rows")
     generation = generation_from_gguf(meta, tokenizer.get_vocab_size(), source)
     template = chat_template_from_gguf(meta, source)
-    with torch.device("meta"):  # shapes only: a real model is built once everything is checked
-        shapes = GPT(cfg).state_dict()
-    expected = {k: v.shape for k, v in shapes.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    names = _check_tensors(tensors, cfg, expected, source)
-    weights = load_gguf_weights(tensors, names, cfg, source)
-    model = GPT(cfg)
-    model.load_state_dict(weights, strict=not cfg.tie_embeddings)
-    del weights
+    names = _check_tensors(tensors, cfg, expected_shapes(cfg), source)
+    # The dequantized tensors become the model's parameters: one float32 copy (convert/weights.py).
+    model = model_holding(cfg, load_gguf_weights(tensors, names, cfg, source, progress))
     # Built beside `out` and swapped in whole: a failure leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:
-        save_checkpoint(stage, model.eval(), tokenizer, generation=generation, chat_template=template)
+        save_checkpoint(stage, model, tokenizer, generation=generation, chat_template=template)
     return Path(out)
