@@ -34,11 +34,11 @@ from tokenizers import Tokenizer
 
 from edgegpt.checkpoint import load_checkpoint, read_chat_template, read_generation_config, save_checkpoint
 from edgegpt.convert.generation import clean_generation_config, eos_ids
+from edgegpt.convert.weights import TensorProgress, expected_shapes, model_holding
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
-from edgegpt.model import GPT
 from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -310,8 +310,9 @@ def read_hf_generation(directory: Path, config: dict[str, Any], vocab_size: int)
     return generation or None
 
 
-def from_huggingface(directory: Path, out: Path) -> Path:
-    """Write a local Hugging Face directory of a supported family as an edgegpt checkpoint (float32)."""
+def from_huggingface(directory: Path, out: Path, progress: TensorProgress | None = None) -> Path:
+    """Write a local Hugging Face directory of a supported family as an edgegpt checkpoint (float32);
+    progress(done, total) as each tensor is read."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise EdgeGPTError(f"{directory} is not a Hugging Face model directory: config.json is missing")
@@ -324,7 +325,9 @@ def from_huggingface(directory: Path, out: Path) -> Path:
     template = read_hf_chat_template(directory)
     hf = _read_hf_weights(directory)
     ours = {}
-    for name, tensor in hf.items():
+    for done, (name, tensor) in enumerate(hf.items(), 1):
+        if progress:
+            progress(done, len(hf))
         if "rotary_emb" in name:
             continue  # recomputed from rope_theta
         try:
@@ -332,10 +335,10 @@ def from_huggingface(directory: Path, out: Path) -> Path:
         except KeyError:
             raise EdgeGPTError(f"{directory}: unexpected weight {name}; not a plain {config['model_type']} "
                                "model") from None
+    del hf  # a bf16 or f16 source's own tensors: only their float32 copies are kept
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
-    model = GPT(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = expected_shapes(cfg)
     if ours.keys() != expected.keys():
         missing = sorted(expected.keys() - ours.keys())[:3]
         unexpected = sorted(ours.keys() - expected.keys())[:3]
@@ -346,10 +349,12 @@ def from_huggingface(directory: Path, out: Path) -> Path:
             raise EdgeGPTError(
                 f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
             )
-    model.load_state_dict(ours, strict=not cfg.tie_embeddings)
+    # The tensors read (safetensors maps float32 ones without copying) become the parameters: one float32
+    # copy of the weights, not two (convert/weights.py).
+    model = model_holding(cfg, ours)
     # Built beside `out` and swapped in whole: a failure (a full disk) leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:
-        save_checkpoint(stage, model.eval(), tokenizer, generation=generation, chat_template=template)
+        save_checkpoint(stage, model, tokenizer, generation=generation, chat_template=template)
     return Path(out)
 
 
