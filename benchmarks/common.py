@@ -267,3 +267,55 @@ def scratch_dir(prefix: str) -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix=f"edgegpt-{prefix}-"))
+
+
+# -- commands measured as a user runs them -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    """A finished command: its exit status, output, wall time and the peak resident memory of its process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_bytes: int
+
+
+def run_measured(command: Sequence[str], poll_seconds: float = 0.02) -> CommandRun:
+    """Run `command` in a fresh process to its end: (exit status, output, wall seconds, peak RSS).
+
+    The peak is the process's VmHWM, read from /proc while it runs (the high-water mark of its own memory
+    image, which exec starts afresh): a child's ru_maxrss would start from the parent's RSS at fork, which
+    the benchmark process, holding models of its own, can exceed. Only what grows in the last poll interval
+    before the exit can be missed. The command's output is read by threads, so a chatty child never blocks."""
+    import subprocess
+    import threading
+    import time
+
+    start = time.perf_counter()
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunks: dict[str, list[str]] = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda s=stream, k=key: chunks[k].extend(s), daemon=True)
+               for key, stream in (("out", process.stdout), ("err", process.stderr))]
+    for reader in readers:
+        reader.start()
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, _high_water_bytes(process.pid))
+        time.sleep(poll_seconds)
+    for reader in readers:
+        reader.join()
+    return CommandRun(process.returncode, "".join(chunks["out"]), "".join(chunks["err"]),
+                      time.perf_counter() - start, peak)
+
+
+def _high_water_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):  # exited between poll() and the read, or a zombie without a memory map
+        pass
+    return 0

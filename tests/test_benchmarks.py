@@ -193,15 +193,6 @@ def test_runtimes_compare_measures_edgegpt_and_skips_peers_not_set_up(kit):
         assert re.search(rf"skipped {re.escape(peer)}: RuntimeError: .*runtimes.py setup", out), peer
 
 
-def test_runtimes_real_model_runs_the_command_chain(kit):
-    out = smoke("runtimes.py", "real-model", kit=kit)
-    assert "skipped convert and the import check" in out
-    table = rows(out)
-    assert table["int8"][6] in ("pass", "FAIL (written with --no-gate)")
-    assert number(table["int8"][0]) > 0 and number(table["int8"][7]) > 0  # MB, decode tok/s
-    assert re.search(r"command times: export int8 \d+ s, eval int8 \d+ s", out)
-
-
 def test_runtimes_cuda_measures_on_the_cpu_without_a_gpu():
     out = smoke("runtimes.py", "cuda")
     row = next(line.split() for line in out.splitlines() if line.startswith("nano"))
@@ -210,6 +201,31 @@ def test_runtimes_cuda_measures_on_the_cpu_without_a_gpu():
 
 def test_runtimes_setup_installs_nothing_in_a_smoke_run():
     assert "skipped setup" in smoke("runtimes.py", "setup")
+
+
+# -- real_model.py ------------------------------------------------------------------------------------------
+
+
+def test_real_model_takes_a_gguf_file_through_every_command_and_skips_peers_not_set_up(tmp_path):
+    out = smoke("real_model.py", "run", "--peers", "--peers-work", str(tmp_path / "no-peers"), "--json")
+    figures = json.loads(out.strip().splitlines()[-1])["models"]["smoke"]
+    assert figures["convert"]["seconds"] > 0 and figures["convert"]["peak_rss_mb"] > 0
+    formats = figures["formats"]
+    for name, row in formats.items():
+        assert row["gate"] in ("pass", "FAIL (written with --no-gate)"), name
+        assert row["export_peak_rss_mb"] > 0 and row["decode_tokens_per_s"] > 0 and row["perplexity"] > 1
+        assert len(row["completions"]) == 6 and 0 <= row["completions_right"] <= 6
+    assert formats["int4"]["size_mb"] < formats["int8"]["size_mb"] < formats["fp32"]["size_mb"]
+    assert formats["fp32"]["delta_vs_fp32_package"] == 0
+    table = rows(out)
+    assert [table[name][3] for name in ("fp32", "int8", "int4")] == [formats[n]["gate"] for n in formats]
+    # The converted weights are what transformers' own GGUF loader reads from the same file.
+    assert figures["import_max_abs_logit_diff"] < 1e-3
+    assert "tokenization check skipped: tokenizer.ggml.model is 'gpt2'" in out
+    peers = figures["peers"]
+    assert peers["decode_median"]["edgegpt int8"] > 0 and peers["perplexity"]["edgegpt int8"]["perplexity"] > 1
+    assert re.search(r"skipped onnxruntime-genai int8: RuntimeError: .*runtimes.py setup", out)
+    assert re.search(r"skipped llama.cpp: not built under .*no-peers", out)
 
 
 # -- serving.py ----------------------------------------------------------------------------------------------

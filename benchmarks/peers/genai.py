@@ -11,6 +11,29 @@ from .models import Models, files_size
 from .processes import run_logged
 from .worker import Runner
 
+# The model builder (`python -m onnxruntime_genai.models.builder ARGS`), with one adaptation: transformers 5 reads
+# a Gemma 3 config.json into rope parameters per layer type ({"full_attention": {...}, "sliding_attention": {...}}),
+# which genai 0.18's Gemma 3 builder does not read (KeyError: 'rope_type'); it gets the flat form it reads (the
+# global rotary's parameters, and rope_local_base_freq for the sliding layers). Other configs pass unchanged.
+BUILDER = """
+import runpy, sys
+from transformers import AutoConfig
+load = AutoConfig.from_pretrained
+def flat_rope(*args, **kwargs):
+    config = load(*args, **kwargs)
+    for part in (config, getattr(config, "text_config", None)):
+        rope = getattr(part, "rope_parameters", None)
+        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+            local = rope.get("sliding_attention") or rope["full_attention"]
+            part.rope_parameters = dict(rope["full_attention"])
+            part.rope_theta = rope["full_attention"]["rope_theta"]
+            part.rope_local_base_freq = local["rope_theta"]
+    return config
+AutoConfig.from_pretrained = flat_rope
+sys.argv[0] = "builder.py"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
 
 def prepare(models: Models, precision: str) -> tuple[Path, int]:
     models.need_peers()
@@ -19,7 +42,7 @@ def prepare(models: Models, precision: str) -> tuple[Path, int]:
     hf = models.hf()
 
     def build(out: Path) -> None:
-        run_logged([models.builder_python, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out,
+        run_logged([models.builder_python, "-c", BUILDER, "-i", hf, "-o", out,
                     "-p", precision, "-e", "cpu", "-c", models.root / "genai-cache"])
         # genai takes its intra-op threads from the decoder's session options in genai_config.json.
         config_path = out / "genai_config.json"
