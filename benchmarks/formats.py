@@ -8,6 +8,7 @@ logits a one-token pass does.
     python benchmarks/formats.py kernels [--threads 2] [--layers 30] [--runs 30]
     python benchmarks/formats.py pass-numerics --model PACKAGE --text pydoc-topics.txt [--k 4]
     python benchmarks/formats.py export-memory [--dim 1024 --layers 4 --vocab 32000] [--external-data-threshold B]
+    python benchmarks/formats.py scale [--keep] [--json]     # Llama 3.2 1B's shape, random: convert, export, generate
     python benchmarks/formats.py COMMAND --smoke        # seconds, on a tiny random model
 
 Packages are made by the exporter's own steps and run through the runtime's Generator, as an app would.
@@ -833,12 +834,186 @@ def export_memory(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+# -- scale: a random model of Llama 3.2 1B's shape through convert, export and generate ---------------------------
+
+# Llama 3.2 1B's config.json, but for its weights (random here) and its tokenizer (a stand-in).
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192,
+    "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "torch_dtype": "float32", "bos_token_id": 128000, "eos_token_id": 128001,
+}
+SMOKE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 512}
+
+# Writes the folder in a process of its own, one safetensors shard per layer (and one for the embedding and the
+# final norm), so no more than the embedding is ever in memory. The tokenizer has a piece for every id (byte-level
+# BPE without merges: the 256 bytes, then stand-in pieces), so whatever a random model generates decodes.
+HF_FOLDER_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+out, config = Path(sys.argv[1]), json.loads(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(0)
+dim, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+head, heads, kv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+def normal(*shape):
+    return torch.randn(*shape) * 0.02
+def layer(i):
+    p = f"model.layers.{i}."
+    attention = {"q_proj": heads * head, "k_proj": kv * head, "v_proj": kv * head}
+    tensors = {p + f"self_attn.{name}.weight": normal(rows, dim) for name, rows in attention.items()}
+    tensors[p + "self_attn.o_proj.weight"] = normal(dim, heads * head)
+    tensors.update({p + "mlp.gate_proj.weight": normal(ffn, dim), p + "mlp.up_proj.weight": normal(ffn, dim),
+                    p + "mlp.down_proj.weight": normal(dim, ffn)})
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        tensors[p + norm + ".weight"] = torch.ones(dim)
+    return tensors
+count = config["num_hidden_layers"] + 1
+weight_map, total, parameters = {}, 0, 0
+for index in range(count):
+    if index == 0:
+        tensors = {"model.embed_tokens.weight": normal(vocab, dim), "model.norm.weight": torch.ones(dim)}
+    else:
+        tensors = layer(index - 1)
+    name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    for key, tensor in tensors.items():
+        weight_map[key] = name
+        total += tensor.numel() * 4
+        parameters += tensor.numel()
+    del tensors
+(out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                               "weight_map": weight_map}))
+(out / "config.json").write_text(json.dumps(config, indent=1))
+alphabet = pre_tokenizers.ByteLevel.alphabet()
+pieces = sorted(alphabet) + [f"piece{i}" for i in range(vocab - len(alphabet) - 2)]
+tokenizer = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, []))
+tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tokenizer.decoder = decoders.ByteLevel()
+tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<|begin_of_text|>", "<|end_of_text|>")])
+tokenizer.save(str(out / "tokenizer.json"))
+(out / "generation_config.json").write_text(json.dumps({"bos_token_id": vocab - 2, "eos_token_id": vocab - 1}))
+print(json.dumps({"weight_bytes": total, "parameters": parameters}))
+"""
+
+
+def scale_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the folder, checkpoint and packages go (default: a fresh temporary folder)")
+    parser.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens each export's gates score")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens `edgegpt generate` makes")
+    parser.add_argument("--keep", action="store_true", help="keep the ~15 GB of files made (default: deleted)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+
+
+def scale(args: argparse.Namespace) -> None:
+    """A random-weight model of Llama 3.2 1B's shape through convert, export int8 and int4, and generate: the
+    time and peak RSS of each command, against the model's float32 weight bytes.
+
+    The shape is Llama 3.2 1B's config.json: hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocabulary
+    128,256, a tied head, rope_theta 500,000 and llama3 rotary scaling (factor 32); 1.24B parameters, 4.9 GB in
+    float32. Steps, each a fresh process measured as a user runs it (wall time, the process's own peak RSS):
+
+        (the folder: float32 safetensors written one shard per layer, in a process of its own)
+        edgegpt convert HF_DIR CKPT
+        edgegpt export CKPT --out int8 --quantize --no-gate           (and --bits 4 for int4)
+        edgegpt generate "The first" --model PKG --max-new-tokens 8 --temperature 0
+
+    Random weights give nearly flat logits, so the quantization gates may fail: `--no-gate` writes the package
+    anyway and the manifest records each gate's verdict (shown here); the gates still run, so their memory
+    counts. The issue's bounds: export peak RSS <= 3x the float32 weight bytes, convert <= 2.5x.
+
+    --smoke: a tiny model of the same kind (llama3 rotary scaling, tied head, sharded safetensors)."""
+    import shutil
+
+    from common import run_measured
+
+    config = dict(LLAMA32_1B)
+    if args.smoke:
+        config.update(SMOKE_SHAPE)
+        config["bos_token_id"], config["eos_token_id"] = config["vocab_size"] - 2, config["vocab_size"] - 1
+        args.eval_tokens, args.new_tokens = 128, 4
+    work = args.work or scratch_dir("scale")
+    work.mkdir(parents=True, exist_ok=True)
+    hf, checkpoint = work / "hf", work / "checkpoint"
+    text = work / "held-out.txt"
+    from common import smoke_text
+
+    text.write_text(smoke_text() * 4, encoding="utf-8")
+
+    def measured(step: str, command: list[str]) -> dict:
+        print(f"{step} ...", file=sys.stderr, flush=True)
+        run = run_measured(command)
+        if run.returncode != 0:
+            sys.exit(f"{step} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+        print(f"{step}: {run.seconds:.0f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB", file=sys.stderr)
+        return {"seconds": run.seconds, "peak_rss_bytes": run.peak_rss_bytes, "stdout": run.stdout}
+
+    steps: dict[str, dict] = {}
+    steps["write folder"] = measured("write folder", [sys.executable, "-c", HF_FOLDER_CHILD, str(hf),
+                                                      json.dumps(config)])
+    made = json.loads(steps["write folder"].pop("stdout").strip().splitlines()[-1])
+    edgegpt = [sys.executable, "-m", "edgegpt"]
+    steps["convert"] = measured("convert", [*edgegpt, "convert", str(hf), str(checkpoint)])
+    gates = {}
+    for name, bits in (("int8", "8"), ("int4", "4")):
+        package = work / name
+        steps[f"export {name}"] = measured(f"export {name}", [
+            *edgegpt, "export", str(checkpoint), "--out", str(package), "--quantize", "--bits", bits, "--no-gate",
+            "--eval-data", str(text), "--eval-tokens", str(args.eval_tokens)])
+        manifest = json.loads((package / "manifest.json").read_text())
+        gates[name] = [{"name": c["name"], "value": c["value"], "limit": c["limit"], "passed": c["passed"]}
+                       for c in manifest["gates"]["checks"]]
+        steps[f"generate {name}"] = measured(f"generate {name}", [
+            *edgegpt, "generate", "The first", "--model", str(package), "--max-new-tokens", str(args.new_tokens),
+            "--temperature", "0"])
+        steps[f"generate {name}"]["package_bytes"] = sum(p.stat().st_size for p in package.iterdir() if p.is_file())
+    for name, step in steps.items():
+        text_out = step.pop("stdout", "")
+        if name.startswith("generate"):
+            step["text"] = text_out.strip()
+        step["peak_over_weights"] = step["peak_rss_bytes"] / made["weight_bytes"]
+    bounds = {"export": 3.0, "convert": 2.5}
+    verdicts = {name: steps[name]["peak_over_weights"] <= bounds[name.split()[0]]
+                for name in steps if name.split()[0] in bounds}
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"machine": machine(), "config": config, "parameters": made["parameters"],
+              "float32_weight_bytes": made["weight_bytes"], "steps": steps, "gates": gates, "within_bounds": verdicts}
+    table = Table(title=f"a random model of Llama 3.2 1B's shape ({made['parameters'] / 1e6:,.1f}M parameters, "
+                        f"{made['weight_bytes'] / 2**30:.3f} GiB float32): {machine()}",
+                  caption="peak RSS: each command's own process; bounds (issue 21): export <= 3x the float32 weight "
+                          "bytes, convert <= 2.5x")
+    for column in ("step", "seconds", "peak RSS GiB", "peak / float32 weights", "within bound", "package MB / text"):
+        table.add_column(column, justify="left" if column in ("step", "package MB / text") else "right")
+    for name, step in steps.items():
+        verdict = verdicts.get(name)
+        table.add_row(name, f"{step['seconds']:.0f}", f"{step['peak_rss_bytes'] / 2**30:.2f}",
+                      f"{step['peak_over_weights']:.2f}x", "—" if verdict is None else ("yes" if verdict else "NO"),
+                      f"{step['package_bytes'] / 1e6:,.0f} MB: {step['text'][:40]!r}" if "text" in step else "")
+    Console(width=max(Console().width, 140)).print(table)
+    for name, checks in gates.items():
+        print(f"{name} gates (random weights, written with --no-gate): " + "; ".join(
+            f"{c['name']} {c['value']:.4g} (limit {c['limit']:.4g}) {'pass' if c['passed'] else 'FAIL'}"
+            for c in checks))
+    if args.json:
+        print(json.dumps(result))
+
+
 COMMANDS = {
     "quantization": (quantization_options, quantization),
     "kv-cache": (kv_cache_options, kv_cache),
     "kernels": (kernels_options, kernels),
     "pass-numerics": (pass_numerics_options, pass_numerics),
     "export-memory": (export_memory_options, export_memory),
+    "scale": (scale_options, scale),
 }
 
 

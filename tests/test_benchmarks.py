@@ -157,6 +157,25 @@ def test_export_memory_measures_a_quantized_export_in_a_child_process():
     assert {"model.onnx", "model.onnx.data", "manifest.json"} <= set(out["package_files"])  # threshold 0
 
 
+def test_scale_takes_a_llama32_shaped_folder_through_convert_export_and_generate():
+    out = json.loads(smoke("formats.py", "scale", "--json").strip().splitlines()[-1])
+    cfg = out["config"]
+    dim, head, ffn = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    per_layer = 2 * dim + dim * head * (cfg["num_attention_heads"] * 2 + cfg["num_key_value_heads"] * 2) + 3 * dim * ffn
+    assert out["parameters"] == cfg["vocab_size"] * dim + dim + cfg["num_hidden_layers"] * per_layer  # tied head
+    assert out["float32_weight_bytes"] == 4 * out["parameters"]
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["tie_word_embeddings"]
+    steps = out["steps"]
+    assert list(steps) == ["write folder", "convert", "export int8", "generate int8", "export int4", "generate int4"]
+    for step in steps.values():
+        assert step["seconds"] > 0 and step["peak_rss_bytes"] > 0
+        assert step["peak_over_weights"] == step["peak_rss_bytes"] / out["float32_weight_bytes"]
+    assert steps["generate int4"]["package_bytes"] < steps["generate int8"]["package_bytes"]
+    assert steps["generate int8"]["text"].startswith("The first")  # the prompt, then its continuation
+    assert set(out["within_bounds"]) == {"convert", "export int8", "export int4"}
+    assert all(checks for checks in out["gates"].values())
+
+
 def test_pass_numerics_compares_a_one_token_pass_with_a_longer_one(kit):
     out = smoke("formats.py", "pass-numerics", kit=kit)
     found = re.search(r"at (\d+) positions: \|Δ logit\| median (\S+), largest (\S+); argmax differs at (\d+)", out)
