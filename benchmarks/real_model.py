@@ -472,6 +472,8 @@ def peers_hf_folder(gguf: Path, checkpoint: Path, out: Path) -> Path:
     (out / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
     generation = json.loads((checkpoint / "generation_config.json").read_text()) \
         if (checkpoint / "generation_config.json").is_file() else {}
+    if generation:  # the ids the file states (transformers' GGUF reading may name other end tokens)
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=1))
     names = {t["id"]: t["content"] for t in tokenizer.get("added_tokens", [])}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False,
               "model_max_length": json.loads((checkpoint / "config.json").read_text())["max_len"]}
@@ -516,6 +518,8 @@ def genai_logits(model_dir: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    sizes = {1: decoder["num_key_value_heads"], 3: decoder["head_size"]}  # where the graph leaves them symbolic
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}
 
@@ -529,7 +533,9 @@ def genai_logits(model_dir: Path, threads: int):
             elif spec.name == "position_ids":
                 feeds[spec.name] = np.arange(len(ids), dtype=dtypes[spec.type])[None]
             elif spec.name.startswith("past_key_values"):  # [batch, kv heads, past length 0, head size]
-                feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=dtypes[spec.type])
+                shape = [1, spec.shape[1], 0, spec.shape[3]]
+                shape = [value if isinstance(value, int) else sizes[i] for i, value in enumerate(shape)]
+                feeds[spec.name] = np.zeros(shape, dtype=dtypes[spec.type])
             else:
                 raise RuntimeError(f"genai model input {spec.name} is not one this scorer knows")
         return session.run(["logits"], feeds)[0][0]
