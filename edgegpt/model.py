@@ -7,6 +7,11 @@ No biases, except on the Q/K/V projections when cfg.qkv_bias is set (an imported
 Each other family difference is one config field, off by default (Llama): cfg.head_dim wider or narrower
 than dim / n_heads, cfg.qk_norm (Qwen3: RMSNorm of each query and key head before the rotary), and
 cfg.rope_scaling (Llama 3.x: slower rotary frequencies for long wavelengths, llama3_inverse_frequencies).
+Gemma 3 turns on the rest: cfg.post_norms (a norm on each branch's output before its residual add),
+cfg.activation "gelu_tanh", cfg.embed_scale (embeddings × √dim), cfg.query_pre_attn_scalar (the attention
+scale), sliding-window layers (cfg.sliding_window, cfg.layer_types) with a rotary of their own
+(cfg.rope_local_theta), and soft-capping (cfg.attn_softcap, cfg.final_softcap) where a config has it.
+Gemma's (1 + w) norm weights are stored as that sum, so RMSNorm is the same module for every family.
 
 Every convention matches Hugging Face's `LlamaForCausalLM` (rotate-half rotary, KV head h // group
 serving query head h, RMSNorm computed in fp32 and scaled after casting back), so weights convert
@@ -16,6 +21,7 @@ losslessly. This file is also the reference the ONNX graphs are tested against.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +52,13 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def inverse_frequencies(cfg: ModelConfig) -> Tensor:
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> Tensor:
     """The rotary's angular speed per channel pair, [head_dim / 2] fp32: theta^(-2j / head_dim), then
-    Llama 3's scaling when cfg.rope_scaling says so."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-    if cfg.rope_scaling is not None:
+    Llama 3's scaling when cfg.rope_scaling says so. local: the sliding layers' own rotary
+    (cfg.rope_local_theta, never scaled)."""
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    if cfg.rope_scaling is not None and not local:
         inv_freq = llama3_inverse_frequencies(inv_freq, cfg.rope_scaling)
     return inv_freq
 
@@ -73,9 +81,9 @@ def llama3_inverse_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor
 class Rotary(nn.Module):
     """cos/sin for rotary position embedding, computed from positions (not a table) in fp32."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, local: bool = False) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(cfg, local), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [B, S] -> cos, sin [B, 1, S, head_dim], broadcast over heads."""
@@ -88,6 +96,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Gemma scales the scores by query_pre_attn_scalar^-1/2; everyone else by head_dim^-1/2 (SDPA's default).
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_softcap
         # Q/K/V biases only for an imported Qwen2-family model (cfg.qkv_bias); o_proj never has one.
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -116,20 +127,48 @@ class Attention(nn.Module):
         if group > 1:  # query head h reads KV head h // group, as in Hugging Face's repeat_kv
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        # Training (no mask, no cache) takes SDPA's fused causal path; with a cache the mask is explicit.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            # Training (no mask, no cache) takes SDPA's fused causal path; with a cache the mask is explicit.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), present
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+                         cap: float) -> Tensor:
+    """Attention whose scores are squashed to (-cap, cap) by cap · tanh(scores / cap) before the mask and
+    softmax (Gemma 2's form), spelled out because SDPA has no soft-capping."""
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = causal_mask(q.shape[2], q.device, scores.dtype)
+    scores = scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def causal_mask(length: int, device: torch.device, dtype: torch.dtype, window: int | None = None) -> Tensor:
+    """An additive [1, 1, T, T] mask: 0 where query i may see key j (j <= i, and i - j < window when the layer
+    slides), the dtype's lowest value elsewhere."""
+    query, key = torch.arange(length, device=device)[:, None], torch.arange(length, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= query - key < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        # SwiGLU (silu) for Llama and Qwen; GeGLU with GELU's tanh approximation for Gemma.
+        self.act = F.silu if cfg.activation == "silu" else partial(F.gelu, approximate="tanh")
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -139,6 +178,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # Gemma's norms of each branch's output, before its residual add.
+        self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.post_norms else nn.Identity()
+        self.post_mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.post_norms else nn.Identity()
         # Dropout on the residual branches only: attention-probability dropout cost 35% of CPU
         # throughput for no gain at this size.
         self.dropout = nn.Dropout(dropout)
@@ -147,8 +189,8 @@ class Block(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: LayerCache | None
     ) -> tuple[Tensor, LayerCache]:
         a, present = self.attn(self.attn_norm(x), cos, sin, mask, past)
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self.dropout(self.post_attn_norm(a))
+        x = x + self.dropout(self.post_mlp_norm(self.mlp(self.mlp_norm(x))))
         return x, present
 
 
@@ -159,6 +201,8 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_dropout = nn.Dropout(dropout)
         self.rotary = Rotary(cfg)
+        # Gemma 3's sliding layers turn at a base of their own (cfg.rope_local_theta).
+        self.rotary_local = Rotary(cfg, local=True) if cfg.local_rotary else None
         self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -177,15 +221,38 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)  # nn.Linear's default is uniform noise, not a neutral start
 
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
+        if self.cfg.embed_scale:
+            # √dim as a float32 scalar cast to the weights' dtype, as Gemma's reference rounds it (bf16: 25.25).
+            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=torch.float32).to(x.dtype)
+        return x
+
+    def rotaries(self, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """cos, sin for each layer: the sliding layers' own when they have one."""
+        full = self.rotary(positions)
+        local = self.rotary_local(positions) if self.rotary_local is not None else full
+        return [local if self.cfg.is_sliding(i) else full for i in range(self.cfg.n_layers)]
+
+    def logits(self, x: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm(x))
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
     def forward(self, input_ids: Tensor) -> Tensor:
         """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rotary(positions)
-        x = self.embed_dropout(self.embed(input_ids))
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, None, None)
-        return self.lm_head(self.norm(x))
+        rotaries = self.rotaries(positions)
+        x = self.embed_dropout(self.embed_tokens(input_ids))
+        # Full layers pass no mask (SDPA's causal path); a sliding layer needs its window spelled out.
+        window = None
+        if self.cfg.sliding_layers:
+            window = causal_mask(T, input_ids.device, x.dtype, self.cfg.sliding_window)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, *rotaries[i], window if self.cfg.is_sliding(i) else None, None)
+        return self.logits(x)
 
     def forward_cached(
         self,
@@ -205,20 +272,28 @@ class GPT(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, P + S, dtype=torch.long, device=input_ids.device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
-        cos, sin = self.rotary(positions)
+        rotaries = self.rotaries(positions)
         # Query i (absolute P + i) sees key j when j <= P + i and key j is not padding. A padded query
         # row would see nothing and softmax to NaN; a large negative (not -inf) keeps it finite.
         query_pos = torch.arange(P, P + S, device=input_ids.device)[:, None]
         key_pos = torch.arange(P + S, device=input_ids.device)[None, :]
         allowed = (key_pos <= query_pos)[None] & attention_mask.bool()[:, None, :]
-        x = self.embed(input_ids)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
+        x = self.embed_tokens(input_ids)
+
+        def additive(allowed: Tensor) -> Tensor:
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            return mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
+
+        mask = additive(allowed)
+        if self.cfg.sliding_layers:
+            # Left padding shifts a row's indices and positions alike, so the window can be measured in indices.
+            window = additive(allowed & (query_pos - key_pos < self.cfg.sliding_window)[None])
         present = []
         for i, layer in enumerate(self.layers):
-            x, layer_present = layer(x, cos, sin, mask, None if past is None else past[i])
+            layer_mask = window if self.cfg.is_sliding(i) else mask
+            x, layer_present = layer(x, *rotaries[i], layer_mask, None if past is None else past[i])
             present.append(layer_present)
-        return self.lm_head(self.norm(x)), present
+        return self.logits(x), present
 
     def empty_cache(self, batch: int = 1) -> list[LayerCache]:
         shape = (batch, self.cfg.n_kv_heads, 0, self.cfg.head_dim)

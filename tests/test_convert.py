@@ -3,6 +3,7 @@ generation config and chat template carried along; Q/K/V biases through the plai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from edgegpt.checkpoint import load_checkpoint
 from edgegpt.convert import convert
 from edgegpt.core.errors import EdgeGPTError
+from edgegpt.model import GPT
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [dev] extra")
 
@@ -43,9 +45,10 @@ def test_random_hf_llama_converts_to_a_checkpoint(tmp_path, tiny_checkpoint, tie
     assert ours.cfg.tie_embeddings is tied and ours.cfg.rope_theta == 50000.0
 
 
-def converts_and_round_trips(hf, tmp_path: Path, tolerance: float):
+def converts_and_round_trips(hf, tmp_path: Path, tolerance: float, norm_tolerance: float = 0.0):
     """tmp_path/hf (saved from `hf`) -> checkpoint: logits within `tolerance` of transformers'; and back to
-    tmp_path/hf2, bit-exact. Returns our model and the ids it was compared on."""
+    tmp_path/hf2, bit-exact (norm weights within `norm_tolerance`: Gemma's come back as (1 + w) - 1). Returns
+    our model and the ids it was compared on."""
     direction, ckpt = convert(tmp_path / "hf", tmp_path / "ckpt")
     assert direction == "huggingface → checkpoint"
     ours, _ = load_checkpoint(ckpt)
@@ -55,7 +58,12 @@ def converts_and_round_trips(hf, tmp_path: Path, tolerance: float):
     convert(ckpt, tmp_path / "hf2")
     again = load_file(tmp_path / "hf2" / "model.safetensors")
     original = load_file(tmp_path / "hf" / "model.safetensors")
-    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+    assert again.keys() == original.keys()
+    for name in original:
+        if "norm" in name and norm_tolerance:
+            assert torch.allclose(again[name], original[name], rtol=0, atol=norm_tolerance), name
+        else:
+            assert torch.equal(again[name], original[name]), name
     return ours, ids
 
 
@@ -169,16 +177,22 @@ def test_random_hf_qwen2_with_qkv_biases_converts_and_round_trips(tmp_path, tiny
         assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("window", [None, 128, 4096])
-def test_mistral_without_a_sliding_window_converts(tmp_path, tiny_checkpoint, window):
+@pytest.mark.parametrize("window", [None, 16, 128, 4096])
+def test_mistral_converts_with_its_sliding_window(tmp_path, tiny_checkpoint, window):
+    """Every layer slides over `window` positions; a window as long as the context (128) is none."""
     config = transformers.MistralConfig(**SIZES, sliding_window=window, tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = transformers.MistralForCausalLM(config).eval()
     save_hf(hf, tmp_path / "hf", tiny_checkpoint)
     ours, _ = load_checkpoint(convert(tmp_path / "hf", tmp_path / "ckpt")[1])
+    assert ours.cfg.sliding_window == (16 if window == 16 else None) and ours.cfg.layer_types is None
     ids = torch.randint(0, 512, (1, 60))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+        if window == 16:  # the window matters this far into the sequence: without it the logits differ
+            unwindowed = GPT(dataclasses.replace(ours.cfg, sliding_window=None)).eval()
+            unwindowed.load_state_dict(ours.state_dict())
+            assert (hf(ids).logits - unwindowed(ids)).abs().max().item() > 1e-2
 
 
 # -- generation config and chat template ---------------------------------------------------------------------
@@ -242,8 +256,9 @@ def test_a_trained_checkpoint_has_neither_file(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("case, words", [
     ("gpt2", ["'gpt2'", "'llama'", "'qwen2'", "'mistral'"]),
-    ("mistral window", ["sliding_window=64", "not supported"]),
-    ("qwen2 window", ["sliding_window=32", "not supported"]),
+    ("mistral window", ["sliding_window", "positive integer", "'64'"]),
+    ("qwen2 window", ["layer_types", "each of the 2 layers"]),
+    ("gemma embedding", ["use_bidirectional_attention"]),
     ("generation config", ["generation_config.json", "eos_token_id"]),
     ("chat template", ["chat_template", "text"]),
 ])
@@ -257,8 +272,10 @@ def test_a_folder_edgegpt_cannot_represent_is_one_line(tmp_path, llama_dir, case
     config = json.loads((llama_dir / "config.json").read_text())
     edits = {
         "gpt2": lambda: config.update(model_type="gpt2"),
-        "mistral window": lambda: config.update(model_type="mistral", sliding_window=64),
-        "qwen2 window": lambda: config.update(model_type="qwen2", use_sliding_window=True, sliding_window=32),
+        "mistral window": lambda: config.update(model_type="mistral", sliding_window="64"),
+        "qwen2 window": lambda: config.update(model_type="qwen2", use_sliding_window=True, sliding_window=32,
+                                              layer_types=["sliding_attention"]),
+        "gemma embedding": lambda: config.update(model_type="gemma3_text", use_bidirectional_attention=True),
         "generation config": lambda: (llama_dir / "generation_config.json").write_text('{"eos_token_id": "two"}'),
         "chat template": lambda: (llama_dir / "tokenizer_config.json").write_text('{"chat_template": 7}'),
     }

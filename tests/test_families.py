@@ -1,6 +1,7 @@
 """Model families beyond plain Llama, from Hugging Face folders: Qwen3 (per-head q/k RMSNorm, a head_dim of its
-own) and Llama 3.2 (rotary scaling `rope_type: llama3`), tied and untied. transformers is the oracle: a tiny
-random model saved as a folder → `convert` → checkpoint → PyTorch, plain and fused packages, and back."""
+own), Llama 3.2 (rotary scaling `rope_type: llama3`), Gemma 3 and Gemma 2 (every switch of edgegpt.model), tied
+and untied. transformers is the oracle: a tiny random model saved as a folder → `convert` → checkpoint →
+PyTorch, plain and fused packages, and back."""
 
 from __future__ import annotations
 
@@ -59,8 +60,44 @@ def tiny_llama32(tied: bool):
     return randomize_norms(transformers.LlamaForCausalLM(config).eval())
 
 
-FAMILIES = {"qwen3": tiny_qwen3, "llama3.2": tiny_llama32}
-HF_CLASSES = {"qwen3": "Qwen3ForCausalLM", "llama3.2": "LlamaForCausalLM"}
+# A window of 8 positions, so the 120-token comparisons below run far past it; one full layer among sliding
+# ones, each with its own rotary base; a query scale that is not head_dim's.
+GEMMA_WINDOW = 8
+
+
+def gemma_norms(model):
+    with torch.no_grad():  # Gemma's norms multiply by (1 + w) and start at w = 0
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def tiny_gemma3(tied: bool):
+    """Untied: with soft-capped logits, which Gemma 3's config may ask for (it never caps attention scores)."""
+    caps = {} if tied else {"final_logit_softcapping": 15.0}
+    config = transformers.Gemma3TextConfig(
+        **{**SIZES, "num_hidden_layers": 4}, head_dim=32, query_pre_attn_scalar=24, sliding_window=GEMMA_WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_theta=1e6, rope_local_base_freq=100.0, tie_word_embeddings=tied, initializer_range=INIT_STD,
+        attn_implementation="eager", **caps)
+    torch.manual_seed(0)
+    return gemma_norms(transformers.Gemma3ForCausalLM(config).eval())
+
+
+def tiny_gemma2(tied: bool):
+    """Gemma 2: no q/k norms, one rotary, soft-capped attention scores and logits, alternate sliding layers."""
+    config = transformers.Gemma2Config(
+        **{**SIZES, "num_hidden_layers": 4}, head_dim=32, query_pre_attn_scalar=24, sliding_window=GEMMA_WINDOW,
+        attn_logit_softcapping=2.0, final_logit_softcapping=15.0, tie_word_embeddings=tied,
+        initializer_range=INIT_STD, attn_implementation="eager")
+    torch.manual_seed(0)
+    return gemma_norms(transformers.Gemma2ForCausalLM(config).eval())
+
+
+FAMILIES = {"qwen3": tiny_qwen3, "llama3.2": tiny_llama32, "gemma3": tiny_gemma3, "gemma2": tiny_gemma2}
+HF_CLASSES = {"qwen3": "Qwen3ForCausalLM", "llama3.2": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM",
+              "gemma2": "Gemma2ForCausalLM"}
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -70,15 +107,24 @@ def test_family_converts_and_round_trips(tmp_path, tiny_checkpoint, family, tied
     the same logits once transformers loads it again."""
     hf = FAMILIES[family](tied)
     save_hf(hf, tmp_path / "hf", tiny_checkpoint)
-    ours, ids = converts_and_round_trips(hf, tmp_path, tolerance=1e-5)
+    ours, ids = converts_and_round_trips(hf, tmp_path, tolerance=1e-5, norm_tolerance=1e-7)
     cfg = ours.cfg
     assert cfg.tie_embeddings is tied
     if family == "qwen3":
         assert cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 32 and cfg.n_heads * cfg.head_dim != cfg.dim
+    elif family == "gemma3":
+        assert cfg.post_norms and cfg.embed_scale and cfg.qk_norm and cfg.activation == "gelu_tanh"
+        assert cfg.sliding_layers == (0, 2, 3) and cfg.sliding_window == GEMMA_WINDOW
+        assert cfg.rope_local_theta == 100.0 and cfg.query_pre_attn_scalar == 24
+        assert cfg.attn_softcap is None and cfg.final_softcap == (None if tied else 15.0)
+    elif family == "gemma2":
+        assert cfg.post_norms and not cfg.qk_norm and cfg.sliding_layers == (0, 2) and cfg.rope_local_theta is None
+        assert (cfg.attn_softcap, cfg.final_softcap) == (2.0, 15.0)
     else:
         assert cfg.rope_scaling == RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                original_max_len=32)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    # eager: transformers' SDPA path skips Gemma 2's soft-capping of the scores
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", attn_implementation="eager").eval()
     assert type(back).__name__ == HF_CLASSES[family]
     with torch.no_grad():
         assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
@@ -93,7 +139,13 @@ def without(model: GPT, **changes) -> GPT:
     return other
 
 
-@pytest.mark.parametrize("family, change", [("llama3.2", {"rope_scaling": None}), ("qwen3", {"qk_norm": False})])
+@pytest.mark.parametrize("family, change", [
+    ("llama3.2", {"rope_scaling": None}), ("qwen3", {"qk_norm": False}),
+    ("gemma3", {"sliding_window": None, "layer_types": None}), ("gemma3", {"post_norms": False}),
+    ("gemma3", {"embed_scale": False}), ("gemma3", {"query_pre_attn_scalar": None}),
+    ("gemma3", {"rope_local_theta": None}), ("gemma3", {"activation": "silu"}),
+    ("gemma2", {"attn_softcap": None}), ("gemma2", {"final_softcap": None}),
+])
 def test_each_feature_changes_the_logits(tmp_path, tiny_checkpoint, family, change):
     """The comparisons above can fail: the model without the feature is far from transformers'."""
     hf = FAMILIES[family](tied=True)

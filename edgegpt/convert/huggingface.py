@@ -1,6 +1,6 @@
-"""Checkpoint ↔ Hugging Face directory: Llama family (Llama, SmolLM, Mistral without a sliding window; Llama
-3.x's rotary scaling), Qwen2 family (Llama plus Q/K/V biases) and Qwen3 (Llama plus per-head q/k RMSNorm and
-its own head_dim), lossless both ways.
+"""Checkpoint ↔ Hugging Face directory: Llama family (Llama, SmolLM, Mistral and its sliding window; Llama
+3.x's rotary scaling), Qwen2 family (Llama plus Q/K/V biases), Qwen3 (Llama plus per-head q/k RMSNorm and
+its own head_dim) and Gemma 3 text models (edgegpt.model's Gemma switches), lossless both ways.
 
 edgegpt's model is Llama's architecture with other parameter names, so conversion is renaming:
 
@@ -12,6 +12,10 @@ edgegpt's model is Llama's architecture with other parameter names, so conversio
     layers.{i}.mlp.{gate,up,down}_proj ↔ model.layers.{i}.mlp.{gate,up,down}_proj
     norm.weight                       ↔ model.norm.weight
     lm_head.weight (untied only)      ↔ lm_head.weight
+
+Gemma 3 names its four norms per layer differently (_GEMMA_NORMS) and stores each norm's weight as w in
+(1 + w): edgegpt stores 1 + w (edgegpt.model), so every norm weight gains one on the way in and loses it on
+the way out (exact in float32 for the weights' magnitudes: the sum is what both sides compute with).
 
 Beside the weights, the folder's generation settings (generation_config.json: eos ids, bos id, sampling
 defaults) and chat template (chat_template.jinja, or tokenizer_config.json's "chat_template") go into the
@@ -57,9 +61,22 @@ _NAMES = [
     ("lm_head.weight", "lm_head.weight"),
 ]
 
-# model_type → what it is called in messages. Each is Llama's block; qwen2 adds Q/K/V biases, qwen3 q/k norms.
-SUPPORTED = {"llama": "Llama, SmolLM", "mistral": "Mistral without a sliding window", "qwen2": "Qwen2, Qwen2.5",
-             "qwen3": "Qwen3"}
+# Gemma 3's per-layer norms (edgegpt name, Hugging Face name): its post_attention_layernorm is the norm of the
+# attention's output, where Llama's is the MLP's input norm.
+_GEMMA_NORMS = [
+    ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+    ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+]
+_GEMMA_NAMES = [pair for pair in _NAMES if "mlp_norm" not in pair[0]] + _GEMMA_NORMS
+
+# model_type → what it is called in messages. Each is Llama's block; qwen2 adds Q/K/V biases, qwen3 q/k norms,
+# gemma3_text the Gemma switches of edgegpt.model.
+SUPPORTED = {"llama": "Llama, SmolLM", "mistral": "Mistral", "qwen2": "Qwen2, Qwen2.5", "qwen3": "Qwen3",
+             "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 text models"}
+GEMMA = "gemma3_text"
+# Gemma 2 is Gemma 3 without q/k norms and with one rotary, soft-capping its attention scores and logits.
+GEMMA_TYPES = ("gemma2", GEMMA)
 # Qwen2 and Qwen3 declare a sliding window but use it only when use_sliding_window is true.
 _WINDOW_SWITCHED = ("qwen2", "qwen3")
 # Hugging Face's rope_scaling keys of `rope_type: llama3` ↔ RopeScaling's fields.
@@ -72,8 +89,8 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[a-z]+)"))
 
 
-def _translate(name: str, to_hf: bool) -> str:
-    for ours, theirs in _NAMES:
+def _translate(name: str, to_hf: bool, gemma: bool = False) -> str:
+    for ours, theirs in _GEMMA_NAMES if gemma else _NAMES:
         source, target = (ours, theirs) if to_hf else (theirs, ours)
         match = _pattern(source).fullmatch(name)
         if match:
@@ -109,7 +126,16 @@ def hf_config(cfg: ModelConfig, generation: dict[str, Any]) -> dict[str, Any]:
         "eos_token_id": eos,
         "torch_dtype": "float32",
     }
-    window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    if is_gemma(cfg):
+        return gemma_hf_config(cfg, common)
+    sliding = cfg.sliding_window is not None
+    window = {"use_sliding_window": sliding, "sliding_window": cfg.sliding_window, "max_window_layers": cfg.n_layers}
+    if sliding:
+        window["layer_types"] = ["sliding_attention" if cfg.is_sliding(i) else "full_attention"
+                                 for i in range(cfg.n_layers)]
+        qwen = cfg.qkv_bias or cfg.qk_norm  # Qwen's classes take layer_types; Mistral's slides in every layer
+        if cfg.rope_local_theta is not None or not qwen and len(cfg.sliding_layers) < cfg.n_layers:
+            raise EdgeGPTError("no Hugging Face class has this model's mix of sliding and full layers")
     if cfg.qk_norm:
         if cfg.qkv_bias:  # Qwen3's attention_bias would put one on o_proj too
             raise EdgeGPTError("no Hugging Face class has q/k norms and Q/K/V biases without an o_proj bias")
@@ -117,8 +143,45 @@ def hf_config(cfg: ModelConfig, generation: dict[str, Any]) -> dict[str, Any]:
                 "attention_bias": False}
     if cfg.qkv_bias:
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common, **window}
+    if sliding:
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **common,
+                "sliding_window": cfg.sliding_window}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "attention_bias": False,
             "mlp_bias": False}
+
+
+def is_gemma(cfg: ModelConfig) -> bool:
+    """Whether `cfg` is Gemma 2's or 3's shape (post_norms, embed_scale, GELU; Gemma 3 with q/k norms); a mix of
+    Gemma's and Llama's features has no Hugging Face class."""
+    if cfg.post_norms or cfg.embed_scale:
+        gemma3 = cfg.qk_norm and cfg.attn_softcap is None
+        gemma2 = not cfg.qk_norm and cfg.rope_local_theta is None
+        if not (cfg.post_norms and cfg.embed_scale and cfg.activation == "gelu_tanh" and not cfg.qkv_bias
+                and (gemma2 or gemma3)):
+            raise EdgeGPTError("no Hugging Face class has this mix of Gemma's and Llama's features")
+        return True
+    if cfg.activation != "silu" or cfg.attn_softcap is not None or cfg.final_softcap is not None:
+        raise EdgeGPTError("no Hugging Face class has a GELU MLP or soft-capping without Gemma's norms")
+    return False
+
+
+def gemma_hf_config(cfg: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    layer_types = ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.n_layers)]
+    if not cfg.qk_norm:
+        return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+                **{k: v for k, v in common.items() if k != "hidden_act"}, "hidden_activation": "gelu_pytorch_tanh",
+                "attention_bias": False, "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+                "sliding_window": cfg.sliding_window or cfg.max_len, "layer_types": layer_types,
+                "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap}
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": GEMMA,
+        **{k: v for k, v in common.items() if k != "hidden_act"},
+        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+        "sliding_window": cfg.sliding_window or cfg.max_len, "layer_types": layer_types,
+        "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta,
+        "final_logit_softcapping": cfg.final_softcap, "use_bidirectional_attention": False,
+    }
 
 
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -129,19 +192,59 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_no_sliding_window(data: dict[str, Any], source: Path) -> None:
-    """Refuse a sliding window shorter than the context: edgegpt's attention always sees the whole past."""
-    model_type, context = data["model_type"], data.get("max_position_embeddings")
+def _sliding_from_hf(data: dict[str, Any], source: Path) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) of a Hugging Face config: Mistral slides in every layer; Qwen2/3 only with
+    use_sliding_window, in the layers layer_types (or max_window_layers) names; Gemma 3 in those layer_types
+    (or its older sliding_window_pattern: every pattern-th layer full) names. A window as long as the context
+    is no window."""
+    model_type, layers = data["model_type"], data["num_hidden_layers"]
     window = data.get("sliding_window")
-    if model_type in _WINDOW_SWITCHED and not data.get("use_sliding_window", False):
-        window = None
-    layer_types = data.get("layer_types") or []
-    sliding = "sliding_attention" in layer_types or (
-        window is not None and not (_positive_int(context) and _positive_int(window) and window >= context))
-    if sliding:
-        raise EdgeGPTError(f"{source}: sliding_window={window!r} (shorter than the {context!r}-token context) is "
-                           "not supported: edgegpt attends to the whole context; supported: "
-                           f"{SUPPORTED_TEXT}")
+    if model_type in _WINDOW_SWITCHED and not data.get("use_sliding_window", False) or window is None:
+        return None, None
+    if not _positive_int(window):
+        raise EdgeGPTError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    layer_types = data.get("layer_types")
+    if layer_types is None and model_type in GEMMA_TYPES:
+        pattern = data.get("sliding_window_pattern", 6 if model_type == GEMMA else 2)
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    elif layer_types is None and model_type in _WINDOW_SWITCHED:
+        first = data.get("max_window_layers", layers)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != layers):
+        raise EdgeGPTError(f"{source}: layer_types must list one type for each of the {layers} layers")
+    context = data.get("max_position_embeddings")
+    if _positive_int(context) and window >= context or layer_types is not None and (
+            "sliding_attention" not in layer_types):
+        return None, None
+    return window, None if layer_types is None or set(layer_types) == {"sliding_attention"} else tuple(layer_types)
+
+
+def _gemma_fields(data: dict[str, Any], source: Path) -> dict[str, Any]:
+    """ModelConfig's Gemma switches from a gemma2 or gemma3_text config, refusing what the model cannot represent.
+
+    Gemma 3's reference (transformers' Gemma3Attention, llama.cpp) never soft-caps the attention scores, whatever
+    attn_logit_softcapping says, so neither does the converted model; Gemma 2's does."""
+    gemma3 = data["model_type"] == GEMMA
+    if data.get("use_bidirectional_attention"):
+        raise EdgeGPTError(f"{source}: use_bidirectional_attention (an embedding model) is not supported: "
+                           "edgegpt generates text, causally")
+    activation = data.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise EdgeGPTError(f"{source}: hidden_activation={activation!r} is not supported (edgegpt needs "
+                           "'gelu_pytorch_tanh')")
+    fields: dict[str, Any] = {"post_norms": True, "embed_scale": True, "qk_norm": gemma3, "activation": "gelu_tanh"}
+    renames = [("query_pre_attn_scalar", "query_pre_attn_scalar"), ("final_logit_softcapping", "final_softcap")]
+    own = ("rope_local_base_freq", "rope_local_theta") if gemma3 else ("attn_logit_softcapping", "attn_softcap")
+    renames.append(own)
+    for theirs, ours in renames:
+        value = data.get(theirs)
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise EdgeGPTError(f"{source}: {theirs} must be a positive number, got {value!r}")
+            fields[ours] = float(value)
+    if gemma3 and "rope_local_theta" not in fields:
+        fields["rope_local_theta"] = 10000.0  # Gemma3TextConfig's default
+    return fields
 
 
 def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
@@ -155,12 +258,12 @@ def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     if data.get("partial_rotary_factor", 1.0) != 1.0:
         raise EdgeGPTError(f"{source}: partial_rotary_factor={data['partial_rotary_factor']!r} is not supported "
                            "(edgegpt turns every channel of a head)")
+    gemma = model_type in GEMMA_TYPES
     # Llama's attention_bias puts a bias on o_proj too, which the model has no place for; Qwen2's Q/K/V
-    # biases are implied by its model_type.
-    for key, fine in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+    # biases are implied by its model_type. (Gemma's activation is hidden_activation: _gemma_fields.)
+    for key, fine in (("attention_bias", False), ("mlp_bias", False), *(() if gemma else (("hidden_act", "silu"),))):
         if data.get(key, fine) != fine:
             raise EdgeGPTError(f"{source}: {key}={data[key]!r} is not supported (edgegpt needs {fine!r})")
-    _check_no_sliding_window(data, source)
     # Checked before any arithmetic: a string or a float here is a TypeError (or a silent truncation) below.
     for key in _REQUIRED_SIZES:
         if key not in data:
@@ -175,19 +278,25 @@ def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
             raise EdgeGPTError(f"{source}: {key} must be a positive number, got {value!r}")
     if not isinstance(data.get("tie_word_embeddings", False), bool):
         raise EdgeGPTError(f"{source}: tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
+    window, layer_types = _sliding_from_hf(data, source)
+    family = (_gemma_fields(data, source) if gemma
+              else {"qkv_bias": model_type == "qwen2", "qk_norm": model_type == "qwen3"})
     heads = data["num_attention_heads"]
     # Qwen3 (and Gemma) choose head_dim on their own; without one, it is hidden_size / heads.
     if not data.get("head_dim") and data["hidden_size"] % heads:
         raise EdgeGPTError(f"{source}: hidden_size {data['hidden_size']} is not divisible by "
                            f"num_attention_heads {heads} and there is no head_dim")
-    return ModelConfig(
-        vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
-        n_heads=heads, n_kv_heads=data.get("num_key_value_heads") or heads, ffn_dim=data["intermediate_size"],
-        max_len=data.get("max_position_embeddings") or 2048, rope_theta=float(data.get("rope_theta", 10000.0)),
-        norm_eps=float(data.get("rms_norm_eps", 1e-5)), tie_embeddings=data.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2", head_dim=data.get("head_dim") or None, qk_norm=model_type == "qwen3",
-        rope_scaling=rope_scaling,
-    )
+    try:
+        return ModelConfig(
+            vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=data.get("num_key_value_heads") or heads, ffn_dim=data["intermediate_size"],
+            max_len=data.get("max_position_embeddings") or 2048, rope_theta=float(data.get("rope_theta", 10000.0)),
+            norm_eps=float(data.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+            tie_embeddings=data.get("tie_word_embeddings", gemma), head_dim=data.get("head_dim") or None,
+            rope_scaling=rope_scaling, sliding_window=window, layer_types=layer_types, **family,
+        )
+    except EdgeGPTError as e:
+        raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
 
 def _rope_scaling_from_hf(data: Any, source: Path) -> RopeScaling | None:
@@ -237,7 +346,9 @@ def to_huggingface(checkpoint: Path, out: Path) -> Path:
         generation = {"bos_token_id": eos, "eos_token_id": eos}
         special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
         special = special if eos is not None else {}
-    weights = {_translate(k, to_hf=True): v for k, v in model.state_dict().items()}
+    gemma = is_gemma(model.cfg)
+    weights = {_translate(k, to_hf=True, gemma=gemma): v - 1.0 if gemma and k.endswith("norm.weight") else v
+               for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         weights.pop("lm_head.weight")
     # What transformers' PreTrainedTokenizerFast would otherwise re-derive (and may get wrong): the
@@ -324,6 +435,7 @@ def from_huggingface(directory: Path, out: Path, progress: TensorProgress | None
     generation = read_hf_generation(directory, config, tokenizer.get_vocab_size())
     template = read_hf_chat_template(directory)
     hf = _read_hf_weights(directory)
+    gemma = config["model_type"] in GEMMA_TYPES
     ours = {}
     for done, (name, tensor) in enumerate(hf.items(), 1):
         if progress:
@@ -331,7 +443,7 @@ def from_huggingface(directory: Path, out: Path, progress: TensorProgress | None
         if "rotary_emb" in name:
             continue  # recomputed from rope_theta
         try:
-            ours[_translate(name, to_hf=False)] = tensor.float()
+            ours[_translate(name, to_hf=False, gemma=gemma)] = tensor.float()
         except KeyError:
             raise EdgeGPTError(f"{directory}: unexpected weight {name}; not a plain {config['model_type']} "
                                "model") from None
@@ -349,6 +461,10 @@ def from_huggingface(directory: Path, out: Path, progress: TensorProgress | None
             raise EdgeGPTError(
                 f"{directory}: {name} is {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
             )
+    if gemma:
+        for name in ours:
+            if name.endswith("norm.weight"):
+                ours[name] += 1.0  # Gemma's (1 + w): edgegpt stores the sum (module doc)
     # The tensors read (safetensors maps float32 ones without copying) become the parameters: one float32
     # copy of the weights, not two (convert/weights.py).
     model = model_holding(cfg, ours)

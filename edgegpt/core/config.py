@@ -14,7 +14,13 @@ from typing import Any
 from edgegpt.core.errors import EdgeGPTError
 
 # Fields added after config.json's format was fixed: a file without them takes the dataclass default.
-OPTIONAL_FIELDS = frozenset({"qkv_bias", "head_dim", "qk_norm", "rope_scaling"})
+OPTIONAL_FIELDS = frozenset({
+    "qkv_bias", "head_dim", "qk_norm", "rope_scaling", "post_norms", "activation", "embed_scale",
+    "query_pre_attn_scalar", "sliding_window", "layer_types", "rope_local_theta", "attn_softcap", "final_softcap",
+})
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 ROPE_SCALING_TYPES = ("llama3",)
 
@@ -97,12 +103,37 @@ class ModelConfig:
     # Qwen3's per-head RMSNorm of the queries and keys (weights [head_dim]), after the projections and
     # before the rotary.
     qk_norm: bool = False
-    # Llama 3.x's rotary scaling; None: plain rotary with rope_theta.
+    # Llama 3.x's rotary scaling; None: plain rotary with rope_theta. With rope_local_theta set it applies to
+    # the full-attention layers only, as Gemma 3 scales its global rotary alone.
     rope_scaling: RopeScaling | None = None
+    # Gemma 3 ------------------------------------------------------------------------------------------------
+    # Gemma's norms multiply by (1 + w); edgegpt stores that sum as the weight when it converts (as llama.cpp's
+    # GGUF files do), so every RMSNorm here multiplies by its weight and no field is needed for it.
+    # A second RMSNorm on the attention's and the MLP's outputs before each residual add ("sandwich" norms:
+    # post_attn_norm, post_mlp_norm), and the MLP's input norm is still mlp_norm.
+    post_norms: bool = False
+    # The gated MLP's activation: "silu" (SwiGLU, Llama/Qwen) or "gelu_tanh" (GeGLU with GELU's tanh form, Gemma).
+    activation: str = "silu"
+    # Embeddings multiplied by sqrt(dim) (rounded to the weights' dtype first, as Gemma's reference does).
+    embed_scale: bool = False
+    # Attention scores scaled by query_pre_attn_scalar^-1/2 rather than head_dim^-1/2 (Gemma); None: head_dim's.
+    query_pre_attn_scalar: float | None = None
+    # Sliding-window attention: a query at position p sees keys p - sliding_window < k <= p (sliding_window keys,
+    # itself included). Which layers slide: layer_types, one "full_attention" / "sliding_attention" per layer
+    # (Gemma 3: five sliding, one full); None with a window means every layer slides (Mistral's original form).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    # Rotary base of the sliding layers (Gemma 3: 10,000 beside the full layers' 1,000,000); None: rope_theta.
+    rope_local_theta: float | None = None
+    # Soft-capping, cap * tanh(x / cap): of the attention scores before the softmax, and of the final logits.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # as config.json holds it
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        if isinstance(self.layer_types, list):  # as config.json holds it
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.head_dim is None and _positive_int(self.dim) and _positive_int(self.n_heads):
             if self.dim % self.n_heads:
                 raise EdgeGPTError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -127,11 +158,52 @@ class ModelConfig:
             raise EdgeGPTError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise EdgeGPTError(f"config: head_dim {self.head_dim} must be even for rotary embeddings")
+        self._validate_gemma_fields()
+
+    def _validate_gemma_fields(self) -> None:
+        if not isinstance(self.post_norms, bool) or not isinstance(self.embed_scale, bool):
+            raise EdgeGPTError("config: post_norms and embed_scale must be true or false")
+        if self.activation not in ACTIVATIONS:
+            raise EdgeGPTError(f"config: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        for name in ("query_pre_attn_scalar", "rope_local_theta", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+                raise EdgeGPTError(f"config: {name} must be a positive number or null, got {value!r}")
+        if self.sliding_window is not None and not _positive_int(self.sliding_window):
+            raise EdgeGPTError(f"config: sliding_window must be a positive integer or null, "
+                               f"got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.n_layers:
+                raise EdgeGPTError(f"config: layer_types must list one type for each of the {self.n_layers} layers")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise EdgeGPTError(f"config: layer_types has {unknown[0]!r}; a layer is one of "
+                                   f"{', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise EdgeGPTError("config: layer_types has sliding layers but sliding_window is null")
+        if self.sliding_window is not None and self.sliding_window > self.max_len:
+            raise EdgeGPTError(f"config: sliding_window {self.sliding_window} is larger than the context "
+                               f"max_len {self.max_len}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends within sliding_window positions only."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if self.is_sliding(i))
+
+    @property
+    def local_rotary(self) -> bool:
+        """Whether the sliding layers have a rotary of their own (rope_local_theta, unscaled)."""
+        return self.rope_local_theta is not None and bool(self.sliding_layers)
 
     def num_parameters(self) -> int:
         """Parameter count without building the model (tied head counted once)."""
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        per_layer = d * q * 2 + d * kv * 2 + 3 * d * self.ffn_dim + 2 * d
+        per_layer = d * q * 2 + d * kv * 2 + 3 * d * self.ffn_dim + (4 if self.post_norms else 2) * d
         per_layer += (q + 2 * kv) if self.qkv_bias else 0
         per_layer += 2 * self.head_dim if self.qk_norm else 0
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -141,6 +213,8 @@ class ModelConfig:
         """config.json's content. head_dim is null when it is dim // n_heads, so a file edited to another dim or
         n_heads derives it again rather than keeping a stale one."""
         data = dataclasses.asdict(self)
+        if self.layer_types is not None:
+            data["layer_types"] = list(self.layer_types)
         if self.head_dim * self.n_heads == self.dim:
             data["head_dim"] = None
         return data
