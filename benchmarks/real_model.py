@@ -509,37 +509,50 @@ def chunk_scores(logits_of, ids: list[int], size: int, chunks: int, bos: int | N
     return {"perplexity": float(np.exp(nats / scored)), "tokens_scored": scored}
 
 
-def genai_logits(model_dir: Path, threads: int):
-    """Logits of every position of a token list from onnxruntime-genai's model.onnx, run by onnxruntime itself
-    from an empty cache (genai's Generator hands out only the last position's)."""
-    import numpy as np
-    import onnxruntime as ort
+# Scores chunks with onnxruntime-genai's own runtime (its windowed cache for sliding layers included), in the
+# peers' interpreter: one Generator per chunk, the chunk appended at once, the logits of every position read back.
+GENAI_SCORER = """
+import json, sys
+import numpy as np
+import onnxruntime_genai as og
+model_dir, chunks_file = sys.argv[1], sys.argv[2]
+chunks = json.loads(open(chunks_file).read())
+model = og.Model(model_dir)
+nats, scored = 0.0, 0
+for chunk in chunks:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(chunk), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(chunk)
+    logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0]
+    first = len(chunk) // 2
+    rows, targets = logits[first:-1], np.asarray(chunk[first + 1:])
+    top = rows.max(axis=-1)
+    lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=-1))
+    nats += float((lse - rows[np.arange(len(targets)), targets]).sum())
+    scored += len(targets)
+print(json.dumps({"perplexity": float(np.exp(nats / scored)), "tokens_scored": scored}))
+"""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    sizes = {1: decoder["num_key_value_heads"], 3: decoder["head_size"]}  # where the graph leaves them symbolic
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
 
-    def logits_of(ids: list[int]):
-        feeds = {}
-        for spec in session.get_inputs():
-            if spec.name == "input_ids":
-                feeds[spec.name] = np.asarray([ids], dtype=dtypes[spec.type])
-            elif spec.name == "attention_mask":
-                feeds[spec.name] = np.ones((1, len(ids)), dtype=dtypes[spec.type])
-            elif spec.name == "position_ids":
-                feeds[spec.name] = np.arange(len(ids), dtype=dtypes[spec.type])[None]
-            elif spec.name.startswith("past_key_values"):  # [batch, kv heads, past length 0, head size]
-                shape = [1, spec.shape[1], 0, spec.shape[3]]
-                shape = [value if isinstance(value, int) else sizes[i] for i, value in enumerate(shape)]
-                feeds[spec.name] = np.zeros(shape, dtype=dtypes[spec.type])
-            else:
-                raise RuntimeError(f"genai model input {spec.name} is not one this scorer knows")
-        return session.run(["logits"], feeds)[0][0]
-    return logits_of
+def genai_scores(python: Path, model_dir: Path, ids: list[int], size: int, chunks: int, bos: int | None,
+                 work: Path) -> dict:
+    """llama-perplexity's protocol (chunk_scores) run by onnxruntime-genai itself, in a process of its own."""
+    selected = []
+    for k in range(chunks):
+        chunk = list(ids[k * size:(k + 1) * size])
+        if len(chunk) < size:
+            break
+        if bos is not None:
+            chunk[0] = bos
+        selected.append(chunk)
+    chunks_file = work / "genai-chunks.json"
+    chunks_file.write_text(json.dumps(selected))
+    done = subprocess.run([str(python), "-c", GENAI_SCORER, str(model_dir), str(chunks_file)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"genai scoring exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def llamacpp_perplexity(binary: Path, gguf: Path, text: Path, size: int, chunks: int, threads: int) -> dict:
@@ -619,8 +632,8 @@ def measure_peers(model: RealModel, gguf: Path, work: Path, text: Path, args: ar
                 perplexity[name] = llamacpp_perplexity(models.llama_build / "llama-perplexity", path, text,
                                                        args.peer_chunk, args.peer_chunks, threads)
             elif family == "genai":
-                perplexity[name] = chunk_scores(genai_logits(path, threads), tokenizer_ids, args.peer_chunk,
-                                                args.peer_chunks, bos)
+                perplexity[name] = genai_scores(models.peers_python, path, tokenizer_ids, args.peer_chunk,
+                                                args.peer_chunks, bos, models.root)
             else:
                 generator = Generator.load(path, threads=threads)
                 perplexity[name] = chunk_scores(generator.score, tokenizer_ids, args.peer_chunk, args.peer_chunks,
