@@ -571,7 +571,7 @@ def bad_file_of(tmp_path: Path, model: GPT, gpt2_tokenizer: Tokenizer, qtype: Q 
 
 
 @pytest.mark.parametrize("case, words", [
-    ("architecture", ["'qwen2'", "'llama'"]),
+    ("architecture", ["'mamba'", "'llama'", "'qwen3'", "'gemma3'"]),
     ("quantization", ["TQ2_0", "Q5_0", "Q2_K", "IQ4_XS"]),
     ("pre-tokenizer", ["'mystery-bpe'", "smollm", "llama-bpe"]),
     ("tokenizer model", ["'bert'", "'gpt2'", "'llama'"]),
@@ -582,7 +582,7 @@ def bad_file_of(tmp_path: Path, model: GPT, gpt2_tokenizer: Tokenizer, qtype: Q 
 def test_a_file_edgegpt_cannot_represent_is_one_line(tmp_path, gpt2_tokenizer, case, words):
     (tmp_path / "in").mkdir()
     build = {
-        "architecture": lambda: bad_file(tmp_path, gpt2_tokenizer, arch="qwen2"),
+        "architecture": lambda: bad_file(tmp_path, gpt2_tokenizer, arch="mamba"),
         "quantization": lambda: bad_file(tmp_path, gpt2_tokenizer, Q.TQ2_0),  # ternary: no type edgegpt reads
         "pre-tokenizer": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"pre": "mystery-bpe"}),
         "tokenizer model": lambda: bad_file(tmp_path, gpt2_tokenizer, meta={"model": "bert"}),

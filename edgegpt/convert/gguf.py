@@ -1,11 +1,23 @@
-"""GGUF (llama.cpp's file format) → checkpoint, for the Llama architecture.
+"""GGUF (llama.cpp's file format) → checkpoint, for the architectures `llama` (Llama, SmolLM, Mistral),
+`qwen2` (Qwen2, Qwen2.5), `qwen3`, `gemma3` (Gemma 3 text models) and `gemma2`.
 
-    FILE.gguf ─► metadata: llama.* hyperparameters ─► ModelConfig (checked against the tensors' shapes)
+    FILE.gguf ─► metadata: {arch}.* hyperparameters ─► ModelConfig (checked against the tensors' shapes)
              │            tokenizer.* ─────────────► tokenizer.json, generation_config.json,
              │                                       chat_template.jinja (gguf_tokenizer.py)
              ├► rope_freqs.weight (Llama 3.x) ──────► ModelConfig.rope_scaling
-             └► tensors: dequantized to float32 (gguf.quants.dequantize), Q/K rows put back in
-                         Hugging Face's order, renamed ─► model.safetensors
+             └► tensors: dequantized to float32 (gguf.quants.dequantize), renamed ─► model.safetensors;
+                         a llama file's Q/K rows put back in Hugging Face's order
+
+Each architecture's metadata means what llama.cpp makes of it (src/models/<arch>.cpp), which is also what
+transformers' GGUF loader makes of it where both read a key:
+- llama: llama.cpp's converter interleaves each Q/K head's rotary halves (unpermute_from_gguf undoes it);
+  the others' rotary already pairs the halves, so their rows are Hugging Face's as they are.
+- qwen2: Q/K/V biases (attn_{q,k,v}.bias); qwen3: per-head q/k RMSNorm (attn_{q,k}_norm) and a head width of
+  its own (attention.key_length). Neither slides its attention, whatever sliding_window a file holds.
+- gemma3 / gemma2: the norms are stored as 1 + w, llama.cpp's converter having added the one that Gemma's
+  RMSNorm adds; edgegpt stores the same sum, so they are read as they are. What the metadata leaves out is
+  llama.cpp's fixed choice for the architecture (_gemma_fields): which layers slide, the sliding layers'
+  rotary base, the attention scale, the soft-capping.
 
 Quantized weights come out as the float32 values they stand for: the checkpoint is exactly the model
 llama.cpp runs, and `edgegpt export --quantize` quantizes it again in its own formats.
@@ -34,7 +46,22 @@ from edgegpt.model import llama3_inverse_frequencies
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
-ARCHITECTURE = "llama"
+# GGUF architecture → the models it holds (for messages) and the Hugging Face model_type of the same model.
+ARCHITECTURES = {"llama": ("Llama, SmolLM, Mistral", "llama"), "qwen2": ("Qwen2, Qwen2.5", "qwen2"),
+                 "qwen3": ("Qwen3", "qwen3"), "gemma3": ("Gemma 3 text models", "gemma3_text"),
+                 "gemma2": ("Gemma 2", "gemma2")}
+GEMMA_ARCHITECTURES = ("gemma3", "gemma2")
+ARCHITECTURES_TEXT = ", ".join(f"{arch!r} ({models})" for arch, (models, _) in ARCHITECTURES.items())
+# llama.cpp's fixed Gemma choices, where a file's metadata says nothing (src/models/gemma{2,3}.cpp):
+# every n-th layer attends to the whole context, the others slide (Gemma 3: 6, Gemma 2: 2);
+GEMMA_FULL_EVERY = {"gemma3": 6, "gemma2": 2}
+# Gemma 3's sliding layers turn with a rotary base of their own; Gemma 2's with the global one;
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+# Gemma 2 soft-caps attention scores and logits at these unless the file says otherwise;
+GEMMA2_SOFTCAPS = (50.0, 30.0)
+# and the 27B models (known to llama.cpp by their layer count) scale queries by (dim / heads)^-1/2, every
+# other size by head_dim^-1/2.
+GEMMA_27B_LAYERS = {"gemma3": 62, "gemma2": 46}
 # The tensor types read: float, and every quantization llama.cpp's `llama-quantize` writes for the common
 # file types (Q2_K … Q8_0, IQ4_NL, IQ4_XS) that gguf.quants can dequantize; each is tested against it. The
 # other IQ* and TQ* types are left out: they come from importance-matrix or ternary runs, never checked here.
@@ -58,7 +85,12 @@ _TENSORS = {
     "blk.{i}.attn_k.bias": "layers.{i}.attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "layers.{i}.attn.v_proj.bias",
     "blk.{i}.attn_output.weight": "layers.{i}.attn.o_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
+    # the MLP's input norm (Gemma's pre_feedforward_layernorm)
     "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_mlp_norm.weight",
     "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
@@ -142,7 +174,8 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _number(meta: dict[str, Any], key: str, source: str, default: Any = None, integer: bool = True) -> Any:
     value = meta.get(key, default)
     if value is None:
-        raise EdgeGPTError(f"{source}: metadata {key} is missing; not a complete {ARCHITECTURE} GGUF file")
+        arch = key.partition(".")[0]
+        raise EdgeGPTError(f"{source}: metadata {key} is missing; not a complete {arch} GGUF file")
     if isinstance(value, list):
         if not value or any(v != value[0] for v in value):
             raise EdgeGPTError(f"{source}: {key} differs between layers ({value[:4]}…); edgegpt needs one value")
@@ -153,16 +186,24 @@ def _number(meta: dict[str, Any], key: str, source: str, default: Any = None, in
     return value
 
 
+def _optional_number(meta: dict[str, Any], key: str, source: str) -> float | None:
+    """A positive number the file may leave out (None then; 0 means "none" too, as llama.cpp reads it)."""
+    if not meta.get(key):
+        return None
+    return float(_number(meta, key, source, integer=False))
+
+
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str) -> ModelConfig:
-    """The ModelConfig of a llama GGUF file, refusing what edgegpt's model cannot represent."""
+    """The ModelConfig of a GGUF file of a supported architecture, refusing what edgegpt's model cannot
+    represent: the same config as that of the Hugging Face folder holding the same model."""
     arch = meta.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise EdgeGPTError(f"{source}: the GGUF architecture is {arch!r}; edgegpt converts {ARCHITECTURE!r} GGUF files "
-                           "(Llama, SmolLM, Mistral); for other families convert their Hugging Face folder")
-    p = f"{ARCHITECTURE}."
+    if arch not in ARCHITECTURES:
+        raise EdgeGPTError(f"{source}: the GGUF architecture is {arch!r}; edgegpt converts {ARCHITECTURES_TEXT} GGUF "
+                           "files; for other families convert their Hugging Face folder")
+    p = f"{arch}."
     if meta.get(f"{p}expert_count", 0):
         raise EdgeGPTError(f"{source}: a mixture of experts ({meta[f'{p}expert_count']} experts) is not supported; "
-                           "edgegpt converts dense Llama models")
+                           "edgegpt converts dense models")
     scaling = meta.get(f"{p}rope.scaling.type")
     if scaling not in (None, "none"):
         raise EdgeGPTError(f"{source}: rotary scaling ({scaling}) is not supported; edgegpt reads plain rotary "
@@ -170,7 +211,15 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
     dim = _number(meta, f"{p}embedding_length", source)
     heads = _number(meta, f"{p}attention.head_count", source)
     n_layers = _number(meta, f"{p}block_count", source)
-    _check_metadata_against_tensors(meta, tensors, dim, n_layers, source)
+    _check_metadata_against_tensors(meta, tensors, arch, dim, n_layers, source)
+    # A head's width: attention.key_length where the file says (Qwen3 and Gemma choose it on their own),
+    # else dim / heads; the values' heads must be as wide (edgegpt's attention has one width).
+    head_dim = meta.get(f"{p}attention.key_length")
+    head_dim = None if head_dim is None else _number(meta, f"{p}attention.key_length", source)
+    value_length = meta.get(f"{p}attention.value_length")
+    if value_length is not None and value_length != (head_dim or dim // heads):
+        raise EdgeGPTError(f"{source}: {p}attention.value_length is {value_length}, but edgegpt needs it to equal the "
+                           f"keys' width {head_dim or dim // heads}")
     cfg_args = dict(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are innermost first: [dim, vocab]
         dim=dim, n_layers=n_layers, n_heads=heads,
@@ -181,23 +230,78 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], source: str)
         norm_eps=float(_number(meta, f"{p}attention.layer_norm_rms_epsilon", source, integer=False)),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        head_dim=head_dim,
+        qk_norm=arch == "qwen3" or arch == "gemma3",
     )
+    if arch in GEMMA_ARCHITECTURES:
+        cfg_args.update(_gemma_fields(meta, arch, cfg_args, source))
     try:
         cfg = ModelConfig(**cfg_args)
         if "rope_freqs.weight" in tensors:
-            cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(meta, tensors["rope_freqs.weight"], cfg))
+            cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(meta, arch, tensors["rope_freqs.weight"], cfg))
     except EdgeGPTError as e:
         raise EdgeGPTError(f"{source}: {str(e).removeprefix('config: ')}") from None
-    # Rotary over part of a head, or heads wider than dim / n_heads: shapes edgegpt's attention has no room for.
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        value = meta.get(p + key)
-        if value is not None and value != cfg.head_dim:
-            raise EdgeGPTError(f"{source}: {p}{key} is {value}, but edgegpt needs it to equal "
-                               f"embedding_length / head_count = {cfg.head_dim}")
+    # Rotary over part of a head: a shape edgegpt's attention has no room for.
+    rotary = meta.get(f"{p}rope.dimension_count")
+    if rotary is not None and rotary != cfg.head_dim:
+        raise EdgeGPTError(f"{source}: {p}rope.dimension_count is {rotary}, but edgegpt turns whole heads: it needs "
+                           f"it to equal the head width {cfg.head_dim}")
     return cfg
 
 
-def _llama3_scaling(meta: dict[str, Any], tensor: Any, cfg: ModelConfig) -> RopeScaling | None:
+def _gemma_fields(meta: dict[str, Any], arch: str, sizes: dict[str, Any], source: str) -> dict[str, Any]:
+    """ModelConfig's Gemma switches for a gemma3 or gemma2 file: what its metadata says, else llama.cpp's
+    fixed choice (the constants above). Gemma 3 never soft-caps attention scores; Gemma 2 always does."""
+    p = f"{arch}."
+    n_layers, context = sizes["n_layers"], sizes["max_len"]
+    head_dim = sizes["head_dim"] or sizes["dim"] // sizes["n_heads"]
+    scale_width = sizes["dim"] // sizes["n_heads"] if n_layers == GEMMA_27B_LAYERS[arch] else head_dim
+    fields: dict[str, Any] = {"post_norms": True, "embed_scale": True, "activation": "gelu_tanh",
+                              "query_pre_attn_scalar": float(scale_width),
+                              "final_softcap": _optional_number(meta, f"{p}final_logit_softcapping", source)}
+    swa_base = _optional_number(meta, f"{p}rope.freq_base_swa", source)
+    if arch == "gemma3":
+        fields["rope_local_theta"] = swa_base or GEMMA3_LOCAL_ROPE_BASE
+    else:
+        if swa_base is not None and swa_base != sizes["rope_theta"]:
+            raise EdgeGPTError(f"{source}: {p}rope.freq_base_swa is {swa_base:g} beside rope.freq_base "
+                               f"{sizes['rope_theta']:g}; Gemma 2 turns every layer with one rotary base")
+        attn_cap, final_cap = GEMMA2_SOFTCAPS
+        fields["attn_softcap"] = _optional_number(meta, f"{p}attn_logit_softcapping", source) or attn_cap
+        if f"{p}final_logit_softcapping" not in meta:
+            fields["final_softcap"] = final_cap
+    # Gemma 3 slides only where the file names a window (llama.cpp); Gemma 2 always, by 4,096 positions if not.
+    window = meta.get(f"{p}attention.sliding_window", None if arch == "gemma3" else 4096)
+    if not window:
+        return fields
+    window = _number(meta, f"{p}attention.sliding_window", source, default=window)
+    if window > context:
+        raise EdgeGPTError(f"{source}: {p}attention.sliding_window {window} is larger than the context "
+                           f"{p}context_length {context}; the file contradicts itself")
+    sliding = _sliding_layers(meta, arch, n_layers, source)
+    if window == context or not any(sliding):  # a window as long as the context slides nowhere
+        return fields
+    fields["sliding_window"] = window
+    if not all(sliding):
+        fields["layer_types"] = tuple("sliding_attention" if s else "full_attention" for s in sliding)
+    return fields
+
+
+def _sliding_layers(meta: dict[str, Any], arch: str, n_layers: int, source: str) -> list[bool]:
+    """Whether each layer slides: attention.sliding_window_pattern as a list (one flag per layer) or a number
+    n (every n-th layer full, 0: none), else every GEMMA_FULL_EVERY-th layer full, as llama.cpp reads it."""
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = meta.get(key, GEMMA_FULL_EVERY[arch])
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(flag, bool) for flag in pattern):
+            raise EdgeGPTError(f"{source}: {key} must hold one true/false flag for each of the {n_layers} layers")
+        return pattern
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 0:
+        raise EdgeGPTError(f"{source}: {key} must be a layer count or a list of flags, got {pattern!r}")
+    return [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+
+
+def _llama3_scaling(meta: dict[str, Any], arch: str, tensor: Any, cfg: ModelConfig) -> RopeScaling | None:
     """Llama 3.x's rotary scaling, from the factor each rotary frequency is divided by (rope_freqs.weight).
 
     llama.cpp's converter keeps only these factors, not the parameters they came from. Meta's Llama 3.1 and
@@ -213,7 +317,7 @@ def _llama3_scaling(meta: dict[str, Any], tensor: Any, cfg: ModelConfig) -> Rope
     if (factors == 1).all():
         return None
     low, high, original = LLAMA3_BANDS
-    original = meta.get(f"{ARCHITECTURE}.rope.scaling.original_context_length", original)
+    original = meta.get(f"{arch}.rope.scaling.original_context_length", original)
     scaling = RopeScaling(factor=float(str(np.float32(factors.max()))), low_freq_factor=low, high_freq_factor=high,
                           original_max_len=original)
     inverse = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
@@ -224,14 +328,14 @@ def _llama3_scaling(meta: dict[str, Any], tensor: Any, cfg: ModelConfig) -> Rope
     return scaling
 
 
-def _check_metadata_against_tensors(meta: dict[str, Any], tensors: dict[str, Any], dim: int, n_layers: int,
-                                    source: str) -> None:
+def _check_metadata_against_tensors(meta: dict[str, Any], tensors: dict[str, Any], arch: str, dim: int,
+                                    n_layers: int, source: str) -> None:
     """The hyperparameters that the tensors themselves state, compared before any shape is derived from them:
     a file whose metadata contradicts its tensors was written wrongly, and which side is right is unknowable."""
-    p = f"{ARCHITECTURE}."
+    p = f"{arch}."
     embedding = tensors.get("token_embd.weight")
     if embedding is None:
-        raise EdgeGPTError(f"{source}: tensor token_embd.weight is missing; not a complete {ARCHITECTURE} GGUF file")
+        raise EdgeGPTError(f"{source}: tensor token_embd.weight is missing; not a complete {arch} GGUF file")
     if len(embedding.shape) != 2:
         raise EdgeGPTError(f"{source}: tensor token_embd.weight has {len(embedding.shape)} dimensions, not 2; "
                            "the file is corrupt")
@@ -260,7 +364,7 @@ def _name_map(n_layers: int) -> dict[str, str]:
     return names
 
 
-def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str, torch.Size],
+def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str, torch.Size], arch: str,
                    source: str) -> dict[str, str]:
     """GGUF name → edgegpt name for every tensor, after checking types, names and shapes."""
     known = _name_map(cfg.n_layers)
@@ -275,7 +379,7 @@ def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str
                                "convert its Hugging Face folder)")
         ours = known.get(name)
         if ours not in expected:
-            raise EdgeGPTError(f"{source}: unexpected tensor {name}; not a plain {ARCHITECTURE} model "
+            raise EdgeGPTError(f"{source}: unexpected tensor {name}; not a plain {arch} model "
                                "(edgegpt has no place for it)")
         shape = tuple(reversed([int(d) for d in tensor.shape]))  # GGUF lists the innermost dimension first
         if shape != tuple(expected[ours]):
@@ -299,9 +403,9 @@ def _dequantize(tensor: Any, gguf: Any) -> torch.Tensor:
 
 
 def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: ModelConfig, source: str,
-                      progress: TensorProgress | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor as float32 under its edgegpt name, Q/K rows (and biases) back in Hugging Face's order;
-    progress(done, total) after each."""
+                      progress: TensorProgress | None = None, arch: str = "llama") -> dict[str, torch.Tensor]:
+    """Every tensor as float32 under its edgegpt name, a llama file's Q/K rows (and biases) back in Hugging
+    Face's order; progress(done, total) after each."""
     gguf = _import_gguf()
     weights = {}
     for name, ours in names.items():
@@ -310,7 +414,9 @@ def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: Model
         except (ValueError, IndexError) as e:  # a tensor's bytes cut short: the file is truncated
             raise EdgeGPTError(f"{source}: tensor {name} cannot be read ({str(e)[:100]}); the file is truncated "
                                "or corrupt") from None
-        if ".attn.q_proj." in ours:
+        if arch != "llama":
+            pass  # only llama.cpp's llama converter interleaves the rotary halves (module doc)
+        elif ".attn.q_proj." in ours:
             w = unpermute_from_gguf(w, cfg.n_heads)
         elif ".attn.k_proj." in ours:
             w = unpermute_from_gguf(w, cfg.n_kv_heads)
@@ -323,7 +429,7 @@ def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: Model
 
 
 def from_gguf(path: Path, out: Path, progress: TensorProgress | None = None) -> Path:
-    """Write a llama-architecture GGUF file as an edgegpt checkpoint (float32 weights, its tokenizer,
+    """Write a GGUF file of a supported architecture as an edgegpt checkpoint (float32 weights, its tokenizer,
     generation config and chat template); progress(done, total) after each tensor is dequantized."""
     path = Path(path)
     source = str(path)
@@ -335,9 +441,10 @@ def from_gguf(path: Path, out: Path, progress: TensorProgress | None = None) -> 
                            f"{cfg.vocab_size} rows")
     generation = generation_from_gguf(meta, tokenizer.get_vocab_size(), source)
     template = chat_template_from_gguf(meta, source)
-    names = _check_tensors(tensors, cfg, expected_shapes(cfg), source)
+    arch = meta["general.architecture"]
+    names = _check_tensors(tensors, cfg, expected_shapes(cfg), arch, source)
     # The dequantized tensors become the model's parameters: one float32 copy (convert/weights.py).
-    model = model_holding(cfg, load_gguf_weights(tensors, names, cfg, source, progress))
+    model = model_holding(cfg, load_gguf_weights(tensors, names, cfg, source, progress, arch))
     # Built beside `out` and swapped in whole: a failure leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:
         save_checkpoint(stage, model, tokenizer, generation=generation, chat_template=template)
