@@ -16,6 +16,12 @@ Each residual add is folded into the next norm: SkipSimplifiedLayerNormalization
 The cache is float32 (float16 in an fp16 graph), or int8 with onnxruntime's quantized cache when
 build_fused_graph is given CacheScales (`--kv-cache int8`; calibrated in export/cache_precision.py).
 
+Gemma's switches (edgegpt.model) add nodes, never change the ones above: /embed/Mul (× √dim) after the Gather;
+a SimplifiedLayerNormalization on each branch's output before its skip norm (post_norms); Gelu(tanh) for the
+MLP's Sigmoid·Mul; /lm_head/Div → Tanh → Mul (final soft-capping). The attention scale, soft-capping and
+sliding window are GroupQueryAttention's own attributes (scale, softcap, local_window_size), and sliding layers
+turn by rotary_local.{cos,sin}_cache when they have a rotary base of their own.
+
 Node names are module paths (`/layers.3/attn/GroupQueryAttention`); initializers are named after the
 PyTorch parameters (`layers.3.attn.q_proj.weight`), with MatMul weights stored as [in, out], the
 transpose of nn.Linear's [out, in], because MatMul multiplies x @ W.
@@ -101,6 +107,10 @@ def fused_graph_contract(cfg: ModelConfig, precision: str = "fp32", scales: Cach
         inputs[f"past_key.{i}"] = inputs[f"past_value.{i}"] = dict(kv)
         outputs[f"present_key.{i}"] = outputs[f"present_value.{i}"] = dict(kv)
     kv_cache: dict[str, Any] = {"dtype": dtype}
+    if cfg.sliding_layers:
+        # Sliding layers' buffers may be window-sized (GroupQueryAttention's sliding_window_cache): the runtime
+        # sizes them from these (runtime/kv_cache.py).
+        kv_cache.update(sliding_window=cfg.sliding_window, sliding_layers=list(cfg.sliding_layers))
     if scales is not None:
         kv_cache.update(quantization=scales.quant_type, bit_width=KV_CACHE_BITS,
                         scales={"k": SCALE_NAMES["k"], "v": SCALE_NAMES["v"]}, calibration=dict(scales.calibration))
@@ -131,19 +141,29 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
     if scales is not None:
         check_scales(cfg, scales)
     g.weight("embed.weight", weights["embed.weight"])
-    cos, sin = rotary_caches(model)
-    g.weight("rotary.cos_cache", cos)
-    g.weight("rotary.sin_cache", sin)
+    for prefix, rotary in (("rotary", model.rotary), ("rotary_local", model.rotary_local)):
+        if rotary is not None:
+            cos, sin = rotary_caches(rotary, cfg.max_len)
+            g.weight(f"{prefix}.cos_cache", cos)
+            g.weight(f"{prefix}.sin_cache", sin)
 
     residual = g.op("Gather", "/embed/Gather", ["embed.weight", "input_ids"])[0]
+    if cfg.embed_scale:
+        # √dim rounded to the graph's float type first, as edgegpt.model.GPT.embed_tokens does
+        scale = g.weight("embed.scale", np.array(np.float32(cfg.dim ** 0.5)))
+        residual = g.op("Mul", "/embed/Mul", [residual, scale])[0]
     normed = first_norm(g, cfg, weights, residual)
     for i in range(cfg.n_layers):
         attn = attention(g, cfg, weights, i, normed, pack_qkv, scales)
+        if cfg.post_norms:
+            attn = plain_norm(g, cfg, weights, f"layers.{i}.post_attn_norm", attn)
         normed, residual = skip_norm(g, cfg, weights, f"layers.{i}.mlp_norm", attn, residual)
-        mlp_out = mlp(g, weights, i, normed)
+        mlp_out = mlp(g, cfg, weights, i, normed)
+        if cfg.post_norms:
+            mlp_out = plain_norm(g, cfg, weights, f"layers.{i}.post_mlp_norm", mlp_out)
         next_norm = f"layers.{i + 1}.attn_norm" if i + 1 < cfg.n_layers else "norm"
         normed, residual = skip_norm(g, cfg, weights, next_norm, mlp_out, residual)
-    lm_head(g, weights, normed, cast_to_float32=elem != TensorProto.FLOAT)
+    lm_head(g, weights, normed, cast_to_float32=elem != TensorProto.FLOAT, softcap=cfg.final_softcap)
 
     def value(name: str, spec: dict[str, Any]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, _ELEM[spec["dtype"]], spec["shape"])
@@ -174,9 +194,17 @@ def first_norm(g: "_Graph", cfg: ModelConfig, weights: dict, x: str) -> str:
 
     stash_type=1 computes the statistics in float32 whatever the input type, as edgegpt.model.RMSNorm does.
     """
-    scale = g.weight("layers.0.attn_norm.weight", weights["layers.0.attn_norm.weight"])
+    return plain_norm(g, cfg, weights, "layers.0.attn_norm", x)
+
+
+def plain_norm(g: "_Graph", cfg: ModelConfig, weights: dict, norm: str, x: str) -> str:
+    """RMSNorm with no residual add: layer 0's input norm, and Gemma's norms of each branch's output
+    (post_attn_norm, post_mlp_norm), whose result is what the skip norm after them adds to the residual."""
+    layer, _, name = norm.rpartition(".")
+    scope = f"/{layer}/{name}" if layer else f"/{name}"  # /layers.0/attn_norm
+    scale = g.weight(f"{norm}.weight", weights[f"{norm}.weight"])
     return g.op(
-        "SimplifiedLayerNormalization", "/layers.0/attn_norm/SimplifiedLayerNormalization", [x, scale],
+        "SimplifiedLayerNormalization", f"{scope}/SimplifiedLayerNormalization", [x, scale],
         epsilon=cfg.norm_eps, axis=-1, stash_type=1,
     )[0]
 
@@ -228,7 +256,20 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
         projected[1] = head_norm(g, cfg, weights, f"{prefix}.k_norm", projected[1])
     past = [KV_NAMES["past_key"].format(layer=layer), KV_NAMES["past_value"].format(layer=layer)]
     present = [KV_NAMES["present_key"].format(layer=layer), KV_NAMES["present_value"].format(layer=layer)]
-    inputs = [*projected, *past, "seqlens_k", "total_sequence_length", "rotary.cos_cache", "rotary.sin_cache"]
+    sliding = cfg.is_sliding(layer)
+    rotary = "rotary_local" if sliding and cfg.local_rotary else "rotary"
+    inputs = [*projected, *past, "seqlens_k", "total_sequence_length", f"{rotary}.cos_cache", f"{rotary}.sin_cache"]
+    # Gemma's score scale and soft-cap, and a sliding layer's window, are the op's attributes. local_window_size
+    # is the number of keys a query sees, its own included, as cfg.sliding_window (measured: one less hides the
+    # oldest key of the window, tests/test_families.py); sliding_window_cache lets a sliding layer's buffer be
+    # window-sized (the op evicts what falls out of the window itself: runtime/kv_cache.py).
+    options: dict[str, Any] = {}
+    if cfg.query_pre_attn_scalar is not None:
+        options["scale"] = float(cfg.query_pre_attn_scalar ** -0.5)
+    if cfg.attn_softcap is not None:
+        options["softcap"] = float(cfg.attn_softcap)
+    if sliding:
+        options.update(local_window_size=cfg.sliding_window, sliding_window_cache=1)
     quantized: dict[str, Any] = {}
     if scales is not None:
         k_scale, v_scale = (g.float32(SCALE_NAMES[kind].format(layer=layer), getattr(scales, kind)[layer])
@@ -239,7 +280,8 @@ def attention(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str, 
     out = g.op(
         "GroupQueryAttention", f"{scope}/GroupQueryAttention", inputs,
         outputs=[f"{scope}/GroupQueryAttention_output_0", *present], domain=MS_DOMAIN,
-        num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=0, **quantized,
+        num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=0, **options,
+        **quantized,
     )[0]
     o = g.weight(f"{prefix}.o_proj.weight", weights[f"{prefix}.o_proj.weight"].T)
     return g.op("MatMul", f"{scope}/o_proj/MatMul", [out, o])[0]
@@ -283,7 +325,7 @@ def skip_norm(g: "_Graph", cfg: ModelConfig, weights: dict, norm: str, x: str, r
     return normed, total
 
 
-def mlp(g: "_Graph", weights: dict, layer: int, x: str) -> str:
+def mlp(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str) -> str:
     """SwiGLU: down(silu(gate(x)) · up(x)), silu(a) = a · sigmoid(a).
 
         x ─┬─► gate_proj/MatMul ─► a ─► act/Sigmoid ─► act/Mul(a, ·) ─┐
@@ -291,7 +333,8 @@ def mlp(g: "_Graph", weights: dict, layer: int, x: str) -> str:
 
     Plain Sigmoid·Mul rather than a contrib op: opset 20 has no Swish, and onnxruntime fuses this pair
     into QuickGelu(alpha=1) = a·sigmoid(a) itself when it loads the graph (seen in its optimized graph),
-    so emitting the portable form costs nothing.
+    so emitting the portable form costs nothing. Gemma's GELU (tanh form) is ONNX's own Gelu (opset 20),
+    act/Gelu(approximate="tanh"), in place of the pair.
     """
     prefix, scope = f"layers.{layer}.mlp", f"/layers.{layer}/mlp"
 
@@ -300,12 +343,15 @@ def mlp(g: "_Graph", weights: dict, layer: int, x: str) -> str:
         return g.op("MatMul", f"{scope}/{name}/MatMul", [inp, w])[0]
 
     gate = proj("gate_proj", x)
-    silu = g.op("Mul", f"{scope}/act/Mul", [gate, g.op("Sigmoid", f"{scope}/act/Sigmoid", [gate])[0]])[0]
-    gated = g.op("Mul", f"{scope}/Mul", [silu, proj("up_proj", x)])[0]
+    if cfg.activation == "gelu_tanh":
+        activated = g.op("Gelu", f"{scope}/act/Gelu", [gate], approximate="tanh")[0]
+    else:
+        activated = g.op("Mul", f"{scope}/act/Mul", [gate, g.op("Sigmoid", f"{scope}/act/Sigmoid", [gate])[0]])[0]
+    gated = g.op("Mul", f"{scope}/Mul", [activated, proj("up_proj", x)])[0]
     return proj("down_proj", gated)
 
 
-def lm_head(g: "_Graph", weights: dict, x: str, cast_to_float32: bool) -> None:
+def lm_head(g: "_Graph", weights: dict, x: str, cast_to_float32: bool, softcap: float | None = None) -> None:
     """The LM head as its own MatMul on a [dim, vocab] initializer named lm_head.weight.
 
         x [B, S, dim] ─► /lm_head/MatMul(lm_head.weight [dim, vocab]) ─► logits [B, S, vocab]
@@ -323,21 +369,24 @@ def lm_head(g: "_Graph", weights: dict, x: str, cast_to_float32: bool) -> None:
     """
     head = weights.get("lm_head.weight", weights["embed.weight"])
     w = g.weight("lm_head.weight", np.ascontiguousarray(head.T))
+    last = not cast_to_float32 and softcap is None  # the MatMul's output is the graph's logits
+    logits = g.op("MatMul", "/lm_head/MatMul", [x, w], outputs=["logits"] if last else None)[0]
+    if softcap is not None:  # cap · tanh(logits / cap), as edgegpt.model.GPT.logits
+        cap = g.weight("lm_head.softcap", np.array(softcap, np.float32))
+        squashed = g.op("Tanh", "/lm_head/Tanh", [g.op("Div", "/lm_head/Div", [logits, cap])[0]])[0]
+        logits = g.op("Mul", "/lm_head/Mul", [squashed, cap], outputs=None if cast_to_float32 else ["logits"])[0]
     if cast_to_float32:
-        logits = g.op("MatMul", "/lm_head/MatMul", [x, w])[0]
         g.op("Cast", "/lm_head/Cast", [logits], outputs=["logits"], to=TensorProto.FLOAT)
-    else:
-        g.op("MatMul", "/lm_head/MatMul", [x, w], outputs=["logits"])
 
 
-def rotary_caches(model: GPT) -> tuple[np.ndarray, np.ndarray]:
+def rotary_caches(rotary: torch.nn.Module, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [max_len, head_dim / 2] for every position, computed as edgegpt.model.Rotary does (fp32).
 
     GroupQueryAttention's rotate-half rotary (rotary_interleaved=0) takes half the angles: Rotary
     duplicates them with cat((freqs, freqs)), the op pairs dimension j with j + D/2 itself.
     """
-    positions = torch.arange(model.cfg.max_len, dtype=torch.float32)
-    freqs = positions[:, None] * model.rotary.inv_freq.float()[None, :]
+    positions = torch.arange(max_len, dtype=torch.float32)
+    freqs = positions[:, None] * rotary.inv_freq.float()[None, :]
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 

@@ -72,8 +72,7 @@ class BatchDecoder:
                  capacity: int | None = None) -> None:
         self.runner, self.checked = runner, checked
         self.capacity = runner.first_capacity() if capacity is None else capacity
-        self.arrays = {past: np.zeros(runner.buffer_shape(rows, self.capacity), runner.dtype)
-                       for past, _ in runner.layer_names}
+        self.arrays = runner.new_arrays(rows, self.capacity)
         self.rows: list[Row | None] = [None] * rows  # None: a free row
         self._input_ids = np.zeros((rows, 1), np.int64)
         self._seqlens_k = np.zeros(rows, np.int32)
@@ -129,7 +128,9 @@ class BatchDecoder:
         # Every busy row keeps its tokens: copy all positions any of them holds (a step about to write one
         # more position than the buffers have counts it already).
         keep = min(self.capacity, max([row.length for row in self.rows if row is not None], default=0))
-        self.arrays = {past: grown(array, larger, keep) for past, array in self.arrays.items()}
+        # (a sliding layer's window-sized buffer never grows: runtime/kv_cache.py)
+        self.arrays = {past: array if past in self.runner.sliding else grown(array, larger, keep)
+                       for past, array in self.arrays.items()}
         self.capacity = larger
 
     def _bind(self, width: int) -> None:

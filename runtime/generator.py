@@ -350,7 +350,7 @@ class Generator:
             cache = cache.truncated(length)
 
         return (yield from run_speculative(decoding, prompt_ids, forward, truncate, sampler, Drafters(drafters),
-                                           self.max_length, speculation))
+                                           self.max_length, speculation, room=lambda: cache.speculative_room()))
 
     def _text_stream(self, prompt_ids: list[int], options: GenerationOptions, cancel: Cancel | None) -> Stream[str]:
         decoding = self._decoding(prompt_ids, options, cancel, text=True)

@@ -23,6 +23,19 @@ memory is far higher; decode speed is the same either way, and greedy text acros
 (the A/B: docs/benchmarks.md). Doubling keeps the copies to less than the final size in all (a
 fraction of a decode step per token, amortized).
 
+Sliding-window layers (Gemma 3, Mistral: the graph's kv_cache block names them) keep a window-sized buffer
+instead, never grown: GroupQueryAttention's sliding_window_cache evicts what falls out of the window itself.
+
+    window capacity  C = window + WINDOW_SLACK positions (CUDA: C = window, which its kernel requires)
+    resident         L(T) = T while T <= C; past C the op drops G = C - window + 1 positions at once, keeping
+                     the most recent L(T) = T - G·ceil((T - C) / G) >= window at rows [0, L) (onnxruntime's
+                     contract: docs of the op's windowed cache)
+
+So a sequence of 8,192 tokens holds window + slack positions per sliding layer, not 8,192 (docs/benchmarks.md).
+Rolling back k tokens is exact when L(T - k) = L(T) - k, i.e. no eviction happened in the last k tokens;
+otherwise the positions it needs are gone and truncated() says so. Speculation never asks for that: it keeps
+each verify step short of the next eviction (KVCache.speculative_room).
+
 Precision: the buffers are of the package's cache dtype (config.json's graph `dtype`): float32; float16
 (CUDA packages); or int8, onnxruntime's quantized cache (`edgegpt export --kv-cache int8`), a quarter of
 float32's bytes per token. The graph holds the int8 cache's scales and quantizes what it writes, so the
@@ -49,6 +62,31 @@ from edgegpt.runtime.session import ort_error_detail
 # Positions a static cache starts with (at most max_length): a short exchange never grows, a long one
 # doubles a handful of times, and a small model's 256 positions are a few MB. Read at each allocation.
 FIRST_POSITIONS = 256
+# Positions a sliding layer's buffer holds beyond its window: the op compacts the buffer once per
+# WINDOW_SLACK + 1 tokens (a copy of the window), and speculation can run that many tokens between compactions.
+WINDOW_SLACK = 256
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sequence's sliding-window buffers: `size` positions seen by a query, `capacity` rows per buffer."""
+
+    size: int
+    capacity: int
+
+    def resident(self, total: int) -> int:
+        """Positions the buffers hold after `total` tokens (onnxruntime's L(T))."""
+        if total <= self.capacity:
+            return total
+        drop = self.capacity - self.size + 1
+        return total - drop * -(-(total - self.capacity) // drop)
+
+    def next_eviction(self, total: int) -> int:
+        """The smallest token count above `total` at which the op drops positions."""
+        drop = self.capacity - self.size + 1
+        if total < self.capacity + 1:
+            return self.capacity + 1
+        return self.capacity + 1 + drop * ((total - self.capacity - 1) // drop + 1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +113,17 @@ class KVCache:
         """Positions the cache can hold before it grows (concat: exactly `length`)."""
         return self.length if self.step is None else self.step.capacity
 
+    @property
+    def window(self) -> "Window | None":
+        return None if self.step is None else self.step.window
+
+    def speculative_room(self) -> int | None:
+        """The most guesses a verify step (the last kept token, then the guesses) may carry from here so that
+        rolling back to any length past the kept token stays exact; None: no limit (no sliding layers)."""
+        if self.window is None:
+            return None
+        return self.window.next_eviction(self.length + 1) - self.length - 2
+
     def truncated(self, length: int) -> "KVCache":
         """This cache holding only its first `length` tokens (0 <= length <= self.length): how rejected
         tokens are rolled back. static: the length is set back, nothing moves; GroupQueryAttention reads
@@ -82,6 +131,11 @@ class KVCache:
         fresh prefill in tests/test_runtime.py). concat: the arrays are cut to `length` positions."""
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
             raise EdgeGPTError(f"a cache of {self.length} tokens can be truncated to 0..{self.length}, got {length!r}")
+        window = self.window
+        if window is not None and window.resident(length) != window.resident(self.length) - (self.length - length):
+            raise EdgeGPTError(
+                f"cannot roll this cache back from {self.length} to {length} tokens: its sliding-window layers have "
+                f"evicted positions that length needs; prefill the tokens again into a new cache")
         if self.binding is not None:
             return replace(self, length=length)
         return replace(self, tensors={n: np.ascontiguousarray(a[:, :, :length]) for n, a in self.tensors.items()},
@@ -141,10 +195,11 @@ class SequenceBuffers:
     of re-binding costs about as much again (docs/benchmarks.md).
     """
 
-    def __init__(self, vocab_size: int, capacity: int) -> None:
+    def __init__(self, vocab_size: int, capacity: int, window: Window | None = None) -> None:
         import onnxruntime as ort
 
-        self.capacity = capacity
+        self.capacity = capacity  # of the full layers' buffers (grown); the sliding layers' is window.capacity
+        self.window = window
         self.tensors: dict[str, Any] = {}  # past name -> OrtValue [1, n_kv_heads, capacity, head_dim]
         self.arrays: dict[str, np.ndarray] = {}  # the same memory as numpy (CPU only), for growing
         self.input_ids = np.zeros((1, 1), np.int64)
@@ -178,10 +233,31 @@ class StaticRunner:
         check_cache_runs(session, package, provider, self.layer_names[0][0])
         # Where the buffers live: on the GPU for CUDA, so a step never crosses the bus with the cache.
         self.device = "cuda" if provider == "cuda" else "cpu"
+        # Sliding layers' buffers: window-sized, never grown (module doc). CUDA's kernel takes capacity == window.
+        kv_cache = graph.kv_cache
+        self.sliding = frozenset(past for layer in kv_cache.get("sliding_layers", ())
+                                 for past in graph.past_names(layer))
+        self.window = None
+        if self.sliding:
+            size = int(kv_cache["sliding_window"])
+            slack = 0 if self.device == "cuda" else WINDOW_SLACK
+            self.window = Window(size, min(size + slack, max(max_length, size)))
 
-    def buffer_shape(self, batch: int, capacity: int) -> tuple[int, int, int, int]:
+    def buffer_shape(self, batch: int, capacity: int, past: str | None = None) -> tuple[int, int, int, int]:
+        """A buffer's shape: `capacity` positions, or the window's for a sliding layer's `past` name."""
         spec = self.package.model
+        if past in self.sliding:
+            capacity = self.window.capacity
         return (batch, spec.n_kv_heads, capacity, spec.head_dim)
+
+    def new_arrays(self, batch: int, capacity: int) -> dict[str, np.ndarray]:
+        """Zeroed buffers for every layer: `capacity` positions, a sliding layer's window capacity."""
+        return {past: np.zeros(self.buffer_shape(batch, capacity, past), self.dtype) for past, _ in self.layer_names}
+
+    def full_capacity(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """The grown layers' capacity of `arrays`; when every layer slides, max_length (nothing ever grows)."""
+        grown_layers = [array for past, array in arrays.items() if past not in self.sliding]
+        return grown_layers[0].shape[2] if grown_layers else self.max_length
 
     def first_capacity(self, tokens: int = 0) -> int:
         """Positions a new cache starts with: FIRST_POSITIONS, or enough for `tokens` (a power of two),
@@ -197,16 +273,15 @@ class StaticRunner:
         this way, sized so that the prefill never grows it).
         """
         if arrays is not None:
-            capacity = next(iter(arrays.values())).shape[2]
+            capacity = self.full_capacity(arrays)
         elif capacity is None:  # (Generator.empty_cache checks a capacity a caller gives)
             capacity = self.first_capacity()
         binding = self.session.io_binding()
         # Bound first so it is get_outputs()[0]: re-binding a name later keeps its place.
         binding.bind_output("logits", "cpu")
-        buffers = SequenceBuffers(self.package.model.vocab_size, min(capacity, self.max_length))
+        buffers = SequenceBuffers(self.package.model.vocab_size, min(capacity, self.max_length), self.window)
         if arrays is None:
-            shape = self.buffer_shape(1, buffers.capacity)
-            arrays = {past: np.zeros(shape, self.dtype) for past, _ in self.layer_names}
+            arrays = self.new_arrays(1, buffers.capacity)
         self._adopt(buffers, binding, arrays, buffers.capacity)
         return KVCache(buffers.tensors, 0, binding, buffers)
 
@@ -215,7 +290,8 @@ class StaticRunner:
         # On the GPU the old buffer comes back to the host once per growth (OrtValue cannot copy a slice
         # on the device); growths are rare (doubling) and the steps between stay on it.
         old = buffers.arrays if self.device == "cpu" else {p: t.numpy() for p, t in buffers.tensors.items()}
-        self._adopt(buffers, binding, {past: grown(array, capacity, keep) for past, array in old.items()}, capacity)
+        new = {past: array if past in self.sliding else grown(array, capacity, keep) for past, array in old.items()}
+        self._adopt(buffers, binding, new, capacity)
 
     def _adopt(self, buffers: SequenceBuffers, binding, arrays: Mapping[str, np.ndarray], capacity: int) -> None:
         buffers.tensors = self.bind(binding, arrays)

@@ -46,6 +46,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.decoding import Decoding
 from edgegpt.runtime.sampling import Sampler, sample
 
@@ -197,6 +198,9 @@ class ModelDrafter:
         if self.cache is None:
             self.cache = self.draft.empty_cache()
         logits, self.cache = self.draft.forward(history[self.cache.length :], self.cache)
+        window = self.cache.window
+        if window is not None:  # guesses fed no further than the draft's next eviction: settle rolls back exactly
+            k = min(k, window.next_eviction(self.cache.length) - self.cache.length)
         fork = sampler.fork(self.rng)
         guesses, distributions = [], []
         for i in range(k):
@@ -212,7 +216,10 @@ class ModelDrafter:
     def settle(self, valid: int, proposed: int, accepted: int) -> None:
         self.length.update(proposed, accepted)
         if self.cache is not None and self.cache.length > valid:
-            self.cache = self.cache.truncated(valid)
+            try:
+                self.cache = self.cache.truncated(valid)
+            except EdgeGPTError:  # a sliding window evicted what `valid` needs: prefill the history again
+                self.cache = None
 
 
 class Drafters:
@@ -274,10 +281,12 @@ def run_speculative(
     drafter: Drafter,
     max_length: int,
     stats: SpeculationStats,
+    room: Callable[[], int | None] = lambda: None,
 ) -> typing.Generator[int, None, str]:
     """Decoding.run with guesses: forward(tokens) runs tokens after the target's cache and gives their
-    logits [len, vocab]; truncate(n) sets the cache back to its first n tokens. Yields each kept token;
-    returns the finish reason. Cancel is checked before every forward pass."""
+    logits [len, vocab]; truncate(n) sets the cache back to its first n tokens; room() is the most guesses the
+    next pass may carry for that to stay possible (KVCache.speculative_room; None: no limit). Yields each kept
+    token; returns the finish reason. Cancel is checked before every forward pass."""
     if decoding.done or decoding.cancelled():
         return decoding.finish_reason
     token = sampler.choose(forward(list(prompt_ids))[-1])
@@ -286,9 +295,11 @@ def run_speculative(
         yield token
     while not (decoding.done or decoding.cancelled()):
         # Room: the pass runs len(history) + k positions; guesses beyond max_new_tokens are wasted.
-        room = min(max_length - len(history), decoding.max_new_tokens - len(decoding.tokens) - 1)
-        guesses, distributions = drafter.propose(history, room, sampler) if room > 0 else ([], None)
-        guesses = guesses[: max(room, 0)]
+        limit = room()
+        room_left = min(max_length - len(history), decoding.max_new_tokens - len(decoding.tokens) - 1,
+                        *(() if limit is None else (limit,)))
+        guesses, distributions = drafter.propose(history, room_left, sampler) if room_left > 0 else ([], None)
+        guesses = guesses[: max(room_left, 0)]
         logits = forward([history[-1], *guesses])
         tokens, accepted = verify(guesses, distributions, logits, sampler)
         stats.target_steps += 1

@@ -222,7 +222,8 @@ def reference_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], float]:
 
 
 @pytest.mark.slow  # a torch.onnx export per family
-@pytest.mark.parametrize("family, tied", [("qwen3", False), ("llama3.2", True)])
+@pytest.mark.parametrize("family, tied", [("qwen3", False), ("llama3.2", True), ("gemma3", True), ("gemma3", False),
+                                          ("gemma2", True)])
 def test_plain_and_fused_packages_match_transformers(tmp_path, tiny_checkpoint, family, tied):
     """Both packages: float32 log-probabilities within RELATIVE of transformers' over 120 positions (past the
     original context the Llama 3 scaling reshapes), and the same 24 greedy tokens."""

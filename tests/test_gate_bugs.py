@@ -80,11 +80,12 @@ GRAPH_BUGS: dict[str, Callable[[onnx.ModelProto, object], None]] = {
 }
 
 
-def wrong_theta_rotary_caches(model, factor: float = 10.0):
-    """fused.rotary_caches as it would be with rope_theta read wrong (factor times the config's)."""
-    cfg = model.cfg
-    inv_freq = 1.0 / (cfg.rope_theta * factor) ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-    freqs = torch.arange(cfg.max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+def wrong_theta_rotary_caches(rotary, max_len: int, factor: float = 10.0):
+    """fused.rotary_caches as it would be with rope_theta read wrong (factor times the config's): theta^(-2j/D)
+    becomes (factor · theta)^(-2j/D)."""
+    pairs = rotary.inv_freq.numel()
+    inv_freq = rotary.inv_freq * factor ** (-torch.arange(pairs, dtype=torch.float32) / pairs)
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 
