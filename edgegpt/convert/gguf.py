@@ -392,14 +392,30 @@ def _check_tensors(tensors: dict[str, Any], cfg: ModelConfig, expected: dict[str
     return names
 
 
-def _dequantize(tensor: Any, gguf: Any) -> torch.Tensor:
+# Rows dequantized at a time: gguf.quants builds a tensor's values in many small pieces before joining them,
+# and the allocator keeps the memory of small pieces once freed; in slices of this many values, what it keeps
+# is one slice, not a second copy of the largest tensor (the embedding).
+DEQUANTIZE_SLICE_VALUES = 1 << 22
+
+
+def _dequantize(tensor: Any, gguf: Any) -> tuple[torch.Tensor, bool]:
+    """The tensor's float32 values, in an array of its own (not a view of the file's memory map), and whether
+    every one is finite (checked slice by slice: torch.isfinite on the whole would hold a copy of it)."""
+    shape = tuple(reversed([int(d) for d in tensor.shape]))
+    out = np.empty(shape, dtype=np.float32)
+    rows = out.reshape(-1, shape[-1])
+    stored = np.asarray(tensor.data).reshape(len(rows), -1)  # each row's floats or quantized blocks
+    step = max(1, DEQUANTIZE_SLICE_VALUES // shape[-1])
+    finite = True
     try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        for first in range(0, len(rows), step):
+            values = gguf.quants.dequantize(stored[first:first + step], tensor.tensor_type)
+            rows[first:first + step] = values.reshape(-1, shape[-1])
+            finite = finite and bool(np.isfinite(rows[first:first + step]).all())
     except NotImplementedError:  # an older gguf release than the one the [convert] extra asks for
         raise EdgeGPTError(f"the installed gguf package cannot dequantize {tensor.tensor_type.name} tensors; "
                            "upgrade it: pip install --upgrade gguf") from None
-    shape = tuple(reversed([int(d) for d in tensor.shape]))
-    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
+    return torch.from_numpy(out), finite
 
 
 def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: ModelConfig, source: str,
@@ -410,7 +426,7 @@ def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: Model
     weights = {}
     for name, ours in names.items():
         try:
-            w = _dequantize(tensors[name], gguf)
+            w, finite = _dequantize(tensors[name], gguf)
         except (ValueError, IndexError) as e:  # a tensor's bytes cut short: the file is truncated
             raise EdgeGPTError(f"{source}: tensor {name} cannot be read ({str(e)[:100]}); the file is truncated "
                                "or corrupt") from None
@@ -420,7 +436,7 @@ def load_gguf_weights(tensors: dict[str, Any], names: dict[str, str], cfg: Model
             w = unpermute_from_gguf(w, cfg.n_heads)
         elif ".attn.k_proj." in ours:
             w = unpermute_from_gguf(w, cfg.n_kv_heads)
-        if not torch.isfinite(w).all():
+        if not finite:
             raise EdgeGPTError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
         weights[ours] = w
         if progress:
