@@ -46,12 +46,11 @@ from edgegpt.model import llama3_inverse_frequencies
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
-# GGUF architecture → the models it holds (for messages) and the Hugging Face model_type of the same model.
-ARCHITECTURES = {"llama": ("Llama, SmolLM, Mistral", "llama"), "qwen2": ("Qwen2, Qwen2.5", "qwen2"),
-                 "qwen3": ("Qwen3", "qwen3"), "gemma3": ("Gemma 3 text models", "gemma3_text"),
-                 "gemma2": ("Gemma 2", "gemma2")}
+# GGUF architecture → the models it holds (for messages).
+ARCHITECTURES = {"llama": "Llama, SmolLM, Mistral", "qwen2": "Qwen2, Qwen2.5", "qwen3": "Qwen3",
+                 "gemma3": "Gemma 3 text models", "gemma2": "Gemma 2"}
 GEMMA_ARCHITECTURES = ("gemma3", "gemma2")
-ARCHITECTURES_TEXT = ", ".join(f"{arch!r} ({models})" for arch, (models, _) in ARCHITECTURES.items())
+ARCHITECTURES_TEXT = ", ".join(f"{arch!r} ({models})" for arch, models in ARCHITECTURES.items())
 # llama.cpp's fixed Gemma choices, where a file's metadata says nothing (src/models/gemma{2,3}.cpp):
 # every n-th layer attends to the whole context, the others slide (Gemma 3: 6, Gemma 2: 2);
 GEMMA_FULL_EVERY = {"gemma3": 6, "gemma2": 2}
@@ -289,7 +288,8 @@ def _gemma_fields(meta: dict[str, Any], arch: str, sizes: dict[str, Any], source
 
 def _sliding_layers(meta: dict[str, Any], arch: str, n_layers: int, source: str) -> list[bool]:
     """Whether each layer slides: attention.sliding_window_pattern as a list (one flag per layer) or a number
-    n (every n-th layer full, 0: none), else every GEMMA_FULL_EVERY-th layer full, as llama.cpp reads it."""
+    n (every n-th layer full; 0: every layer slides), else every GEMMA_FULL_EVERY-th layer full, as llama.cpp
+    reads it."""
     key = f"{arch}.attention.sliding_window_pattern"
     pattern = meta.get(key, GEMMA_FULL_EVERY[arch])
     if isinstance(pattern, list):
