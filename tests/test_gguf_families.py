@@ -316,6 +316,10 @@ def test_the_real_gemma3_270m_file_completes_facts(tmp_path):
     _, ckpt = convert(Path(path), tmp_path / "ckpt")
     model, tokenizer = load_checkpoint(ckpt)
     assert model.cfg.sliding_window == 512 and model.cfg.query_pre_attn_scalar == 256.0
+    assert model.cfg.sliding_layers == tuple(i for i in range(18) if (i + 1) % 6)
+    # the config transformers reads from the same file (its GGUF loader, metadata only)
+    theirs = transformers.AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
+    assert_configs_equal(model.cfg, config_from_hf(theirs.to_dict(), Path("config.json")))
     for prompt, answer in [("The Eiffel Tower is located in the city of", " Paris"), ("import numpy as", " np")]:
         ids = torch.tensor([tokenizer.encode(prompt).ids])
         with torch.no_grad():
