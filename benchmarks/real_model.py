@@ -748,6 +748,9 @@ def run(args: argparse.Namespace) -> None:
             chosen[key] = (model, gguf)
     work = args.work.expanduser()
     text = held_out_text(work)
+    # Models measured by other runs stay in the file beside this run's (each names its machine).
+    figures_file = work / "real-model.json"
+    earlier = json.loads(figures_file.read_text()) if figures_file.is_file() and not args.smoke else {}
     figures = {"machine": machine(), "models": {}}
     for key, (model, gguf) in chosen.items():
         folder = work / key
@@ -757,9 +760,12 @@ def run(args: argparse.Namespace) -> None:
         if args.peers:
             result["peers"] = measure_peers(model, gguf, folder, text, args)
             show_peers(model.title, result["peers"])
+        result["machine"] = machine()
         figures["models"][key] = result
-        (work / "real-model.json").write_text(json.dumps(figures, indent=1))
-    print(f"figures written to {work / 'real-model.json'}")
+        kept = {name: earlier_result for name, earlier_result in earlier.get("models", {}).items()
+                if name not in figures["models"]}
+        figures_file.write_text(json.dumps({**figures, "models": {**kept, **figures["models"]}}, indent=1))
+    print(f"figures written to {figures_file}")
     if args.json:
         print(json.dumps(figures))
     if args.smoke:  # its figures mean nothing: nothing is kept
