@@ -15,7 +15,7 @@ written; --no-gate writes it anyway and the manifest records that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.export.verify import FLOAT32_TOLERANCE, Verification
@@ -107,3 +107,35 @@ def perplexity_check(label: str, reference: Metrics, package: Metrics, limits: G
 def failure_message(report: GateReport) -> str:
     failed = "; ".join(c.describe() for c in report.failures())
     return f"quality gate failed: {failed}; no package was written (pass --no-gate to write it anyway)"
+
+
+class CountedScorer:
+    """A scorer (edgegpt.quality's Scorable) that reports each window it scores, and its greedy continuations
+    as one more, through steps(done, total): the gates' progress, without the scoring code knowing. The two
+    scorers of a gate share one count: the package's starts at `offset`, where PyTorch's ends."""
+
+    def __init__(self, scorer: Any, steps: Callable[[int, int], None], offset: int, total: int) -> None:
+        self.scorer, self.steps, self.done, self.total = scorer, steps, offset, total
+
+    def logits(self, windows: Any, skip: int = 0) -> Any:
+        logits = self.scorer.logits(windows, skip)
+        self._advance(len(windows))
+        return logits
+
+    def greedy_all(self, prompts: Any, n_tokens: int) -> Any:
+        continuations = self.scorer.greedy_all(prompts, n_tokens)
+        self._advance(1)
+        return continuations
+
+    def __getattr__(self, name: str) -> Any:  # max_len and anything else a scorer offers
+        return getattr(self.scorer, name)
+
+    def _advance(self, units: int) -> None:
+        self.done = min(self.done + units, self.total)
+        self.steps(self.done, self.total)
+
+
+
+def counted(scorer: Any, steps: Callable[[int, int], None] | None, offset: int, total: int) -> Any:
+    """`scorer` counted through steps (CountedScorer), or itself when there is no steps callback."""
+    return scorer if steps is None else CountedScorer(scorer, steps, offset, total)

@@ -37,6 +37,7 @@ from edgegpt.export.gates import (
     GateFailed,
     GateLimits,
     GateReport,
+    counted,
     failure_message,
     logit_check,
 )
@@ -321,6 +322,7 @@ def export_package(
     draft: Path | None = None,
     external_data_threshold: int | None = None,
     progress: Callable[[str], None] | None = None,
+    steps: Callable[[int, int], None] | None = None,
 ) -> ExportReport:
     """Export the checkpoint at `checkpoint` as a model package at `out` (replaced atomically). The gates
     score held-out text in windows of `window` tokens (default min(context, 1,024), stride half a window).
@@ -332,6 +334,8 @@ def export_package(
     `draft/` folder and gated on its own, for speculative decoding (export/draft.py).
     external_data_threshold: bytes of weights above which model.onnx keeps them in model.onnx.data
     (default export/external_data.py's EXTERNAL_DATA_THRESHOLD, below protobuf's 2 GiB limit).
+    progress(message) is called as each stage starts, steps(done, total) as a stage that counts its units
+    advances (calibration windows, quantized matrices, the gates' scored windows); neither prints.
     Raises GateFailed (an EdgeGPTError carrying the report) when a gate fails and `gate` is on.
     """
     say = progress or (lambda message: None)
@@ -385,7 +389,7 @@ def export_package(
 
     with staged_directory(out) as stage, external_data.external_data_threshold(external_data_threshold):
         target = Source(checkpoint, model, tokenizer, text, calibration)
-        report, fields = build_package(target, stage, out, plan, say, start)
+        report, fields = build_package(target, stage, out, plan, say, start, steps)
         if drafted is not None:
             from edgegpt.export.draft import export_draft
 
@@ -397,10 +401,11 @@ def export_package(
 
 
 def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say: Callable[[str], None],
-                  start: float) -> tuple[ExportReport, dict[str, Any]]:
+                  start: float, steps: Callable[[int, int], None] | None = None) -> tuple[ExportReport, dict[str, Any]]:
     """Build, check and gate `source`'s package in the directory `stage` (everything but manifest.json);
     returns the report (for the package that will be at `out`) and the manifest's fields. Raises GateFailed
-    when a gate fails and the plan's gate is on."""
+    when a gate fails and the plan's gate is on. say(message) as each stage starts, steps(done, total) as a
+    counted one advances (export_package)."""
     model, tokenizer, checkpoint, text = source.model, source.tokenizer, source.checkpoint, source.text
     precision, quantize, kind, label, limits = plan.precision, plan.quantize, plan.kind, plan.label, plan.limits
     float_dir = stage / "work" / "float"
@@ -443,19 +448,22 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
         if quantize == "auto":
             quantization = quantize_auto(model, quantized_from, final_dir, plan.options, source.calibration,
                                          text.tokens[: SEARCH_TOKENS + 1], text.char_table, text.window, plan.budget,
-                                         finish, say)
+                                         finish, say, steps)
         else:
-            quantization = quantize_fixed(model, quantized_from, final_dir, plan.options, source.calibration, say)
+            quantization = quantize_fixed(model, quantized_from, final_dir, plan.options, source.calibration, say,
+                                          steps)
         optimization = finish(final_dir)
     rows = []
     if text is not None:
         n_windows = len(strided_windows(len(text.tokens), text.window))
         say(f"scoring held-out text with PyTorch and the {label} package "
             f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
-        reference = evaluate("PyTorch float32", TorchReference(model), text)
+        units = n_windows + 1  # steps: each window, then the greedy continuations, for PyTorch then the package
+        reference = evaluate("PyTorch float32", counted(TorchReference(model), steps, 0, 2 * units), text)
         scorer = PackageScorer(open_package(final_dir, precision, max_length=text.window))
         cached = "" if plan.kv_cache != "int8" else ", int8 cache"
-        package = evaluate(f"package ({kind}, {label}{cached})", scorer, text, reference.predictions)
+        package = evaluate(f"package ({kind}, {label}{cached})", counted(scorer, steps, units, 2 * units), text,
+                           reference.predictions)
         rows = [reference, package]
         if (check := cache_perplexity_check(label, plan.kv_cache, reference, package, limits)) is not None:
             checks.append(check)

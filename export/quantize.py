@@ -180,8 +180,10 @@ def quantize_weights(graph: PreparedGraph, options: QuantOptions, bits: set[int]
 
 def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = None, *,
                    options: QuantOptions | None = None, plan: dict[str, int] | None = None,
-                   calibration: "Calibration | None" = None) -> dict[str, Any]:
-    """Quantize the float32 graph at `src` into `dst` (one file); returns the manifest's settings.
+                   calibration: "Calibration | None" = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Quantize the float32 graph at `src` into `dst` (one file); returns the manifest's settings;
+    progress(done, total) after each projection is quantized.
 
     `options` (else QuantOptions(bits, method)) say how; `plan` maps projection weight names to their bits
     (4, 8, or FLOAT), every projection not in it taking options.bits; `calibration` feeds the "search"
@@ -193,7 +195,7 @@ def quantize_graph(src: Path, dst: Path, bits: int = 8, method: str | None = Non
         raise EdgeGPTError("a per-projection plan needs the nbits method")
     full_plan = {name: (plan or {}).get(name, options.bits) for name in graph.projections}
     needed = {b for b in full_plan.values() if b != FLOAT} if options.method == "nbits" else set()
-    quantized = quantize_weights(graph, options, needed, calibration)
+    quantized = quantize_weights(graph, options, needed, calibration, progress)
     proto = write_quantized(graph, options, full_plan, quantized, Path(dst).parent)
     tied = graph.tied
     del graph, quantized  # the float weights' last references

@@ -93,22 +93,28 @@ def needs_calibration(options: QuantOptions, auto: bool) -> bool:
 
 
 def quantize_fixed(model: GPT, float_dir: Path, out_dir: Path, options: QuantOptions, text: CalibrationText | None,
-                   say: Callable[[str], None]) -> dict[str, Any]:
+                   say: Callable[[str], None], steps: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Every projection at options.bits. say(message) as calibration and quantization start; steps(done,
+    total) after each calibration window and each quantized matrix."""
     calibration = None
     if text is not None and needs_calibration(options, auto=False):
         names = list(prepare_graph(float_dir / MODEL).projections)
         say(f"calibrating on {text.source}")
         calibration = calibrate(model, text.tokens, text.source, names, fisher=False,
-                                hessians=options.rounding == "gptq")
+                                hessians=options.rounding == "gptq", progress=steps)
     say(f"quantizing weights to {options.bits} bits ({options.method}"
         + (f", {options.rounding})" if options.method == "nbits" else ")"))
-    return quantize_graph(float_dir / MODEL, out_dir / MODEL, options=options, calibration=calibration)
+    return quantize_graph(float_dir / MODEL, out_dir / MODEL, options=options, calibration=calibration,
+                          progress=steps)
 
 
 def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOptions, text: CalibrationText,
                   search_tokens: np.ndarray, char_table: np.ndarray, window: int, budget: float,
-                  finish: Callable[[Path], None], say: Callable[[str], None]) -> dict[str, Any]:
+                  finish: Callable[[Path], None], say: Callable[[str], None],
+                  steps: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """--quantize auto: the smallest plan within `budget` (perplexity ratio - 1) on `search_tokens`.
+    say(message) as each stage starts and after each candidate plan; steps(done, total) after each
+    calibration window, each quantized matrix and each window a candidate is scored on.
 
     finish(directory) turns a directory holding a quantized model.onnx into a loadable package (metadata,
     offline optimization), as the export does for its final package.
@@ -118,13 +124,17 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
     graph = prepare_graph(float_dir / MODEL)
     names = list(graph.projections)
     say(f"calibrating on {text.source} (inputs and Fisher information)")
-    calibration = calibrate(model, text.tokens, text.source, names, fisher=True, hessians=options.rounding == "gptq")
+    calibration = calibrate(model, text.tokens, text.source, names, fisher=True, hessians=options.rounding == "gptq",
+                            progress=steps)
     say(f"quantizing {len(names)} projections at 4 bits ({options.rounding}) and 8 bits")
     four = replace(options, bits=4)
-    quantized = quantize_weights(graph, four, {4}, calibration)
+    # One count over both widths: the 4-bit matrices, then the 8-bit ones
+    first_half = (lambda done, total: steps(done, 2 * total)) if steps else None
+    second_half = (lambda done, total: steps(total + done, 2 * total)) if steps else None
+    quantized = quantize_weights(graph, four, {4}, calibration, progress=first_half)
     # 8-bit candidates take the search: GPTQ's error compensation is for 4 bits, and the search is faster
     eight = replace(options, bits=8, rounding="search" if options.rounding == "gptq" else options.rounding)
-    quantized.update(quantize_weights(graph, eight, {8}, calibration))
+    quantized.update(quantize_weights(graph, eight, {8}, calibration, progress=second_half))
     weights = {name: graph.weight(name) for name in names}
     sizes = byte_sizes(quantized, weights)
     upgrades = ordered_upgrades(names, sensitivities(quantized, weights, calibration.fisher), sizes)
@@ -132,8 +142,9 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
 
     def perplexity(directory: Path) -> float:
         scorer = PackageScorer(Generator.load(directory, max_length=window))
-        return score(scorer.logits, search_tokens, windows, char_table).perplexity
+        return score(scorer.logits, search_tokens, windows, char_table, progress=steps).perplexity
 
+    say(f"scoring the float32 package and each candidate plan on {len(search_tokens) - 1:,} tokens")
     reference = perplexity(float_dir)
     trial = out_dir.parent / f"{out_dir.name}.trial"
 

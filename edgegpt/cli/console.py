@@ -1,12 +1,13 @@
-"""What the CLI draws: a rich progress bar for training. Progress goes to stderr so that stdout
-carries only results (the generated text, or one JSON line with --json)."""
+"""What the CLI draws: a rich progress bar for training, and stage bars for export and convert. Progress goes
+to stderr so that stdout carries only results (the generated text, or one JSON line with --json)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from edgegpt.scoring import Score
 from edgegpt.train.reporting import Reporter
@@ -75,3 +76,63 @@ class TrainProgress(Reporter):
         if self.progress:
             self.progress.stop()
             self.progress = None
+
+
+class StageProgress:
+    """A long command's stages (export's graph build, calibration, quantization, gates; convert's tensors) on
+    stderr, fed by the library's two callbacks: stage(message) as a stage starts, steps(done, total) as it
+    advances.
+
+    On a terminal each stage is a live row: a spinner, the message, a bar (moving to and fro until the stage
+    reports counts, then filling) and the time the stage has taken; a finished stage's row stays above the
+    next. Anywhere else (a pipe, a log file) nothing is drawn: each stage is one printed line when
+    `stage_lines` is on (what export printed before there were bars), and the counts are dropped."""
+
+    def __init__(self, console: Console | None = None, stage_lines: bool = True) -> None:
+        self.console = console or stderr
+        self.stage_lines = stage_lines
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> StageProgress:
+        if self.console.is_terminal:
+            self.progress = Progress(
+                SpinnerColumn(finished_text="✓"),
+                # A long message (export's paths) is cut short rather than squeezing every row's bar away.
+                TextColumn("{task.description}", table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=10)),
+                TextColumn("{task.fields[count]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                expand=True,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.progress is not None:
+            if exc_info[0] is None:
+                self._finish_stage()
+            self.progress.stop()
+            self.progress = None
+
+    def stage(self, message: str) -> None:
+        if self.progress is None:
+            if self.stage_lines:
+                self.console.print(message)
+            return
+        self._finish_stage()
+        self.task = self.progress.add_task(message, total=None, count="")
+
+    def steps(self, done: int, total: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=done, total=total, count=f"{done:,}/{total:,}")
+
+    def _finish_stage(self) -> None:
+        """Stop the current stage's clock and fill its bar: the next stage starting means it is done."""
+        if self.progress is not None and self.task is not None:
+            task = next(t for t in self.progress.tasks if t.id == self.task)
+            total = task.total if task.total else 1
+            self.progress.update(self.task, total=total, completed=total)
+            self.progress.stop_task(self.task)
+            self.task = None

@@ -24,7 +24,17 @@ def convert(
     from_gguf = source.suffix.lower() == ".gguf"
     with user_errors("convert", "of a .gguf file" if from_gguf else "", needs=TRAINING_NEEDS,
                      extra="convert" if from_gguf else None):
+        from edgegpt.cli.console import StageProgress
         from edgegpt.convert import convert as run_convert
 
-        direction, written = run_convert(source, out)
+        # A bar on a terminal only: convert's stderr elsewhere stays empty, as scripts expect.
+        with StageProgress(stage_lines=False) as shown:
+
+            def tensors_read(done: int, total: int) -> None:
+                shown.steps(done, total)
+                if done == total:  # the checkpoint is written in one step after the last tensor
+                    shown.stage("writing the checkpoint")
+
+            shown.stage(f"converting {source.name}: tensors")
+            direction, written = run_convert(source, out, progress=tensors_read)
     print(f"{direction}: {written}")

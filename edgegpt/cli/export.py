@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -77,19 +78,21 @@ def export(
             Console().print(render_report(report))
 
     with user_errors("export", needs=EXPORT_NEEDS):
-        from edgegpt.cli.console import stderr
+        from edgegpt.cli.console import StageProgress
         from edgegpt.export import GateFailed, export_package
 
         try:
-            report = export_package(
-                checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
-                precision=precision, quantize="auto" if bits == "auto" else quantize,
-                bits=parse_bits(bits), method=method, kv_cache=kv_cache, gate=not no_gate,
-                max_ppl_increase=max_ppl_increase, rounding=rounding, block_size=block_size, symmetric=symmetric,
-                accuracy_level=accuracy_level, calibration_data=calibration_data,
-                eval_data=eval_data, eval_tokens=eval_tokens, window=window, draft=draft,
-                progress=None if as_json else stderr.print,
-            )
+            # --json: stderr stays silent. Otherwise a bar per stage on a terminal, one line per stage elsewhere.
+            with nullcontext() if as_json else StageProgress() as shown:
+                report = export_package(
+                    checkpoint or workspace.checkpoint_dir(), out or workspace.model_dir(), fuse=not no_fuse,
+                    precision=precision, quantize="auto" if bits == "auto" else quantize,
+                    bits=parse_bits(bits), method=method, kv_cache=kv_cache, gate=not no_gate,
+                    max_ppl_increase=max_ppl_increase, rounding=rounding, block_size=block_size,
+                    symmetric=symmetric, accuracy_level=accuracy_level, calibration_data=calibration_data,
+                    eval_data=eval_data, eval_tokens=eval_tokens, window=window, draft=draft,
+                    progress=shown.stage if shown else None, steps=shown.steps if shown else None,
+                )
         except GateFailed as failed:  # the table first (it says why), then the one-line error
             show(failed.report)
             raise

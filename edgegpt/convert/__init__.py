@@ -22,6 +22,7 @@ from edgegpt.convert.huggingface import (
     hf_config,
     to_huggingface,
 )
+from edgegpt.convert.weights import TensorProgress
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json
@@ -72,8 +73,9 @@ def check_destination(source: Path, out: Path, to_hf: bool) -> None:
         raise EdgeGPTError(f"convert destination {out} already exists and is not empty; choose a new directory")
 
 
-def convert(source: Path, out: Path) -> tuple[str, Path]:
-    """Any supported direction, told apart by what `source` is. Returns (direction, out).
+def convert(source: Path, out: Path, progress: TensorProgress | None = None) -> tuple[str, Path]:
+    """Any supported direction, told apart by what `source` is. Returns (direction, out). Into a checkpoint,
+    progress(done, total) is called as each tensor is read (a checkpoint is written out in one step).
 
     Before anything is written, the destination is checked (check_destination): never the source or a
     folder holding it, never an existing directory holding anything but a previous output of that kind."""
@@ -86,14 +88,14 @@ def convert(source: Path, out: Path) -> tuple[str, Path]:
             raise EdgeGPTError(f"{source} is not a GGUF file (it does not start with the GGUF magic bytes); "
                                "convert reads .gguf files, Hugging Face model directories and edgegpt checkpoints")
         check_destination(source, out, to_hf=False)
-        return "gguf → checkpoint", from_gguf(source, out)
+        return "gguf → checkpoint", from_gguf(source, out, progress)
     config = read_json(source / CONFIG) if (source / CONFIG).is_file() else None  # corrupt JSON: say so
     if _is_checkpoint(source, config):
         check_destination(source, out, to_hf=True)
         return "checkpoint → huggingface", to_huggingface(source, out)
     if _is_hf_model(config):
         check_destination(source, out, to_hf=False)
-        return "huggingface → checkpoint", from_huggingface(source, out)
+        return "huggingface → checkpoint", from_huggingface(source, out, progress)
     ggufs = sorted(p.name for p in source.glob(f"*{GGUF_SUFFIX}"))
     hint = f" (for a GGUF model, pass the file itself: {source / ggufs[0]})" if ggufs else ""
     raise EdgeGPTError(f"{source} is neither an edgegpt checkpoint nor a Hugging Face model directory{hint}")
