@@ -8,6 +8,7 @@ logits a one-token pass does.
     python benchmarks/formats.py kernels [--threads 2] [--layers 30] [--runs 30]
     python benchmarks/formats.py pass-numerics --model PACKAGE --text pydoc-topics.txt [--k 4]
     python benchmarks/formats.py export-memory [--dim 1024 --layers 4 --vocab 32000] [--external-data-threshold B]
+    python benchmarks/formats.py convert-memory [--gguf FILE | --hf DIR | --dim 1024 --layers 16 --vocab 49152]
     python benchmarks/formats.py scale [--keep] [--json]     # Llama 3.2 1B's shape, random: convert, export, generate
     python benchmarks/formats.py COMMAND --smoke        # seconds, on a tiny random model
 
@@ -1007,6 +1008,70 @@ def scale(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+# -- convert-memory: peak RSS of `edgegpt convert` against the model's float32 bytes ----------------------------
+
+
+def convert_memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", type=Path, default=None, help="a .gguf file to convert")
+    parser.add_argument("--hf", type=Path, default=None, help="a Hugging Face folder to convert")
+    parser.add_argument("--dim", type=int, default=1024, help="without --gguf or --hf: the random model's shape")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--json", action="store_true")
+
+
+def convert_memory(args: argparse.Namespace) -> None:
+    """Peak resident memory of `edgegpt convert` (a GGUF file or a Hugging Face folder into a checkpoint) in a
+    process of its own, against the float32 bytes of the weights it writes (the tied head counted once).
+    Without --gguf or --hf, a random Llama-family folder of the given shape (float32 safetensors, tied head,
+    written by scale's HF_FOLDER_CHILD) is made first. The issue's bound: peak RSS <= 2.5x the float32 weights.
+
+    --smoke: a tiny random folder."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from common import run_measured
+
+    work = scratch_dir("convert-memory")
+    source = args.gguf or args.hf
+    if source is None:
+        shape = {"hidden_size": args.dim, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+                 "num_key_value_heads": args.kv_heads, "head_dim": args.dim // args.heads,
+                 "intermediate_size": args.ffn, "vocab_size": args.vocab, "max_position_embeddings": 2048}
+        config = {**LLAMA32_1B, **(SMOKE_SHAPE if args.smoke else shape)}
+        config["bos_token_id"], config["eos_token_id"] = config["vocab_size"] - 2, config["vocab_size"] - 1
+        source = work / "hf"
+        made = run_measured([sys.executable, "-c", HF_FOLDER_CHILD, str(source), json.dumps(config)])
+        if made.returncode != 0:
+            sys.exit(f"writing the folder failed:\n{made.stderr[-3000:]}")
+    run = run_measured([sys.executable, "-m", "edgegpt", "convert", str(source), str(work / "checkpoint")])
+    if run.returncode != 0:
+        sys.exit(f"convert failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    with safe_open(str(work / "checkpoint" / "model.safetensors"), framework="pt") as f:
+        weight_bytes = sum(4 * int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+    shutil.rmtree(work, ignore_errors=True)
+    result = {"machine": machine(), "source": str(args.gguf or args.hf or "random folder (float32, tied head)"),
+              "float32_weight_bytes": weight_bytes, "seconds": round(run.seconds, 1),
+              "peak_rss_bytes": run.peak_rss_bytes, "peak_over_weights": run.peak_rss_bytes / weight_bytes,
+              "within_bound": run.peak_rss_bytes <= 2.5 * weight_bytes}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"edgegpt convert, peak RSS of its own process: {machine()}",
+                  caption="bound (issue 21): convert <= 2.5x the float32 weight bytes")
+    for column in ("source", "float32 weights", "seconds", "peak RSS", "peak / weights", "within bound"):
+        table.add_column(column)
+    mib = 1 << 20
+    table.add_row(result["source"], f"{weight_bytes / mib:,.0f} MiB", f"{run.seconds:.1f}",
+                  f"{run.peak_rss_bytes / mib:,.0f} MiB", f"{result['peak_over_weights']:.2f}x",
+                  "yes" if result["within_bound"] else "NO")
+    Console().print(table)
+
+
 COMMANDS = {
     "quantization": (quantization_options, quantization),
     "kv-cache": (kv_cache_options, kv_cache),
@@ -1014,6 +1079,7 @@ COMMANDS = {
     "pass-numerics": (pass_numerics_options, pass_numerics),
     "export-memory": (export_memory_options, export_memory),
     "scale": (scale_options, scale),
+    "convert-memory": (convert_memory_options, convert_memory),
 }
 
 

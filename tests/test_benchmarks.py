@@ -176,6 +176,17 @@ def test_scale_takes_a_llama32_shaped_folder_through_convert_export_and_generate
     assert all(checks for checks in out["gates"].values())
 
 
+
+def test_convert_memory_measures_convert_in_a_process_of_its_own():
+    out = json.loads(smoke("formats.py", "convert-memory", "--json"))
+    # The smoke folder's shape (formats.py SMOKE_SHAPE): vocabulary 512, hidden 64, 2 layers of 4 query heads
+    # and 2 KV heads of 16 channels, FFN 128, a tied head.
+    per_layer = 2 * 64 + 64 * 16 * (4 + 2 + 2 + 4) + 3 * 64 * 128
+    assert out["float32_weight_bytes"] == 4 * (512 * 64 + 64 + 2 * per_layer)
+    assert out["seconds"] > 0 and out["peak_rss_bytes"] > 0
+    assert out["peak_over_weights"] == out["peak_rss_bytes"] / out["float32_weight_bytes"]
+    assert out["within_bound"] == (out["peak_over_weights"] <= 2.5)
+
 def test_pass_numerics_compares_a_one_token_pass_with_a_longer_one(kit):
     out = smoke("formats.py", "pass-numerics", kit=kit)
     found = re.search(r"at (\d+) positions: \|Δ logit\| median (\S+), largest (\S+); argmax differs at (\d+)", out)

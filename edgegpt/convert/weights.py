@@ -4,7 +4,7 @@ A conversion's float32 weights are the largest thing it holds. Building GPT(cfg)
 would hold them twice (its own randomly initialized parameters, then the copies); here the model's
 parameters are the converted tensors themselves. The model is a vessel for save_checkpoint, never run: it
 is built on the meta device, so its non-persistent buffers (rotary frequencies, which a checkpoint does not
-store) are never made. Peak memory of `edgegpt convert`: docs/models.md.
+store) are never made. Peak memory of `edgegpt convert`: docs/benchmarks.md.
 """
 
 from __future__ import annotations
