@@ -13,9 +13,10 @@ from edgegpt.cli.train import TRAINING_NEEDS
 
 def convert(
     source: Path = typer.Argument(
-        ..., help="A .gguf file (Llama architecture; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, "
-        "IQ4_NL, IQ4_XS; byte-level BPE or SentencePiece tokenizer), a Hugging Face model directory (Llama, "
-        "SmolLM, Llama 3.x, Mistral without a sliding window, Qwen2, Qwen3) or an edgegpt checkpoint."),
+        ..., help="A .gguf file (Llama, Qwen2, Qwen3, Gemma 3 or Gemma 2 architecture; F32, F16, BF16, Q4_0, Q4_1, "
+        "Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS; byte-level BPE or SentencePiece tokenizer), a Hugging Face "
+        "model directory (Llama, SmolLM, Llama 3.x, Mistral, Qwen2, Qwen3, Gemma 3, Gemma 2) or an edgegpt "
+        "checkpoint."),
     out: Path = typer.Argument(..., help="Where to write the other format (a new directory)."),
 ) -> None:
     """Import a GGUF file or a Hugging Face model as a checkpoint, or write a checkpoint as a Hugging Face
