@@ -452,6 +452,7 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
         else:
             quantization = quantize_fixed(model, quantized_from, final_dir, plan.options, source.calibration, say,
                                           steps)
+        say("optimizing the quantized graph (onnxruntime's offline pass)")
         optimization = finish(final_dir)
     rows = []
     if text is not None:
