@@ -415,9 +415,9 @@ def counting_speculation(monkeypatch) -> list[SpeculationStats]:
     started: list[SpeculationStats] = []
     run = generator_module.run_speculative
 
-    def recorded(*args):
+    def recorded(*args, **keywords):
         started.append(args[-1])
-        return (yield from run(*args))
+        return (yield from run(*args, **keywords))
 
     monkeypatch.setattr(generator_module, "run_speculative", recorded)
     return started
