@@ -110,7 +110,7 @@ def check_vocabulary(draft: Path, target: Path, draft_vocab: dict[str, int], tar
 
 
 def export_draft(draft: Source, target: Source, stage: Path, out: Path, plan: ExportPlan,
-                 say: Callable[[str], None]) -> DraftReport:
+                 say: Callable[[str], None], steps: Callable[[int, int], None] | None = None) -> DraftReport:
     """Build and gate the draft's package in `stage`/draft (with its own manifest), with the target's options
     and on the target's held-out and calibration text, then measure how often it agrees with the target's
     package (already built in `stage`). Raises GateFailed, carrying the draft's report, if its gate fails."""
@@ -127,7 +127,7 @@ def export_draft(draft: Source, target: Source, stage: Path, out: Path, plan: Ex
         say(f"draft: {message}")
 
     try:
-        report, fields = build_package(draft, directory, out / DRAFT_DIRECTORY, plan, say_draft, start)
+        report, fields = build_package(draft, directory, out / DRAFT_DIRECTORY, plan, say_draft, start, steps)
     except GateFailed as failed:
         raise GateFailed(f"the draft {draft.checkpoint}: {failed}", failed.report) from None
     report.manifest = write_manifest(directory, fields)

@@ -393,7 +393,7 @@ def export_package(
         if drafted is not None:
             from edgegpt.export.draft import export_draft
 
-            report.draft = export_draft(drafted, target, stage, out, plan, say)
+            report.draft = export_draft(drafted, target, stage, out, plan, say, steps)
             fields["draft"] = report.draft.entry
         report.manifest = write_manifest(stage, fields)
     report.seconds = time.perf_counter() - start
