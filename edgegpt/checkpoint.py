@@ -83,29 +83,38 @@ def require_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def load_weights(path: Path, model: GPT) -> None:
+def read_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against what a model of `cfg` stores (names, shapes, finite values)."""
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise EdgeGPTError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
-    expected = state_dict_for_saving(model)
+    expected = expected_shapes(cfg)
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise EdgeGPTError(f"{path}: config and weights disagree ({detail})")
     for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
+        if tensor.shape != expected[name]:
             raise EdgeGPTError(
                 f"{path}: config and weights disagree ({name} is {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(expected[name].shape)})"
+                f"config.json implies {tuple(expected[name])})"
             )
         # Checked at load, before any command prints progress: later it surfaces as NaN logits deep inside
-        # an export or an evaluation, after lines of output.
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        # an export or an evaluation, after lines of output. In slices: a whole-tensor isfinite would be a
+        # quarter of the largest tensor again.
+        slices = tensor.reshape(-1).split(1 << 22)
+        if tensor.is_floating_point() and not all(torch.isfinite(part).all() for part in slices):
             raise EdgeGPTError(f"{path}: {name} holds NaN or infinite values; the checkpoint is corrupt "
                                "(did training diverge?), retrain or use an earlier checkpoint")
-    model.load_state_dict(weights, strict=not model.cfg.tie_embeddings)
+    return weights
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every weight a checkpoint of `cfg` stores, with its shape (a tied LM head is stored as the embedding)."""
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in state_dict_for_saving(GPT(cfg)).items()}
 
 
 def load_checkpoint(directory: Path, dropout: float = 0.0) -> tuple[GPT, Tokenizer]:
@@ -117,6 +126,6 @@ def load_checkpoint(directory: Path, dropout: float = 0.0) -> tuple[GPT, Tokeniz
         raise EdgeGPTError(
             f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {cfg.vocab_size}"
         )
-    model = GPT(cfg, dropout=dropout)
-    load_weights(directory / WEIGHTS, model)
+    # The model's parameters are the tensors read (GPT.holding): loading holds the weights once.
+    model = GPT.holding(cfg, read_weights(directory / WEIGHTS, cfg), dropout=dropout)
     return model.eval(), tokenizer

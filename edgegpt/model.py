@@ -214,6 +214,20 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
+    @classmethod
+    def holding(cls, cfg: ModelConfig, weights: dict[str, Tensor], dropout: float = 0.0) -> "GPT":
+        """A model whose parameters are `weights` themselves (as state_dict_for_saving names them, shapes
+        checked by the caller): no random initialization and no second copy of the largest thing a loader
+        holds. Built on the meta device; the rotary frequencies, which no checkpoint stores, are made after."""
+        with torch.device("meta"):
+            model = cls(cfg, dropout)
+        model.load_state_dict(weights, strict=not cfg.tie_embeddings, assign=True)
+        if cfg.tie_embeddings:  # assign replaced the embedding's parameter; the head shares it again
+            model.lm_head.weight = model.embed.weight
+        model.rotary = Rotary(cfg)
+        model.rotary_local = Rotary(cfg, local=True) if cfg.local_rotary else None
+        return model
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -52,6 +52,9 @@ PROMPT_TOKENS = 32
 # Tokens are rarely longer than this many characters, so reading this many characters per wanted token
 # is enough and keeps a large validation split from being tokenized whole only to be cut.
 CHARS_PER_TOKEN_BOUND = 16
+# Tokens a package scores per pass (PackageScorer.logits); a multiple of the windows' halves keeps every
+# pass's logits either all history or all kept.
+SCORE_CHUNK = 256
 
 
 class Scorable(Protocol):
@@ -76,8 +79,19 @@ class PackageScorer:
         self.max_len = generator.config.max_len
 
     def logits(self, windows: np.ndarray, skip: int = 0) -> np.ndarray:
-        # The graph computes every position's logits; the history ones are dropped here.
-        return np.stack([self.generator.score(window.tolist())[skip:] for window in windows])
+        """Each window through the cache SCORE_CHUNK tokens per pass, the kept positions' logits copied into
+        the result as they come: the graph computes every position's logits, and a whole window's at once
+        would be window × vocab floats beside the result (a 262k vocabulary: 1 GiB per 1,024 tokens)."""
+        length = windows.shape[1]
+        out = np.empty((len(windows), length - skip, self.generator.config.vocab_size), np.float32)
+        for row, window in enumerate(windows):
+            cache = self.generator.empty_cache()
+            for start in range(0, length, SCORE_CHUNK):
+                logits, cache = self.generator.forward(window[start : start + SCORE_CHUNK].tolist(), cache)
+                kept = max(skip - start, 0)
+                if kept < len(logits):
+                    out[row, start + kept - skip : start + len(logits) - skip] = logits[kept:]
+        return out
 
     def greedy_all(self, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
         """One prompt at a time through prefill and decode_step: what an app's generation runs."""

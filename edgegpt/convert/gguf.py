@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgegpt.checkpoint import save_checkpoint
+from edgegpt.checkpoint import expected_shapes, save_checkpoint
 from edgegpt.convert.gguf_tokenizer import chat_template_from_gguf, generation_from_gguf, tokenizer_from_gguf
-from edgegpt.convert.weights import TensorProgress, expected_shapes, model_holding
+from edgegpt.convert.weights import TensorProgress, model_holding
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import staged_directory

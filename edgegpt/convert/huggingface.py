@@ -36,9 +36,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from edgegpt.checkpoint import load_checkpoint, read_chat_template, read_generation_config, save_checkpoint
+from edgegpt.checkpoint import (
+    expected_shapes,
+    load_checkpoint,
+    read_chat_template,
+    read_generation_config,
+    save_checkpoint,
+)
 from edgegpt.convert.generation import clean_generation_config, eos_ids
-from edgegpt.convert.weights import TensorProgress, expected_shapes, model_holding
+from edgegpt.convert.weights import TensorProgress, model_holding
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS

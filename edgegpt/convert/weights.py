@@ -20,18 +20,6 @@ from edgegpt.model import GPT
 TensorProgress = Callable[[int, int], None]
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Every weight a checkpoint of `cfg` stores, with its shape (a tied LM head is stored as the embedding)."""
-    with torch.device("meta"):
-        shapes = GPT(cfg).state_dict()
-    return {k: v.shape for k, v in shapes.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-
-
 def model_holding(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> GPT:
     """A GPT of `cfg` whose parameters are `weights` (float32, checked against expected_shapes) themselves."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.load_state_dict(weights, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:  # assign replaced the embedding's parameter; the head shares it again
-        model.lm_head.weight = model.embed.weight
-    return model.eval()
+    return GPT.holding(cfg, weights).eval()
