@@ -60,10 +60,14 @@ class GenaiRunner(Runner):
 
         self.og = og
         self.model = og.Model(path)
+        # genai sizes a sliding layer's windowed cache by max_length, and onnxruntime refuses one smaller than
+        # the window (Gemma 3: "KV cache capacity (64) must be at least local_window_size (512)").
+        config = json.loads((Path(path) / "genai_config.json").read_text())
+        self.shortest = config["model"]["decoder"].get("sliding_window", {}).get("window_size", 0)
 
     def _generator(self, ids, new):
         params = self.og.GeneratorParams(self.model)
-        total = len(ids) + new  # min_length too: EOS ignored, like everywhere else
+        total = max(len(ids) + new, self.shortest)  # min_length too: EOS ignored, like everywhere else
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(ids)
