@@ -193,7 +193,10 @@ def test_old_config_files_load_as_llama():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["llama3", "low_freq_factor"]),
     ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 0.5}}, ["high_freq_factor"]),
     ({"partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
-    ({"model_type": "gemma3_text"}, ["gemma3_text", "'qwen3'"]),
+    ({"model_type": "phi3"}, ["phi3", "'qwen3'", "'gemma3_text'"]),
+    ({"model_type": "gemma3_text", "hidden_activation": "relu"}, ["hidden_activation", "relu"]),
+    ({"model_type": "gemma3_text", "sliding_window": 8, "layer_types": ["sliding_attention"]},
+     ["layer_types", "2 layers"]),
 ])
 def test_what_a_family_cannot_be_is_one_line(tmp_path, edit, words):
     from edgegpt.convert import config_from_hf
