@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of the buffers a static-layout cache holds (every layer's K and V, at their allocated capacity)."""
-    return sum(int(np.prod(value.shape())) * np.dtype(value.numpy().dtype).itemsize for value in cache.tensors.values())
+def cache_bytes(cache, dtype: str) -> int:
+    """Bytes of the buffers a static-layout cache of `dtype` holds (every layer's K and V, at their capacity)."""
+    return sum(int(np.prod(value.shape())) for value in cache.tensors.values()) * np.dtype(dtype).itemsize
 
 
 def measure(package: Path, tokens: int, chunk: int) -> dict:
@@ -46,7 +46,7 @@ def measure(package: Path, tokens: int, chunk: int) -> dict:
     grown = [cache.tensors[graph.past_names(layer)[0]].shape()[2] for layer in range(spec.n_layers)
              if layer not in sliding]
     full = spec.n_layers * 2 * spec.n_kv_heads * max(grown, default=tokens) * spec.head_dim * itemsize
-    held = cache_bytes(cache)
+    held = cache_bytes(cache, graph.dtype)
     window = graph.kv_cache.get("sliding_window")
     return {"package": str(package), "tokens": tokens, "cache_dtype": graph.dtype, "n_layers": spec.n_layers,
             "sliding_layers": len(graph.kv_cache.get("sliding_layers", ())), "sliding_window": window,

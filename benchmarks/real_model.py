@@ -487,6 +487,13 @@ def peers_hf_folder(gguf: Path, checkpoint: Path, out: Path) -> Path:
     return out
 
 
+def perplexity_chunks(ids: list[int], size: int, chunks: int, bos: int | None) -> list[list[int]]:
+    """Up to `chunks` whole non-overlapping chunks of `size` tokens, the first of each replaced by BOS when the
+    model adds one (llama-perplexity's protocol)."""
+    whole = [list(ids[k * size:(k + 1) * size]) for k in range(min(chunks, len(ids) // size))]
+    return [[bos, *chunk[1:]] if bos is not None else chunk for chunk in whole]
+
+
 def chunk_scores(logits_of, ids: list[int], size: int, chunks: int, bos: int | None) -> dict:
     """llama-perplexity's protocol: non-overlapping chunks of `size` tokens of the text's token stream, the
     first of each replaced by BOS when the model adds one, the second half of each scored."""
@@ -495,12 +502,7 @@ def chunk_scores(logits_of, ids: list[int], size: int, chunks: int, bos: int | N
     from edgegpt.scoring import target_nats
 
     nats, scored = 0.0, 0
-    for k in range(chunks):
-        chunk = list(ids[k * size:(k + 1) * size])
-        if len(chunk) < size:
-            break
-        if bos is not None:
-            chunk[0] = bos
+    for chunk in perplexity_chunks(ids, size, chunks, bos):
         logits = np.asarray(logits_of(chunk), dtype=np.float32)
         first = size // 2
         targets = np.asarray(chunk[first + 1:])
@@ -538,14 +540,7 @@ print(json.dumps({"perplexity": float(np.exp(nats / scored)), "tokens_scored": s
 def genai_scores(python: Path, model_dir: Path, ids: list[int], size: int, chunks: int, bos: int | None,
                  work: Path) -> dict:
     """llama-perplexity's protocol (chunk_scores) run by onnxruntime-genai itself, in a process of its own."""
-    selected = []
-    for k in range(chunks):
-        chunk = list(ids[k * size:(k + 1) * size])
-        if len(chunk) < size:
-            break
-        if bos is not None:
-            chunk[0] = bos
-        selected.append(chunk)
+    selected = perplexity_chunks(ids, size, chunks, bos)
     chunks_file = work / "genai-chunks.json"
     chunks_file.write_text(json.dumps(selected))
     done = subprocess.run([str(python), "-c", GENAI_SCORER, str(model_dir), str(chunks_file)], capture_output=True,

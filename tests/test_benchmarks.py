@@ -283,3 +283,16 @@ def test_serving_startup_times_the_desktop_app(kit):
     out = smoke("serving.py", "startup", kit=kit, prefix=("xvfb-run", "-a"))
     row = next(line.split() for line in out.splitlines() if line.startswith("python "))
     assert number(row[1]) > 0 and number(row[2]) >= number(row[1])  # start → window, start → model ready
+
+
+# -- cache_memory.py -----------------------------------------------------------------------------------------
+
+
+def test_cache_memory_counts_window_sized_buffers_below_a_full_cache():
+    """--smoke: a tiny sliding model past its window holds fewer cache bytes than every layer holding it all."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cache_memory.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["sliding_layers"] == 2 and row["n_layers"] == 3
+    assert 0 < row["held_bytes"] < row["full_cache_bytes"]

@@ -38,11 +38,11 @@ import torch
 
 from edgegpt.checkpoint import expected_shapes, save_checkpoint
 from edgegpt.convert.gguf_tokenizer import chat_template_from_gguf, generation_from_gguf, tokenizer_from_gguf
-from edgegpt.convert.weights import TensorProgress, model_holding
+from edgegpt.convert.weights import TensorProgress
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.io import staged_directory
-from edgegpt.model import llama3_inverse_frequencies
+from edgegpt.model import GPT, llama3_inverse_frequencies
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -460,7 +460,7 @@ def from_gguf(path: Path, out: Path, progress: TensorProgress | None = None) -> 
     arch = meta["general.architecture"]
     names = _check_tensors(tensors, cfg, expected_shapes(cfg), arch, source)
     # The dequantized tensors become the model's parameters: one float32 copy (convert/weights.py).
-    model = model_holding(cfg, load_gguf_weights(tensors, names, cfg, source, progress, arch))
+    model = GPT.holding(cfg, load_gguf_weights(tensors, names, cfg, source, progress, arch))
     # Built beside `out` and swapped in whole: a failure leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:
         save_checkpoint(stage, model, tokenizer, generation=generation, chat_template=template)

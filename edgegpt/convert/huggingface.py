@@ -44,11 +44,12 @@ from edgegpt.checkpoint import (
     save_checkpoint,
 )
 from edgegpt.convert.generation import clean_generation_config, eos_ids
-from edgegpt.convert.weights import TensorProgress, model_holding
+from edgegpt.convert.weights import TensorProgress
 from edgegpt.core.config import ModelConfig, RopeScaling
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, WEIGHTS
 from edgegpt.core.io import read_json, staged_directory, write_bytes_atomic, write_json_atomic
+from edgegpt.model import GPT
 from edgegpt.tokenizer import END_OF_TEXT, load_tokenizer
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -473,7 +474,7 @@ def from_huggingface(directory: Path, out: Path, progress: TensorProgress | None
                 ours[name] += 1.0  # Gemma's (1 + w): edgegpt stores the sum (module doc)
     # The tensors read (safetensors maps float32 ones without copying) become the parameters: one float32
     # copy of the weights, not two (convert/weights.py).
-    model = model_holding(cfg, ours)
+    model = GPT.holding(cfg, ours)
     # Built beside `out` and swapped in whole: a failure (a full disk) leaves no half-written checkpoint.
     with staged_directory(Path(out)) as stage:
         save_checkpoint(stage, model, tokenizer, generation=generation, chat_template=template)
