@@ -52,8 +52,8 @@ PROMPT_TOKENS = 32
 # Tokens are rarely longer than this many characters, so reading this many characters per wanted token
 # is enough and keeps a large validation split from being tokenized whole only to be cut.
 CHARS_PER_TOKEN_BOUND = 16
-# Tokens a package scores per pass (PackageScorer.logits); a multiple of the windows' halves keeps every
-# pass's logits either all history or all kept.
+# Tokens a package scores per pass (PackageScorer.logits): the logits held at once are this many rows of the
+# vocabulary beside the kept rows, not a whole window's.
 SCORE_CHUNK = 256
 
 
