@@ -12,6 +12,8 @@ cfg.activation "gelu_tanh", cfg.embed_scale (embeddings × √dim), cfg.query_pr
 scale), sliding-window layers (cfg.sliding_window, cfg.layer_types) with a rotary of their own
 (cfg.rope_local_theta), and soft-capping (cfg.attn_softcap, cfg.final_softcap) where a config has it.
 Gemma's (1 + w) norm weights are stored as that sum, so RMSNorm is the same module for every family.
+For fine-tuning, GPT.forward also takes rows packed with several examples (documents: none attends to
+another) and can recompute activations in the backward pass (gradient_checkpointing).
 
 Every convention matches Hugging Face's `LlamaForCausalLM` (rotate-half rotary, KV head h // group
 serving query head h, RMSNorm computed in fp32 and scaled after casting back), so weights convert
@@ -26,6 +28,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from edgegpt.core.config import ModelConfig, RopeScaling
 
@@ -158,6 +161,27 @@ def causal_mask(length: int, device: torch.device, dtype: torch.dtype, window: i
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def packed_masks(documents: Tensor, dtype: torch.dtype, window: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """For rows of packed examples (GPT.forward's documents [B, T]): each token's position within its example,
+    and the additive [B, 1, T, T] masks of the full and (window given) sliding layers, where query i sees key j
+    when both are in the same example and j <= i (and i - j < window)."""
+    B, T = documents.shape
+    index = torch.arange(T, device=documents.device).expand(B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    query, key = index[:, :, None], index[:, None, :]
+    # Same label and no new example started between key and query: a repeated label later in the row is another example.
+    allowed = (key <= query) & (positions[:, :, None] - positions[:, None, :] == query - key)
+
+    def additive(allowed: Tensor) -> Tensor:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=documents.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    sliding = None if window is None else additive(allowed & (query - key < window))
+    return positions, additive(allowed), sliding
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -208,6 +232,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Keep only each layer's input during the forward pass and recompute the rest in the backward pass:
+        # activation memory for one layer instead of all, for about a third more compute (long sequences).
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch adds variance, so shrink the projections into it.
         for name, p in self.named_parameters():
@@ -254,18 +281,32 @@ class GPT(nn.Module):
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache."""
+    def forward(self, input_ids: Tensor, documents: Tensor | None = None) -> Tensor:
+        """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache.
+
+        documents [B, T] (packed training rows, edgegpt.train.examples): which example each token belongs to,
+        as a label that changes where the next example starts (padding is one more label). A token then
+        attends only within its own example, and positions restart at each example's first token, so a
+        packed row computes exactly what each example alone would."""
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        rotaries = self.rotaries(positions)
         x = self.embed_dropout(self.embed_tokens(input_ids))
-        # Full layers pass no mask (SDPA's causal path); a sliding layer needs its window spelled out.
-        window = None
-        if self.cfg.sliding_layers:
-            window = causal_mask(T, input_ids.device, x.dtype, self.cfg.sliding_window)
+        if documents is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            # Full layers pass no mask (SDPA's causal path); a sliding layer needs its window spelled out.
+            full, window = None, None
+            if self.cfg.sliding_layers:
+                window = causal_mask(T, input_ids.device, x.dtype, self.cfg.sliding_window)
+        else:
+            positions, full, window = packed_masks(documents, x.dtype, self.cfg.sliding_window
+                                                   if self.cfg.sliding_layers else None)
+        rotaries = self.rotaries(positions)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, _ = layer(x, *rotaries[i], window if self.cfg.is_sliding(i) else None, None)
+            mask = window if self.cfg.is_sliding(i) else full
+            if checkpointed:  # activations recomputed in the backward pass (dropout's random state is replayed)
+                x, _ = checkpoint(layer, x, *rotaries[i], mask, None, use_reentrant=False)
+            else:
+                x, _ = layer(x, *rotaries[i], mask, None)
         return self.logits(x)
 
     def forward_cached(
