@@ -230,3 +230,39 @@ def test_a_single_example_needs_a_validation_file(tokenizer, tmp_path):
         load_examples([path], ExampleFormat.from_tokenizer(tokenizer), block_size=16)
     data = load_examples([path], ExampleFormat.from_tokenizer(tokenizer), block_size=16, val_path=path)
     assert len(data.train) == len(data.val) == 1
+
+
+# -- the model reads packed rows ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_packed_rows_give_each_example_its_own_logits_and_loss(tokenizer, tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgegpt.core.config import preset
+    from edgegpt.model import GPT
+
+    fmt = ExampleFormat.from_checkpoint(checkpoint_dir(tmp_path, tokenizer, {"eos_token_id": 0}, CHATML))
+    records = [chat(f"Question {i}: capital of France?" * (1 + i % 3), "Paris is. " * (1 + i % 2)) for i in range(6)]
+    examples = {tuple(ids.tolist()): trained for ids, trained in read_examples([jsonl(tmp_path / "c.jsonl", *records)],
+                                                                                 fmt)}
+    rows = pack_examples(list(examples.items()), block_size=127, pad_id=fmt.eos_id)
+    assert len(rows) < len(examples)  # several examples share a row
+    torch.manual_seed(0)
+    model = GPT(preset("nano", max_len=128, vocab_size=tokenizer.get_vocab_size())).eval()
+    tokens, loss_mask, documents = (torch.from_numpy(a) for a in sample_rows(rows, len(rows), seed=0, step=0))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], documents=documents[:, :-1])
+        nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        alone_nats, seen = 0.0, 0
+        for row in range(len(tokens)):
+            for document in range(int(documents[row].max()) + 1):
+                at = torch.nonzero(documents[row] == document)[:, 0]
+                ids = tokens[row, at]
+                alone = model(ids[None, :-1])[0]
+                assert (logits[row, at[:-1]] - alone).abs().max().item() <= 1e-5
+                targets = torch.from_numpy(examples[tuple(ids.tolist())][1:])
+                alone_nats += torch.nn.functional.cross_entropy(alone[targets], ids[1:][targets],
+                                                                reduction="sum").item()
+                seen += 1
+    assert seen == len(examples)
+    assert nats[loss_mask].sum().item() == pytest.approx(alone_nats, rel=1e-5)
