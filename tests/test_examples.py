@@ -13,7 +13,7 @@ from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER
 from edgegpt.tokenizer import END_OF_TEXT, train_tokenizer
 from edgegpt.train.examples import ExampleFormat, is_example_data, load_examples, read_examples
-from edgegpt.train.packing import PADDING, pack_examples, row_order, sample_rows
+from edgegpt.train.packing import PADDING, pack_examples, row_batches, row_order, sample_rows
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -143,6 +143,22 @@ def test_is_example_data(tokenizer, tmp_path):
     assert is_example_data([examples]) and not is_example_data([text])
     with pytest.raises(EdgeGPTError, match="mixes plain text"):
         is_example_data([examples, text])
+    named = jsonl(tmp_path / "pairs.json", {"prompt": "a", "completion": "b"})  # a file given is read, any suffix
+    assert is_example_data([named])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    jsonl(folder / "a.jsonl", GOOD)
+    (folder / "notes.bin").write_bytes(b"\x00")  # not a file the corpus reader would take: ignored
+    assert is_example_data([folder])
+    (folder / "readme.md").write_text("plain", encoding="utf-8")
+    with pytest.raises(EdgeGPTError, match="mixes plain text"):
+        is_example_data([folder])
+
+
+def test_a_bad_generation_config_names_its_file(tokenizer, tmp_path):
+    directory = checkpoint_dir(tmp_path, tokenizer, {"eos_token_id": "</s>"}, CHATML)
+    with pytest.raises(EdgeGPTError, match=r"generation_config\.json: eos_token_id must be a token id"):
+        ExampleFormat.from_checkpoint(directory)
 
 
 # -- packing ------------------------------------------------------------------------------------------
@@ -195,6 +211,10 @@ def test_sample_rows_sees_every_row_once_per_epoch():
     assert (tokens == rows.tokens[drawn[4:8]]).all()
     # A batch larger than the data spans epochs and still draws each row once per epoch.
     assert sorted(row_order(3, 6, seed=0, step=0)) == [0, 0, 1, 1, 2, 2]
+    batches = list(row_batches(rows, 4))
+    assert [len(b[0]) for b in batches] == [4, 4, 2]
+    assert (np.concatenate([b[0] for b in batches]) == rows.tokens).all()
+    assert (np.concatenate([b[1] for b in batches]) == rows.loss_mask).all()
 
 
 # -- loading ------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ The API the training loop calls::
                            documents int32 [rows, block + 1]: the example within the row, -1 padding)
     data.summary           ExampleSummary; .describe() is one line to print
     tokens, loss_mask, documents = sample_rows(data.train, n, seed, step)   # numpy, int64 / bool / int64
+        rows drawn from (seed, step) alone: every row once per epoch, each epoch in its own seeded order
+    for tokens, loss_mask, documents in row_batches(data.val, n): ...   # every row once, in order
+    model(tokens[:, :-1], documents=documents[:, :-1]) -> logits; the loss counts labels tokens[:, 1:]
+        where loss_mask is true (padding and an example's first token never are)
     is_example_data(paths) -> bool   # JSONL of messages or prompt/completion records (else: plain text)
 
 Records, one JSON object a line (blank lines skipped), either kind in any file:
@@ -49,7 +53,7 @@ from typing import Sequence
 import numpy as np
 
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.train.packing import PackedRows, pack_examples, sample_rows
+from edgegpt.train.packing import PackedRows, pack_examples, row_batches, sample_rows
 from edgegpt.train.records import Example, ExampleFormat, is_example_data, read_examples
 
 
@@ -139,5 +143,5 @@ def _fit(examples: list[Example], block_size: int, drop_long: bool, counts: dict
 
 __all__ = [
     "ExampleData", "ExampleFormat", "ExampleSummary", "PackedRows", "is_example_data", "load_examples",
-    "read_examples", "sample_rows",
+    "read_examples", "row_batches", "sample_rows",
 ]

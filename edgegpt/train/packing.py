@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -122,4 +122,14 @@ def sample_rows(rows: PackedRows, n: int, seed: int, step: int) -> tuple[np.ndar
             rows.documents[order].astype(np.int64))
 
 
-__all__ = ["PADDING", "PackedRows", "pack_examples", "row_order", "sample_rows"]
+
+def row_batches(rows: PackedRows, n: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every row once, in order, n at a time (the last batch may be smaller), as sample_rows gives them:
+    for scoring a validation split whole."""
+    for start in range(0, len(rows), n):
+        part = slice(start, start + n)
+        yield (rows.tokens[part].astype(np.int64), rows.loss_mask[part].copy(),
+               rows.documents[part].astype(np.int64))
+
+
+__all__ = ["PADDING", "PackedRows", "pack_examples", "row_batches", "row_order", "sample_rows"]

@@ -27,14 +27,16 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgegpt.checkpoint import read_chat_template, read_generation_config
+from edgegpt.convert.generation import clean_generation_config, eos_ids
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.core.formats import CHAT_TEMPLATE, TOKENIZER
+from edgegpt.core.formats import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER
 from edgegpt.runtime.chat_template import ChatTemplate, check_messages
 from edgegpt.tokenizer import end_of_text_id, load_tokenizer
-from edgegpt.train.corpus import read_text_file
+from edgegpt.train.corpus import TEXT_SUFFIXES, read_text_file
 
 # Texts handed to tokenizers' encode_batch at once (it encodes them in parallel).
 ENCODE_BATCH = 512
+CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
 Example = tuple[np.ndarray, np.ndarray]  # ids int32 [n], trained bool [n] (token j is a target)
 
 
@@ -55,21 +57,20 @@ class ExampleFormat:
         generation_config.json (eos and bos ids, as export and the runtime read them) and chat_template.jinja."""
         directory = Path(directory)
         tokenizer = load_tokenizer(directory / TOKENIZER)
-        generation = read_generation_config(directory)
-        if generation is None:  # a model trained here: <|endoftext|> starts and ends every document
+        raw = read_generation_config(directory)
+        if raw is None:  # a model trained here: <|endoftext|> starts and ends every document
             return cls.from_tokenizer(tokenizer, origin=str(directory))
-        eos = generation.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        eos = end_of_text_id(tokenizer) if eos is None else int(eos)
+        generation = clean_generation_config(raw, tokenizer.get_vocab_size(), str(directory / GENERATION_CONFIG))
+        eos = (eos_ids(generation) or [end_of_text_id(tokenizer)])[0]  # the runtime's eos_token_id
         bos = generation.get("bos_token_id")
         # bos where the tokenizer's own encoder adds it (Llama 3, Gemma), as transformers' tokenizer(text) does.
         adds_bos = bos is not None and tokenizer.encode("").ids[:1] == [bos]
         source = read_chat_template(directory)
         template = None
         if source is not None:
-            template = ChatTemplate(source, None if bos is None else token_text(tokenizer, int(bos)),
+            template = ChatTemplate(source, None if bos is None else token_text(tokenizer, bos),
                                     token_text(tokenizer, eos), origin=str(directory / CHAT_TEMPLATE))
-        return cls(tokenizer, eos, (int(bos),) if adds_bos else (), template, str(directory))
+        return cls(tokenizer, eos, (bos,) if adds_bos else (), template, str(directory))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, template: ChatTemplate | None = None,
@@ -102,6 +103,8 @@ def example_files(paths: Sequence[Path]) -> list[Path]:
             files.extend(found)
         else:
             files.append(path)
+    if not files:
+        raise EdgeGPTError("no data given: pass JSONL files of examples")
     return files
 
 
@@ -127,27 +130,33 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def is_example_data(paths: Sequence[Path]) -> bool:
     """Whether `paths` are JSONL examples (messages or prompt/completion records) rather than plain text
-    (.txt, .md, or JSONL of {"text": ...}): judged by each .jsonl file's first record."""
+    (.txt, .md, or JSONL of {"text": ...}): judged by the first record of each file given, and of each .jsonl
+    file in a directory given (the files train/corpus.py would read as text: .txt, .md, .jsonl)."""
     kinds = set()
     for path in map(Path, paths):
-        files = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES)
+        else:
+            files = [path] if path.is_file() else []
         for file in files:
-            if not file.is_file():
-                continue
-            if file.suffix.lower() != ".jsonl":
-                kinds.add("text")
-                continue
-            first = next((line for line in read_text_file(file).split("\n") if line.strip()), "")
-            try:
-                record = json.loads(first)
-            except json.JSONDecodeError:
-                record = None  # the reader that gets it names the line
-            kinds.add("examples" if isinstance(record, dict) and ("messages" in record or "prompt" in record)
-                      else "text")
+            kinds.add("examples" if _first_record_is_an_example(file) else "text")
     if len(kinds) > 1:
         raise EdgeGPTError("the data mixes plain text with JSONL examples (messages or prompt/completion); "
                            "train on one kind at a time")
     return kinds == {"examples"}
+
+
+def _first_record_is_an_example(file: Path) -> bool:
+    try:
+        with open(file, encoding="utf-8", errors="replace") as lines:  # the first line, not the whole file
+            first = next((line for line in lines if line.strip()), "")
+    except OSError:
+        return False  # the corpus reader says what is wrong
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and ("messages" in record or "prompt" in record)
 
 
 # -- tokenizing ---------------------------------------------------------------------------------------
