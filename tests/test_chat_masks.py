@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.runtime.chat_template import ChatTemplate
@@ -71,12 +72,26 @@ CONVERSATIONS = [
 ]
 
 
+TEXTS = ["Hello there, how are you? I am fine. The quick brown fox jumps over the lazy dog. " * 20,
+         "Ünïcödé — 東京 🙂 naïve café\n\n  spaced   out  "]
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = ["Hello there, how are you? I am fine. The quick brown fox jumps over the lazy dog. " * 20,
-             "Ünïcödé — 東京 🙂 naïve café\n\n  spaced   out  "]
-    tokenizer = train_tokenizer(texts, 400)
+    tokenizer = train_tokenizer(TEXTS, 400)  # byte-level BPE, as GPT-2, SmolLM2, Qwen and Llama 3 have
     tokenizer.add_special_tokens(SPECIAL)
+    return tokenizer
+
+
+def sentencepiece_style_tokenizer():
+    """BPE over text whose spaces are normalized to ▁, with byte fallback, as Gemma's (and Llama 2's) tokenizer:
+    offsets then come through the normalizer's alignments."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", *byte_tokens, *SPECIAL], show_progress=False)
+    tokenizer.train_from_iterator(TEXTS, trainer)
     return tokenizer
 
 
@@ -92,9 +107,11 @@ def write_chats(path, conversations):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_mask_equals_transformers_assistant_mask(tokenizer, family, tmp_path):
+def test_mask_equals_transformers_assistant_mask(tokenizer, family, kind, tmp_path):
     transformers = pytest.importorskip("transformers")
+    tokenizer = tokenizer if kind == "byte-level" else sentencepiece_style_tokenizer()
     template, bos, eos, _ = FAMILIES[family]
     reference = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
     reference.chat_template = template
