@@ -165,15 +165,11 @@ def _first_record_is_an_example(file: Path) -> bool:
 def read_examples(paths: Sequence[Path], fmt: ExampleFormat, include_prompts: bool = False) -> list[Example]:
     """Every record of `paths` tokenized, with its trained tokens marked, in file order."""
     examples: list[Example] = []
-    pending: list[tuple[str, list[tuple[int, int]] | None]] = []  # chat text and its spans, or a raw-text pair
+    pending: list[tuple[str, list[tuple[int, int]]]] = []  # rendered chats (text, spans) not yet encoded
 
-    def flush() -> None:
-        chats = [item for item in pending if item[1] is not None]
-        encoded = iter(fmt.tokenizer.encode_batch([text for text, _ in chats], add_special_tokens=False))
-        for text, spans in pending:
-            if spans is None:  # already tokenized (raw text)
-                continue
-            encoding = next(encoded)
+    def flush() -> None:  # before a raw-text example, so the examples stay in file order
+        encodings = fmt.tokenizer.encode_batch([text for text, _ in pending], add_special_tokens=False)
+        for encoding, (_, spans) in zip(encodings, pending):
             examples.append(_chat_example(encoding, spans, include_prompts))
         pending.clear()
 
