@@ -242,6 +242,7 @@ def test_load_examples_splits_truncates_and_summarizes(tokenizer, tmp_path):
     val = jsonl(tmp_path / "val.jsonl", {"prompt": "Q?", "completion": " A."})
     held = load_examples([path], fmt, block_size=48, val_path=val)
     assert held.summary.val_examples == 1 and held.summary.examples == 21
+    assert load_examples([path], fmt, block_size=48, val_path=[val, val]).summary.val_examples == 2
 
 
 def test_a_single_example_needs_a_validation_file(tokenizer, tmp_path):

@@ -92,17 +92,19 @@ def load_examples(
     fmt: ExampleFormat,
     block_size: int,
     *,
-    val_path: Path | None = None,
+    val_path: Path | Sequence[Path] | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     include_prompts: bool = False,
     drop_long: bool = False,
 ) -> ExampleData:
     """Training and validation rows of the examples in `paths` (files, or directories of .jsonl files).
-    Validation: the examples of val_path, else a seeded val_fraction of the examples (at least one)."""
+    Validation: the examples of val_path (a file, a directory or a list of them), else a seeded val_fraction of
+    the examples (at least one, and at least one left to train on)."""
     train = read_examples(paths, fmt, include_prompts)
-    if val_path is not None:
-        val = read_examples([val_path], fmt, include_prompts)
+    val_paths = [val_path] if isinstance(val_path, (str, Path)) else list(val_path or [])
+    if val_paths:
+        val = read_examples(val_paths, fmt, include_prompts)
     else:
         if len(train) < 2:
             raise EdgeGPTError(f"the data holds {len(train)} example; validation needs one more, or a "
