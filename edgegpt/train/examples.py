@@ -60,7 +60,8 @@ from edgegpt.train.records import Example, ExampleFormat, is_example_data, read_
 @dataclass
 class ExampleSummary:
     """What load_examples made, for the loop to print (describe()). truncated: cut to a row's length;
-    dropped: longer than a row with drop_long, or left with no trained token after the cut."""
+    dropped: longer than a row with drop_long, or left with no trained token after the cut (both counted over
+    the training and validation examples)."""
 
     examples: int  # training examples packed
     val_examples: int
