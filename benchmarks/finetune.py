@@ -53,16 +53,23 @@ MEMORY_BOUND_BYTES = 8 * 10**9
 
 class Steps:
     """Each measured command's figures (wall seconds, its own peak RSS, the last JSON line it printed), kept in
-    WORK/steps.json beside its output: a rerun that finds the output reports the figures measured when it was
-    made, so a 15-minute training is not run twice (--fresh runs everything again)."""
+    WORK/steps.json beside its output: a rerun that finds the output of the very same command reports the
+    figures measured when it was made, so a 15-minute training is not run twice (--fresh runs everything
+    again). A step run again starts from an empty output folder (`output`'s own: every step has one)."""
 
     def __init__(self, work: Path, fresh: bool):
         self.path, self.fresh = work / "steps.json", fresh
         self.figures = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
 
     def run(self, name: str, output: Path, command: list, allow_gate_failure: bool = False) -> dict:
-        if not self.fresh and name in self.figures and output.exists():
-            return self.figures[name]
+        command = [str(part) for part in command]
+        done = self.figures.get(name)
+        if not self.fresh and done is not None and done.get("command") == command and output.exists():
+            return done
+        if output.parent.is_dir() and output.parent != self.path.parent:
+            import shutil
+
+            shutil.rmtree(output.parent)
         print(f"{name} ...", file=sys.stderr, flush=True)
         run = run_measured(command)
         gate = "pass"
@@ -76,8 +83,8 @@ class Steps:
         if run.returncode != 0:
             sys.exit(f"{name} failed (exit {run.returncode}): {' '.join(map(str, command))}\n{run.stderr[-3000:]}")
         print(f"{name}: {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 1e6:,.0f} MB", file=sys.stderr)
-        self.figures[name] = {"seconds": run.seconds, "peak_rss_mb": run.peak_rss_bytes / 1e6, "gate": gate,
-                              "summary": last_json(run.stdout)}
+        self.figures[name] = {"command": command, "seconds": run.seconds, "peak_rss_mb": run.peak_rss_bytes / 1e6,
+                              "gate": gate, "summary": last_json(run.stdout)}
         self.path.write_text(json.dumps(self.figures, indent=1))
         return self.figures[name]
 
