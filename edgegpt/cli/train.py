@@ -27,7 +27,7 @@ TRAINING_NEEDS = ("torch", "safetensors")
 
 # Where the command's own options stand among TrainOptions' in `edgegpt train --help`: each just before the
 # training option named here, or (None) after them all.
-LISTED_BEFORE = {"data": "preset", "val_data": "preset", "out": "max_steps", "resume": "save_every",
+LISTED_BEFORE = {"data": "from_checkpoint", "val_data": "from_checkpoint", "out": "max_steps", "resume": "save_every",
                  "cache_dir": None, "as_json": None}
 
 
@@ -85,8 +85,8 @@ def train(*, data: DataOption = None, val_data: ValDataOption = None, out: OutOp
           resume: ResumeOption = False, cache_dir: CacheDirOption = None, as_json: JsonOption = False,
           **training: Any) -> None:
     """Train a compact GPT on your text (or on Python's own documentation by default), optionally
-    distilled from a larger teacher. Under `torchrun --nproc_per_node N -m edgegpt train` it trains
-    data-parallel on N devices."""
+    distilled from a larger teacher, or fine-tune a checkpoint (--from), every weight or LoRA adapters
+    (--lora). Under `torchrun --nproc_per_node N -m edgegpt train` it trains data-parallel on N devices."""
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with user_errors("train", needs=TRAINING_NEEDS):
         from edgegpt.cli.console import TrainProgress

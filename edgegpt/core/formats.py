@@ -16,6 +16,10 @@ TOKENIZER = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 TRAIN_STATE_WEIGHTS = "train_state.safetensors"  # optimizer and RNG tensors, for --resume
 TRAIN_STATE = "train_state.json"  # step, options, data position
+# `edgegpt train --lora`: the adapters alone, in PEFT's layout (edgegpt.train.lora), in this folder of the checkpoint.
+ADAPTER = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # A model package directory (`edgegpt export`).
 MODEL = "model.onnx"

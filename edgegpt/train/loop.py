@@ -7,16 +7,20 @@ resumed run is the run that was interrupted.
 One run, as every process under torchrun does it (rank 0 alone writes and reports)::
 
     train ─► _train
-               ├─ prepare_run        options (a resumed run's own), device and process group, teacher,
-               │                     tokenizer, model shape, block size; the teacher's weights last
-               ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), checked
-               ├─ build_training     seeded model, optimizer; a resumed run's weights, moments, progress
-               ├─ write_run_files    config.json, tokenizer.json
+               ├─ prepare_run        options (a resumed run's own, defaults resolved), device and process
+               │                     group, teacher, tokenizer, model shape (--from: the checkpoint's,
+               │                     edgegpt.train.finetune), block size; the teacher's weights last
+               ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), checked;
+               │                     --epochs becomes --max-steps
+               ├─ build_training     seeded model (--from: its weights; --lora: adapters on the frozen base),
+               │                     optimizer; a resumed run's weights, moments, progress
+               ├─ write_run_files    config.json, tokenizer.json (--from: its generation config, template)
                ├─ wrap_model         DistributedDataParallel under torchrun, torch.compile with --compile
                ├─ report_start
                ├─ run_steps ◄─────┐  until --max-steps, the time budget (any rank) or Ctrl-C: stop_reason
                │   optimizer_step │  lr, dropout seed, this rank's rows, _train_step, clip, update
-               │   validate       │  every --eval-every: a new best loss ─► model.safetensors
+               │   validate       │  every --eval-every: a new best loss ─► model.safetensors (--lora:
+               │                  │  merged, and adapter/)
                │   save_state ────┘  every --save-every: train_state.*
                ├─ finish             a last validation if due, the final state, ranks wait for rank 0
                └─ summarize          TrainSummary
@@ -37,7 +41,6 @@ import torch
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
-from edgegpt.checkpoint import save_weights
 from edgegpt.core.config import ModelConfig, preset
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CONFIG, TOKENIZER, TRAIN_STATE, WEIGHTS
@@ -55,6 +58,14 @@ from edgegpt.train.distill import (
     init_from_teacher,
     open_teacher,
     student_config_from_teacher,
+)
+from edgegpt.train.finetune import (
+    copy_base_files,
+    load_base_model,
+    open_base,
+    save_best,
+    steps_for_epochs,
+    with_adapters,
 )
 from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
 from edgegpt.train.reporting import Reporter
@@ -80,6 +91,8 @@ class TrainSummary:
     device: str
     processes: int = 1
     teacher: str | None = None
+    base: str | None = None  # --from's checkpoint
+    trainable_parameters: int | None = None  # with --lora, the adapters'; else every parameter
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +147,7 @@ class Training:
     char_table: np.ndarray
     model: GPT
     optimizer: torch.optim.AdamW
+    trainable: int  # parameters the optimizer updates (--lora: the adapters')
     forward: torch.nn.Module  # the model as the step calls it: wrapped by DDP and torch.compile when asked
     no_sync: NoSync | None = None
     step: int = 0
@@ -168,10 +182,13 @@ def learning_rate(progress: float, opts: TrainOptions) -> float:
 
 
 def make_optimizer(model: GPT, opts: TrainOptions, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the parameters that train (a frozen base under --lora has neither updates nor moments)."""
     # Decay matrices only: decaying norm gains pulls them toward 0 for no regularising benefit.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.beta2), fused=device.type == "cuda")
 
 
@@ -275,20 +292,36 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
         opts = resumed_options(opts, saved["options"])
         data = data or [Path(p) for p in saved["data"]]
         val_data = val_data or [Path(p) for p in saved["val_data"]]
-    if opts.max_steps is None and opts.time_budget is None:
+    if opts.max_steps is None and opts.time_budget is None and opts.epochs is None:
         opts = dataclasses.replace(opts, time_budget=DEFAULT_TIME_BUDGET_MIN)
     opts.validate()
+    opts = opts.resolved()
+    base = open_base(Path(opts.from_checkpoint), out) if opts.from_checkpoint and not resume else None
     device = distributed.start(world, opts.device) if world.distributed else pick_device(opts.device)
     teacher = open_teacher(Path(opts.teacher), device, world.local_size) if opts.teacher else None
-    tokenizer = load_tokenizer(out / TOKENIZER) if resume else choose_tokenizer(opts, teacher)
+    if resume:
+        tokenizer = load_tokenizer(out / TOKENIZER)
+    else:
+        tokenizer = base[1] if base else choose_tokenizer(opts, teacher)
     if "config" in saved:
         cfg = ModelConfig.from_dict(saved["config"], source=str(out / TRAIN_STATE))
     else:
-        cfg = student_config(opts, teacher, tokenizer)
+        cfg = base[0] if base else student_config(opts, teacher, tokenizer)
+    if base is not None and teacher is not None:
+        check_teacher_vocabulary(teacher, tokenizer, cfg)
     block_size = training_block_size(opts, cfg, teacher)
     if teacher is not None:
         teacher.load(device, log=reporter.log)
     return RunPlan(out, opts, data, val_data, world, device, teacher, tokenizer, cfg, block_size, resume, saved)
+
+
+def check_teacher_vocabulary(teacher: Teacher, tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+    """Distilling into --from's checkpoint: the teacher must predict over the checkpoint's own vocabulary."""
+    if teacher.vocab_size != cfg.vocab_size or teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise EdgeGPTError(
+            f"the teacher {teacher.path} has another vocabulary than --from's checkpoint ({teacher.vocab_size} vs "
+            f"{cfg.vocab_size} logits); distil from a teacher with the checkpoint's tokenizer"
+        )
 
 
 def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher | None) -> int:
@@ -318,19 +351,32 @@ def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenDa
         )
     if len(tokens.val) < 2:
         raise EdgeGPTError("the validation split is empty after tokenization; add data or pass --val-data")
+    if plan.opts.epochs is not None:  # from here on a number of steps, which a resumed run keeps
+        windows = len(tokens.train) // plan.block_size
+        steps = steps_for_epochs(plan.opts.epochs, windows, plan.rows_per_rank * plan.world.size)
+        reporter.log(f"{plan.opts.epochs} epochs of {windows:,} windows: {steps:,} steps")
+        plan.opts = dataclasses.replace(plan.opts, max_steps=steps, epochs=None)
     return tokens
 
 
 def build_training(plan: RunPlan, tokens: TokenData, char_table: np.ndarray, reporter: Reporter) -> Training:
-    """The model from the seed (or the teacher's layers), its optimizer, and, when resuming, the saved
-    weights, moments and progress."""
+    """The model from the seed (or the teacher's layers, or --from's weights; --lora's adapters from the seed),
+    its optimizer, and, when resuming, the saved weights, moments and progress."""
     opts = plan.opts
     torch.manual_seed(opts.seed)
-    model = GPT(plan.cfg, dropout=opts.dropout).to(plan.device)
+    if opts.from_checkpoint and not plan.resume:
+        model, trainable = load_base_model(Path(opts.from_checkpoint), opts)
+    else:  # a resumed run's weights (a base and its adapters under --lora) come from its state below
+        model, trainable = with_adapters(GPT(plan.cfg, dropout=opts.dropout), opts)
+    model = model.to(plan.device)
+    model.gradient_checkpointing = opts.gradient_checkpointing
+    if opts.from_checkpoint:
+        how = f"LoRA rank {opts.lora}, alpha {opts.lora_alpha:g}" if opts.lora else "every weight"
+        reporter.log(f"fine-tuning {opts.from_checkpoint} ({how}: {trainable:,} trainable parameters)")
     if plan.teacher is not None and opts.init_from_teacher and not plan.resume:
         reporter.log(f"initialising the student from the teacher's layers {init_from_teacher(model, plan.teacher)}")
     optimizer = make_optimizer(model, opts, plan.device)
-    run = Training(plan, tokens, char_table, model, optimizer, forward=model)
+    run = Training(plan, tokens, char_table, model, optimizer, trainable, forward=model)
     if plan.resume:
         load_train_state(plan.out, model, optimizer)
         run.step, run.elapsed_before = plan.saved["step"], plan.saved["elapsed_s"]
@@ -347,6 +393,8 @@ def write_run_files(plan: RunPlan, tokens: TokenData) -> None:
         stale.unlink(missing_ok=True)
     plan.cfg.save(plan.out / CONFIG)
     write_bytes_atomic(plan.out / TOKENIZER, tokens.tokenizer.to_str().encode())
+    if plan.opts.from_checkpoint and not plan.resume:
+        copy_base_files(Path(plan.opts.from_checkpoint), plan.out)
 
 
 def wrap_model(model: GPT, plan: RunPlan) -> tuple[torch.nn.Module, NoSync | None]:
@@ -469,7 +517,7 @@ def validate(run: Training, reporter: Reporter) -> None:
     is_best = result.nats_per_token < run.best_val["loss"]
     if is_best:
         run.best_val.update(loss=result.nats_per_token, nats_per_char=result.nats_per_char, step=run.step)
-        save_weights(plan.out / WEIGHTS, run.model)  # a checkpoint is complete once its weights exist
+        save_best(plan.out, run.model, plan.opts)  # a checkpoint is complete once its weights exist
     reporter.evaluated(run.step, result, is_best)
 
 
@@ -507,4 +555,5 @@ def summarize(run: Training) -> TrainSummary:
         tokens_per_s=trained_steps * plan.tokens_per_step / max(run_s, 1e-9), checkpoint=str(plan.out),
         elapsed_s=run.elapsed_before + run_s, stopped=run.stopped, parameters=run.model.num_parameters(),
         device=str(plan.device), processes=plan.world.size, teacher=str(plan.teacher.path) if plan.teacher else None,
+        base=plan.opts.from_checkpoint, trainable_parameters=run.trainable,
     )

@@ -22,6 +22,23 @@ from edgegpt.core.errors import EdgeGPTError
 # With neither --max-steps nor --time-budget: long enough for `micro` to reach its best on a laptop.
 DEFAULT_TIME_BUDGET_MIN = 10.0
 
+# Learning rates and dropout when the user gives none (TrainOptions.resolved). From scratch: what micro was
+# tuned with (DESIGN.md). Fine-tuning every weight of a pretrained model: 5e-5, transformers' Trainer default
+# and the usual order for full fine-tuning; a from-scratch rate moves the weights far from where pretraining
+# left them within a few steps and the model forgets what it knew. LoRA: the adapters start at zero and only
+# their small update moves, so they take a larger step, 2e-4 (the QLoRA paper's rate for its smaller models).
+SCRATCH_LR = 2e-3
+FULL_FINETUNE_LR = 5e-5
+LORA_LR = 2e-4
+SCRATCH_DROPOUT = 0.1
+# The projections LoRA adapts by default: all of attention's and the MLP's (adapting the MLP too matches full
+# fine-tuning more closely than attention alone, for a few more parameters). 0.05: a light dropout on the
+# adapters' input, the value common in PEFT recipes for small models. The scale alpha / rank defaults to 2
+# whatever the rank (alpha = 2 × rank), so trying another rank does not also change the update's size and
+# need another learning rate.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DROPOUT = 0.05
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -30,26 +47,36 @@ class Flag:
     help: str
     path: bool = False  # the value names a file: the command line takes a path and passes on its string
     absolute: bool = False  # a path made absolute first, so that a run resumed from elsewhere still finds it
+    name: str | None = None  # the flag when it is not the field's name with dashes (`from_checkpoint`: --from)
 
 
-def option(default: Any, help: str, *, path: bool = False, absolute: bool = False) -> Any:
+def option(default: Any, help: str, *, path: bool = False, absolute: bool = False, name: str | None = None) -> Any:
     """A TrainOptions field that `edgegpt train` also takes as an option."""
-    return dataclasses.field(default=default, metadata={"flag": Flag(help, path=path, absolute=absolute)})
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, path=path, absolute=absolute, name=name)})
 
 
 @dataclass
 class TrainOptions:
     """What a training run does. The defaults suit `micro` on a laptop CPU (the runs behind them:
-    docs/benchmarks.md). `edgegpt train --help` lists the fields made with option() in this order."""
+    docs/benchmarks.md); with --from they suit fine-tuning (resolved()). `edgegpt train --help` lists the
+    fields made with option() in this order."""
 
+    # Fine-tuning (edgegpt.train.finetune): start from a checkpoint's weights, tokenizer and shape.
+    from_checkpoint: str | None = option(
+        None, "Fine-tune this edgegpt checkpoint (trained here, or converted from Hugging Face or GGUF with "
+        "`edgegpt convert`): its shape, weights, tokenizer, generation config and chat template.",
+        path=True, absolute=True, name="--from")
     # The model (preset None: micro, or the teacher's shape with --init-from-teacher; layers None: the
     # preset's, or from a teacher half the teacher's).
     preset: str | None = option(None, "Model size: nano, micro (default), small or base.")
     layers: int | None = option(None, "Override the preset's number of layers.")
     # When to stop and how often to save.
     max_steps: int | None = option(None, "Stop after this many optimizer steps.")
+    epochs: int | None = option(
+        None, "Stop after this many passes over the training data (converted to steps from its size and the "
+        "global batch); instead of --max-steps.")
     time_budget: float | None = option(  # minutes
-        None, f"Stop after this many minutes (default {DEFAULT_TIME_BUDGET_MIN:g} when --max-steps is not given).")
+        None, f"Stop after this many minutes (default {DEFAULT_TIME_BUDGET_MIN:g} without --max-steps or --epochs).")
     save_every: int = option(100, "Save the resume state every N steps (a crash loses at most N).")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda or mps. Under torchrun: one device per process.")
     seed: int = option(0, "Seed for initialisation, batches and dropout (reproducible on the CPU).")
@@ -57,8 +84,23 @@ class TrainOptions:
     batch_size: int = option(8, "Sequences per micro-batch, per process.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
     block_size: int | None = option(None, "Training sequence length (default: the model's context).")
-    lr: float = option(2e-3, "Peak learning rate.")
-    dropout: float = option(0.1, "Residual and embedding dropout.")
+    lr: float | None = option(
+        None, f"Peak learning rate (default {SCRATCH_LR:g}; with --from {FULL_FINETUNE_LR:g}, with --lora "
+        f"{LORA_LR:g}).")
+    dropout: float | None = option(
+        None, f"Residual and embedding dropout (default {SCRATCH_DROPOUT:g}; with --from 0).")
+    # LoRA (edgegpt.train.lora): low-rank adapters on the projections, the base frozen.
+    lora: int | None = option(
+        None, "With --from: train low-rank adapters of this rank instead of every weight; the base stays frozen, "
+        "and every save merges them into the weights (and writes them on their own, in PEFT's layout).")
+    lora_alpha: float | None = option(
+        None, "With --lora: the adapters' update is scaled by alpha / rank (default 2 × rank).")
+    lora_dropout: float = option(LORA_DROPOUT, "With --lora: dropout on the adapters' input.")
+    lora_targets: str = option(
+        ",".join(LORA_TARGETS), "With --lora: the projections that get adapters, comma-separated.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute each layer's activations in the backward pass: less memory for long sequences, "
+        "more compute per step.")
     # The tokenizer: trained on the data with vocab_size tokens (None: the preset's), or this tokenizer.json.
     vocab_size: int | None = option(None, "BPE vocabulary size (default: the preset's).")
     tokenizer: str | None = option(None, "Use this tokenizer.json instead of training one.", path=True)
@@ -89,6 +131,22 @@ class TrainOptions:
     grad_clip: float = 1.0
     eval_windows: int = 32
 
+    def resolved(self) -> TrainOptions:
+        """These options with the learning rate, dropout and LoRA scale the user left to the defaults filled in:
+        from scratch, or (--from) fine-tuning's. A saved run stores them resolved, so a resume keeps them."""
+        if self.from_checkpoint is None:
+            lr, dropout = SCRATCH_LR, SCRATCH_DROPOUT
+        else:
+            # A pretrained model's weights already sit where its loss is low: dropout would only add noise to
+            # what little data fine-tuning sees, and the learning rate must be small (see FULL_FINETUNE_LR).
+            lr, dropout = (LORA_LR if self.lora else FULL_FINETUNE_LR), 0.0
+        alpha = self.lora_alpha if self.lora_alpha is not None or not self.lora else 2.0 * self.lora
+        return dataclasses.replace(self, lr=lr if self.lr is None else self.lr,
+                                   dropout=dropout if self.dropout is None else self.dropout, lora_alpha=alpha)
+
+    def lora_target_names(self) -> list[str]:
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
     def distillation(self) -> tuple[float, float]:
         """(alpha, temperature) of the distillation loss: --as-draft's recipe, else the options'."""
         return DRAFT_RECIPE if self.as_draft else (self.alpha, self.temperature)
@@ -111,9 +169,13 @@ class TrainOptions:
             raise EdgeGPTError(f"--time-budget must be a positive number of minutes, got {self.time_budget}")
         if self.block_size is not None and self.block_size < 2:
             raise EdgeGPTError(f"--block-size must be at least 2, got {self.block_size}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
+        if self.epochs is not None and self.epochs < 1:
+            raise EdgeGPTError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.epochs is not None and self.max_steps is not None:
+            raise EdgeGPTError("--epochs and --max-steps both say when to stop; give one of them")
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
             raise EdgeGPTError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise EdgeGPTError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise EdgeGPTError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
@@ -132,6 +194,37 @@ class TrainOptions:
                                "drop --alpha and --temperature")
         if self.teacher is not None and self.vocab_size is not None:
             raise EdgeGPTError("--vocab-size cannot be combined with --teacher: the student takes the teacher's")
+        self._validate_fine_tuning()
+
+    def _validate_fine_tuning(self) -> None:
+        """--from fixes the model and its tokenizer; --lora needs --from and sensible adapters."""
+        if self.from_checkpoint is not None:
+            for name in ("preset", "layers", "vocab_size", "tokenizer"):
+                if getattr(self, name) is not None:
+                    raise EdgeGPTError(f"{flag_name(name)} cannot be combined with --from: the model takes the "
+                                       "checkpoint's shape and tokenizer; drop it")
+            if self.init_from_teacher:
+                raise EdgeGPTError("--init-from-teacher cannot be combined with --from: the weights come from the "
+                                   "checkpoint; drop one of them")
+        if self.lora is None:
+            if self.lora_alpha is not None or self.lora_dropout != LORA_DROPOUT or \
+                    self.lora_targets != ",".join(LORA_TARGETS):
+                raise EdgeGPTError("--lora-alpha, --lora-dropout and --lora-targets need --lora RANK")
+            return
+        if self.from_checkpoint is None:
+            raise EdgeGPTError("--lora adapts a trained model: give --from CHECKPOINT (from scratch, train every "
+                               "weight: drop --lora)")
+        if self.lora < 1:
+            raise EdgeGPTError(f"--lora must be a rank of at least 1, got {self.lora}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise EdgeGPTError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise EdgeGPTError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        names = self.lora_target_names()
+        unknown = [name for name in names if name not in LORA_TARGETS]
+        if unknown or not names or len(set(names)) != len(names):
+            raise EdgeGPTError(f"--lora-targets {self.lora_targets!r}: give a comma-separated list of distinct "
+                               f"projections out of {','.join(LORA_TARGETS)}")
 
     def _check_types(self) -> None:
         """Options arrive from Python callers too: '8' < 1 must be a clear error, not a TypeError."""
@@ -172,13 +265,16 @@ def option_type(name: str) -> tuple[type, bool]:
 
 def flag_name(name: str) -> str:
     """The command-line flag of a TrainOptions field (`batch_size` -> `--batch-size`), as errors name it."""
-    return "--" + name.replace("_", "-")
+    flag = _FIELDS[name].metadata.get("flag") if name in _FIELDS else None
+    return flag.name if flag is not None and flag.name else "--" + name.replace("_", "-")
 
 
 def flags() -> list[tuple[dataclasses.Field, Flag]]:
     """The fields `edgegpt train` takes as options, in their order, each with how it is given."""
     return [(f, f.metadata["flag"]) for f in dataclasses.fields(TrainOptions) if "flag" in f.metadata]
 
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 
 # --as-draft: alpha 0, temperature 1, i.e. only KL(teacher ‖ student) on the unsoftened distributions. A
 # guess is kept with probability sum(min(p, q)) (greedy: when the argmaxes agree), which grows as q nears p
