@@ -282,7 +282,13 @@ class GPT(nn.Module):
         return logits
 
     def forward(self, input_ids: Tensor, documents: Tensor | None = None) -> Tensor:
-        """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache.
+        """Training and scoring: input_ids [B, T] -> logits [B, T, vocab], causal, no cache (documents: as
+        hidden_states)."""
+        return self.logits(self.hidden_states(input_ids, documents))
+
+    def hidden_states(self, input_ids: Tensor, documents: Tensor | None = None) -> Tensor:
+        """The last layer's output [B, T, dim], before the final norm and the LM head (self.logits), which a
+        caller may run on some positions only.
 
         documents [B, T] (packed training rows, edgegpt.train.examples): which example each token belongs to,
         as a label that changes where the next example starts (padding is one more label). A token then
@@ -307,7 +313,7 @@ class GPT(nn.Module):
                 x, _ = checkpoint(layer, x, *rotaries[i], mask, None, use_reentrant=False)
             else:
                 x, _ = layer(x, *rotaries[i], mask, None)
-        return self.logits(x)
+        return x
 
     def forward_cached(
         self,

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from rich.table import Table
@@ -39,6 +39,7 @@ from edgegpt.scoring import (
     MIN_EVAL_TOKENS,
     MIN_WINDOW,
     char_starts_table,
+    chunk_starts,
     score,
     strided_windows,
     window_stride,
@@ -52,20 +53,15 @@ PROMPT_TOKENS = 32
 # Tokens are rarely longer than this many characters, so reading this many characters per wanted token
 # is enough and keeps a large validation split from being tokenized whole only to be cut.
 CHARS_PER_TOKEN_BOUND = 16
-# Tokens a package scores per pass (PackageScorer.logits): the logits held at once are this many rows of the
-# vocabulary beside the kept rows, not a whole window's.
-SCORE_CHUNK = 256
-
-
 class Scorable(Protocol):
     """What an evaluated model offers: the PyTorch reference (edgegpt.reference.TorchReference) or a
     package (PackageScorer)."""
 
     max_len: int
 
-    def logits(self, windows: np.ndarray, skip: int = 0) -> np.ndarray:
-        """float32 [B, L - skip, vocab]: the next-token logits at positions skip.. of each window, from an
-        empty past."""
+    def logit_chunks(self, windows: np.ndarray, skip: int = 0) -> Iterable[np.ndarray]:
+        """float32 [B, n, vocab] chunks of the next-token logits at positions skip.. of each window, in order,
+        from an empty past (edgegpt.scoring)."""
 
     def greedy_all(self, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
         """The greedy continuation of each prompt, n_tokens long (never stopping at end-of-text)."""
@@ -78,20 +74,26 @@ class PackageScorer:
         self.generator = generator
         self.max_len = generator.config.max_len
 
+    def logit_chunks(self, windows: np.ndarray, skip: int = 0) -> Iterator[np.ndarray]:
+        """The windows through their caches a chunk of positions per pass (edgegpt.scoring.chunk_starts, from
+        0: the history positions run too, they fill the cache), each chunk's kept logits handed over before
+        the next pass: the graph computes every position's logits, and a whole window's at once would be
+        window × vocab floats (a 262k vocabulary: 1 GiB per 1,024 tokens)."""
+        caches = [self.generator.empty_cache() for _ in windows]
+        starts = chunk_starts(windows.shape[1], 0, len(windows))
+        for start in starts:
+            rows = []
+            for i, window in enumerate(windows):
+                logits, caches[i] = self.generator.forward(window[start : start + starts.step].tolist(), caches[i])
+                # The runtime may reuse its output buffer at the next pass: a batch keeps a copy of each row.
+                rows.append(logits if len(windows) == 1 else np.array(logits))
+            kept = max(skip - start, 0)
+            if kept < len(rows[0]):
+                yield np.stack([row[kept:] for row in rows]) if len(rows) > 1 else rows[0][None, kept:]
+
     def logits(self, windows: np.ndarray, skip: int = 0) -> np.ndarray:
-        """Each window through the cache SCORE_CHUNK tokens per pass, the kept positions' logits copied into
-        the result as they come: the graph computes every position's logits, and a whole window's at once
-        would be window × vocab floats beside the result (a 262k vocabulary: 1 GiB per 1,024 tokens)."""
-        length = windows.shape[1]
-        out = np.empty((len(windows), length - skip, self.generator.config.vocab_size), np.float32)
-        for row, window in enumerate(windows):
-            cache = self.generator.empty_cache()
-            for start in range(0, length, SCORE_CHUNK):
-                logits, cache = self.generator.forward(window[start : start + SCORE_CHUNK].tolist(), cache)
-                kept = max(skip - start, 0)
-                if kept < len(logits):
-                    out[row, start + kept - skip : start + len(logits) - skip] = logits[kept:]
-        return out
+        """float32 [B, L - skip, vocab]: logit_chunks joined."""
+        return np.concatenate(list(self.logit_chunks(windows, skip)), axis=1)
 
     def greedy_all(self, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
         """One prompt at a time through prefill and decode_step: what an app's generation runs."""
@@ -211,7 +213,7 @@ def greedy_prompts(tokens: np.ndarray, window: int) -> tuple[list[list[int]], in
 def evaluate(name: str, model: Scorable, text: EvalText, reference: Predictions | None = None) -> Metrics:
     """Score `text` with `model`; agreement figures when a reference's predictions are given."""
     start = time.perf_counter()
-    scored = score(model.logits, text.tokens, strided_windows(len(text.tokens), text.window), text.char_table)
+    scored = score(model.logit_chunks, text.tokens, strided_windows(len(text.tokens), text.window), text.char_table)
     prompts, n_new = greedy_prompts(text.tokens, text.window)
     predictions = Predictions(top1=scored.top1, greedy=model.greedy_all(prompts, n_new))
     metrics = Metrics(name=name, nats_per_token=scored.nats_per_token, nats_per_char=scored.nats_per_char,

@@ -1,7 +1,8 @@
 """The PyTorch reference: a checkpoint's model as the runtime-side code sees it, numpy logits in and out.
 
     TorchReference(model)
-      .logits(windows [B, L] int64, skip) ─► float32 [B, L - skip, vocab]   what edgegpt.scoring scores
+      .logit_chunks(windows [B, L] int64, skip) ─► float32 [B, n, vocab], …    what edgegpt.scoring scores
+      .logits(windows, skip)              ─► float32 [B, L - skip, vocab]: the chunks joined
       .generate(prompt ids, ...)          ─► the runtime's decode loop (runtime/decoding.py) and Sampler
       .greedy(prompt ids, n)              ─► one greedy continuation, through that decode loop
       .greedy_all(prompts, n)             ─► the quality gates' greedy continuations, all prompts at once
@@ -23,6 +24,7 @@ import torch
 from edgegpt.model import GPT, LayerCache
 from edgegpt.runtime.decoding import Decoding, argmax, greedy
 from edgegpt.runtime.sampling import Sampler, SamplingParams, check_sampling
+from edgegpt.scoring import chunk_starts
 
 
 @contextlib.contextmanager
@@ -46,22 +48,25 @@ class TorchReference:
         self.max_len = model.cfg.max_len
 
     @torch.no_grad()
-    def logits(self, windows: np.ndarray, skip: int = 0) -> np.ndarray:
-        """float32 [B, L - skip, vocab]: the next-token logits at positions skip.. of each window (empty
-        past; the first `skip` positions are history only). On CUDA under bfloat16 autocast, as training runs.
-
-        The LM head runs on the kept positions only: on SmolLM2-135M (49k vocabulary) it is ~20% of a
-        forward pass, and scoring keeps half of each window. The model's own forward runs unchanged; a
-        pre-hook on lm_head (a PyTorch API, removed straight after) cuts its input.
-        """
+    def logit_chunks(self, windows: np.ndarray, skip: int = 0) -> Iterator[np.ndarray]:
+        """float32 [B, n, vocab] for consecutive positions from skip (empty past; the first `skip` positions
+        are history only), a few positions at a time (edgegpt.scoring.chunk_starts): the layers run once for
+        the whole window, the LM head chunk by chunk, so only a chunk's logits exist at once (a 262k vocabulary
+        makes a whole window's 1 GiB per 1,024 tokens, and the soft-cap's temporaries as much again), and the
+        history positions' are never computed. On CUDA under bfloat16 autocast, as training runs."""
         x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64)).to(self.device)
-        cut = self.model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, skip:],))
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits = self.model(x)
-        finally:
-            cut.remove()
-        return logits.float().cpu().numpy()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            hidden = self.model.hidden_states(x)
+        starts = chunk_starts(hidden.shape[1], skip, len(windows))
+        for start in starts:
+            with autocast:
+                logits = self.model.logits(hidden[:, start : start + starts.step])
+            yield logits.float().cpu().numpy()
+
+    def logits(self, windows: np.ndarray, skip: int = 0) -> np.ndarray:
+        """float32 [B, L - skip, vocab]: logit_chunks joined (tests and small models; scoring takes the chunks)."""
+        return np.concatenate(list(self.logit_chunks(windows, skip)), axis=1)
 
     def _loop(self, prompt_ids: Sequence[int]):
         """prefill and feed closures over one sequence's PyTorch cache (numpy float32 logits [vocab])."""

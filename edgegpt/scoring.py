@@ -2,19 +2,22 @@
 
     tokens ─► strided_windows (windows of `window` tokens, stride half a window: every target scored
               once, each after the first window with at least half a window of history)
-           ─► logits(windows [B, L], skip) ─► -log p(target) ─► Score: nats/token, nats/char, perplexity, top-1
+           ─► logit_chunks(windows [B, L], skip) ─► -log p(target) ─► Score: nats/token, nats/char, perplexity,
+                                                                          top-1
 
 Training's validation (PyTorch), `edgegpt eval` and the export gates (packages through the runtime, and
 the PyTorch reference), and the benchmarks all score through `score`. Numpy only: the model is any
-function from a batch of windows to float32 logits [B, L - skip, vocab] of positions skip.. (positions
-before `skip` are history no window of the batch scores, so a model may leave their logits out).
+function from a batch of windows to the float32 logits of positions skip.. (positions before `skip` are
+history no window of the batch scores, so a model may leave their logits out), handed over a few positions
+at a time: chunks [B, n, vocab] of consecutive positions. A window's logits whole are window × vocab floats
+(a 262k vocabulary: 1 GiB per 1,024 tokens); a chunk of LOGIT_ROWS rows is consumed before the next is made.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -31,6 +34,9 @@ DEFAULT_WINDOW = 1024
 MIN_EVAL_TOKENS = 128
 # The smallest --window: the greedy checks continue 32-token prompts inside one window (quality.py).
 MIN_WINDOW = 16
+
+# Rows of logits (positions × windows) a scorer hands over at once: a chunk, not a window.
+LOGIT_ROWS = 256
 
 Window = tuple[int, int, int]  # (start, length, first): inputs tokens[start : start + length], targets
 #                                shifted by one, only targets at offsets >= first counted
@@ -59,32 +65,46 @@ class Score:
 
 
 def score(
-    logits_of: Callable[[np.ndarray, int], np.ndarray],
+    logit_chunks: Callable[[np.ndarray, int], Iterable[np.ndarray]],
     tokens: np.ndarray,
     windows: Sequence[Window],
     char_table: np.ndarray,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> Score:
-    """Score `windows` of `tokens`, `batch_size` windows per call of logits_of(batch, skip) (windows of
-    one length); progress(done, total) after each batch."""
+    """Score `windows` of `tokens`, `batch_size` windows per call of logit_chunks(batch, skip) (windows of one
+    length; it yields float32 [B, n, vocab] for positions skip.. in order, module doc); progress(done, total)
+    after each batch."""
     nats, scored, chars, top1 = 0.0, 0, 0, []
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         length = chunk[0][1]
         batch = np.stack([np.asarray(tokens[start : start + length + 1], dtype=np.int64) for start, _, _ in chunk])
         skip = min(first for _, _, first in chunk)
-        logits = logits_of(batch[:, :-1], skip)
-        for row, (_, _, first) in enumerate(chunk):
-            targets = batch[row, 1 + first :]
-            scored_logits = logits[row, first - skip :]
-            nats += float(target_nats(scored_logits, targets).sum())
-            chars += int(char_table[targets].sum())
-            scored += len(targets)
-            top1.append(scored_logits.argmax(axis=-1))
+        rows_top1: list[list[np.ndarray]] = [[] for _ in chunk]
+        position = skip  # the window position of the chunk's first row of logits
+        for logits in logit_chunks(batch[:, :-1], skip):
+            end = position + logits.shape[1]
+            for row, (_, _, first) in enumerate(chunk):
+                begin = max(first, position)
+                if begin >= end:
+                    continue
+                targets = batch[row, 1 + begin : 1 + end]
+                scored_logits = logits[row, begin - position :]
+                nats += float(target_nats(scored_logits, targets).sum())
+                chars += int(char_table[targets].sum())
+                scored += len(targets)
+                rows_top1[row].append(scored_logits.argmax(axis=-1))
+            position = end
+        top1 += [np.concatenate(parts) for parts in rows_top1 if parts]
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
     return Score(nats, scored, chars, np.concatenate(top1) if top1 else np.zeros(0, np.int64))
+
+
+def chunk_starts(length: int, skip: int, batch: int) -> range:
+    """Where each chunk of a batch of windows starts (LOGIT_ROWS rows of logits in all, at least a position)."""
+    return range(skip, length, max(1, LOGIT_ROWS // max(batch, 1)))
 
 
 # Rows of logits target_nats works on at once: its scratch is this many rows of the vocabulary (64 MiB of a

@@ -117,10 +117,9 @@ class CountedScorer:
     def __init__(self, scorer: Any, steps: Callable[[int, int], None], offset: int, total: int) -> None:
         self.scorer, self.steps, self.done, self.total = scorer, steps, offset, total
 
-    def logits(self, windows: Any, skip: int = 0) -> Any:
-        logits = self.scorer.logits(windows, skip)
+    def logit_chunks(self, windows: Any, skip: int = 0) -> Any:
+        yield from self.scorer.logit_chunks(windows, skip)
         self._advance(len(windows))
-        return logits
 
     def greedy_all(self, prompts: Any, n_tokens: int) -> Any:
         continuations = self.scorer.greedy_all(prompts, n_tokens)

@@ -142,7 +142,7 @@ def quantize_auto(model: GPT, float_dir: Path, out_dir: Path, options: QuantOpti
 
     def perplexity(directory: Path) -> float:
         scorer = PackageScorer(Generator.load(directory, max_length=window))
-        return score(scorer.logits, search_tokens, windows, char_table, progress=steps).perplexity
+        return score(scorer.logit_chunks, search_tokens, windows, char_table, progress=steps).perplexity
 
     say(f"scoring the float32 package and each candidate plan on {len(search_tokens) - 1:,} tokens")
     reference = perplexity(float_dir)

@@ -80,7 +80,8 @@ def test_window_option_of_eval(tiny_checkpoint, few_hundred_tokens):
         rows[window] = data["models"][0]
         assert rows[window]["tokens"] == n_tokens - 1  # every target once, whatever the window
         # What eval printed is the text scored in windows of exactly that size.
-        expected = score(TorchReference(model).logits, text.tokens, strided_windows(n_tokens, window), text.char_table)
+        expected = score(TorchReference(model).logit_chunks, text.tokens, strided_windows(n_tokens, window),
+                         text.char_table)
         assert rows[window]["nats_per_token"] == pytest.approx(expected.nats_per_token, rel=1e-6)
     assert rows[16]["nats_per_token"] != pytest.approx(rows[64]["nats_per_token"], rel=1e-4)
     table = runner.invoke(app, ["eval", str(tiny_checkpoint), "--data", str(path), "--window", "32"])

@@ -17,8 +17,8 @@ def evaluate_sample(model: GPT, tokens: np.ndarray, char_table: np.ndarray, bloc
     """Quick estimate for progress reports: n evenly spaced full windows, every target scored."""
     was_training = model.training
     try:
-        return score(TorchReference(model, device).logits, tokens, sample_windows(len(tokens), block_size, n_windows),
-                     char_table, batch_size)
+        return score(TorchReference(model, device).logit_chunks, tokens,
+                     sample_windows(len(tokens), block_size, n_windows), char_table, batch_size)
     finally:
         model.train(was_training)
 
@@ -27,5 +27,5 @@ def evaluate_split(model: GPT, tokens: np.ndarray, char_table: np.ndarray, block
                    device: torch.device, batch_size: int = 8, progress=None) -> Score:
     """The whole split in strided windows of the training context, every token scored once (the reported
     validation figure, comparable with DESIGN.md's; `edgegpt eval` defaults to windows of at most 1,024)."""
-    return score(TorchReference(model, device).logits, tokens, strided_windows(len(tokens), block_size), char_table,
-                 batch_size, progress)
+    return score(TorchReference(model, device).logit_chunks, tokens, strided_windows(len(tokens), block_size),
+                 char_table, batch_size, progress)
