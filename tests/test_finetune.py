@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from edgegpt.model import GPT
 from edgegpt.train.loop import train
 from edgegpt.train.options import FULL_FINETUNE_LR, LORA_LR, SCRATCH_DROPOUT, SCRATCH_LR, TrainOptions
 
-TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
-GENERATION = {"eos_token_id": 0, "bos_token_id": 0, "temperature": 0.7}
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Small enough for seconds of training on two cores; dropout left to the fine-tuning default (0).
 FT = dict(batch_size=2, block_size=32, eval_every=3, save_every=2, eval_windows=2, device="cpu", seed=5)
 LORA = dict(lora=4, lora_dropout=0.1)  # dropout on: a resumed run must replay its masks too
@@ -32,14 +33,32 @@ LORA = dict(lora=4, lora_dropout=0.1)  # dropout on: a resumed run must replay i
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, corpus_text) -> Path:
-    """A random nano checkpoint with an imported model's extra files (generation config, chat template)."""
+    """A random nano checkpoint with an imported chat model's extra files (generation config, ChatML template)."""
     from edgegpt.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("base") / "checkpoint"
-    model, tokenizer = GPT(preset("nano", vocab_size=300, max_len=64)), train_tokenizer([corpus_text[:20_000]], 300)
-    save_checkpoint(directory, model, tokenizer, generation=GENERATION, chat_template=TEMPLATE)
+    tokenizer = train_tokenizer([corpus_text[:20_000]], 298)
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    generation = {"eos_token_id": tokenizer.token_to_id("<|im_end|>"), "bos_token_id": 0, "temperature": 0.7}
+    save_checkpoint(directory, GPT(preset("nano", vocab_size=300, max_len=64)), tokenizer, generation=generation,
+                    chat_template=CHATML)
     return directory
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    """Short conversations of uneven length: rows hold one to a few, and trained tokens differ row to row."""
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "large", "small", "round", "square", "quiet"]
+    lines = []
+    for i in range(40):
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{i}?"},
+                                              {"role": "assistant", "content": answer}]}))
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +105,14 @@ def test_fine_tuning_starts_from_the_checkpoint_and_carries_its_files(base, text
     assert (options["lr"], options["dropout"]) == (1e-12, 0.0)  # the given rate kept, fine-tuning's dropout
 
 
-@pytest.mark.slow  # four training runs
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_resume_continues_exactly(kind, base, text, tmp_path):
+@pytest.mark.slow  # six training runs
+@pytest.mark.parametrize("kind, data", [("full", "text"), ("full", "chats"), ("lora", "chats")])
+def test_resume_continues_exactly(kind, data, base, text, chats, tmp_path):
     """Interrupted at step 5 and resumed with nothing but --resume: the weights, the adapters and the optimizer's
-    moments equal the uninterrupted run's."""
-    options = dict(max_steps=10, **(LORA if kind == "lora" else {"dropout": 0.1}))
+    moments equal the uninterrupted run's, on plain text and on packed chat examples."""
+    text = {"text": text, "chats": chats}[data]
+    options = dict(max_steps=10, block_size=63 if data == "chats" else 32,  # chats: two or three a row
+                   **(LORA if kind == "lora" else {"dropout": 0.1}))
     straight = fine_tune(base, text, tmp_path / "straight", **options)
 
     def interrupt(step: int) -> None:
@@ -219,3 +240,67 @@ def test_cli_refuses_from_with_a_preset_in_one_line(base, tmp_path):
     result = CliRunner().invoke(app, ["train", "--from", str(base), "--preset", "nano", "--out", str(tmp_path / "o")])
     assert_one_line_error(result, "--preset cannot be combined with --from")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # a training run
+def test_chat_examples_train_the_assistants_tokens_packed(base, chats, tmp_path):
+    logs = []
+
+    class Log:
+        def __getattr__(self, name):
+            return (lambda message: logs.append(message)) if name == "log" else (lambda *a, **k: None)
+
+    summary = train([chats], [], tmp_path / "out", TrainOptions(from_checkpoint=str(base), epochs=1, lora=4,
+                                                               **{**FT, "block_size": 63}),
+                    cache_dir=tmp_path / "cache", reporter=Log())
+    (described,) = [m for m in logs if "examples" in m]
+    assert "36 examples" in described and "4 validation examples" in described  # 10% held out
+    rows = int(described.split(" in ")[1].split(" rows")[0])
+    assert rows < 36  # short examples share rows
+    assert summary.steps == math.ceil(rows / FT["batch_size"]) and math.isfinite(summary.val_loss)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # four forward and backward passes
+def test_micro_batches_and_masks_weigh_every_counted_label_once():
+    """A step's loss and gradients are the mean over the global batch's counted labels, however the rows are cut
+    into micro-batches: rows with few trained tokens weigh no more than their tokens."""
+    from edgegpt.train.batches import Batch
+    from edgegpt.train.loop import _train_step
+
+    torch.manual_seed(0)
+    model = GPT(preset("nano", vocab_size=300, max_len=64))
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 300, (4, 17), generator=generator)
+    loss_mask = torch.rand(4, 16, generator=generator) < torch.tensor([[0.9], [0.1], [0.5], [0.3]])
+    documents = torch.zeros(4, 17, dtype=torch.long)
+    documents[:, 9:] = 1  # two examples a row
+    batch = Batch(tokens, loss_mask, documents)
+    logits = model(batch.inputs, documents=batch.input_documents)
+    expected = torch.nn.functional.cross_entropy(logits[loss_mask], tokens[:, 1:][loss_mask])
+    expected.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for accumulation in (1, 2, 4):
+        model.zero_grad()
+        opts = TrainOptions(grad_accum=accumulation).resolved()
+        losses = _train_step(model, None, batch, batch.counted, opts, torch.device("cpu"), None)
+        assert losses["loss"] == pytest.approx(expected.item(), abs=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(teacher="teacher"), "drop --teacher"),
+    (dict(from_checkpoint=None, preset="nano"), "need the model's tokenizer: fine-tune a checkpoint with --from"),
+])
+def test_example_data_refusals(options, message, base, chats, tmp_path):
+    opts = TrainOptions(**{"from_checkpoint": str(base), **FT, "max_steps": 1, **options})
+    with pytest.raises(EdgeGPTError, match=message):
+        train([chats], [], tmp_path / "out", opts, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_options_on_plain_text_are_refused(base, text, tmp_path):
+    with pytest.raises(EdgeGPTError, match="--include-prompts and --drop-long apply to JSONL examples"):
+        fine_tune(base, text, tmp_path / "out", max_steps=1, include_prompts=True)
+    assert not (tmp_path / "out").exists()

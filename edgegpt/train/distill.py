@@ -39,16 +39,21 @@ class DistillLoss(NamedTuple):
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, alpha: float,
-                      temperature: float) -> DistillLoss:
-    """The loss above, averaged over tokens; without a teacher it is plain cross-entropy."""
+                      temperature: float, ignore_index: int = -100) -> DistillLoss:
+    """The loss above, averaged over tokens; without a teacher it is plain cross-entropy. A position whose label
+    is ignore_index (a prompt's token, padding) counts in neither term."""
     student_logits = _at_least_float32(student_logits).flatten(0, -2)
-    ce = F.cross_entropy(student_logits, labels.flatten())
+    labels = labels.flatten()
+    ce = F.cross_entropy(student_logits, labels, ignore_index=ignore_index)
     if teacher_logits is None:
         return DistillLoss(ce, ce, torch.zeros_like(ce))
     teacher_logits = _at_least_float32(teacher_logits).flatten(0, -2)
     if teacher_logits.shape != student_logits.shape:
         raise EdgeGPTError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
                            f"{tuple(student_logits.shape)}: the two vocabularies differ")
+    counted = labels != ignore_index
+    if not counted.all():
+        student_logits, teacher_logits = student_logits[counted], teacher_logits[counted]
     student_log_p = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
     kl = F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="batchmean")

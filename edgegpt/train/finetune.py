@@ -9,7 +9,7 @@ The run is the training loop's (edgegpt.train.loop), with what the checkpoint fi
                ─► save_best        at every new best: model.safetensors (merged) and adapter/ (PEFT's layout)
 
 The fine-tuning defaults (learning rate, dropout) are TrainOptions.resolved()'s; --epochs is
-steps_for_epochs.
+steps_for_epochs; JSONL examples are read as the checkpoint's model reads them (example_format).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from edgegpt.core.formats import ADAPTER, CHAT_TEMPLATE, CONFIG, GENERATION_CONF
 from edgegpt.core.io import read_json, write_bytes_atomic
 from edgegpt.model import GPT
 from edgegpt.tokenizer import load_tokenizer
+from edgegpt.train.distill import Teacher
+from edgegpt.train.examples import ExampleFormat
 from edgegpt.train.lora import add_adapters, save_adapter, save_merged_weights
 from edgegpt.train.options import TrainOptions
 
@@ -90,6 +92,23 @@ def save_best(out: Path, model: GPT, opts: TrainOptions) -> None:
     save_merged_weights(out / WEIGHTS, model)
     save_adapter(out / ADAPTER, model, opts.lora, opts.lora_alpha, opts.lora_dropout, opts.lora_target_names(),
                  base=str(opts.from_checkpoint))
+
+
+def check_teacher_vocabulary(teacher: Teacher, tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+    """Distilling into --from's checkpoint: the teacher must predict over the checkpoint's own vocabulary."""
+    if teacher.vocab_size != cfg.vocab_size or teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise EdgeGPTError(
+            f"the teacher {teacher.path} has another vocabulary than --from's checkpoint ({teacher.vocab_size} vs "
+            f"{cfg.vocab_size} logits); distil from a teacher with the checkpoint's tokenizer"
+        )
+
+
+def example_format(opts: TrainOptions, out: Path, resume: bool, tokenizer: Tokenizer) -> ExampleFormat:
+    """How JSONL examples are rendered and tokenized: as --from's checkpoint reads them (its template, bos and
+    eos; a resumed run's copies in --out), else as a tokenizer given with --tokenizer (no chat template)."""
+    if opts.from_checkpoint:
+        return ExampleFormat.from_checkpoint(out if resume else Path(opts.from_checkpoint))
+    return ExampleFormat.from_tokenizer(tokenizer)
 
 
 def steps_for_epochs(epochs: int, examples: int, examples_per_step: int) -> int:

@@ -10,8 +10,9 @@ One run, as every process under torchrun does it (rank 0 alone writes and report
                ├─ prepare_run        options (a resumed run's own, defaults resolved), device and process
                │                     group, teacher, tokenizer, model shape (--from: the checkpoint's,
                │                     edgegpt.train.finetune), block size; the teacher's weights last
-               ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), checked;
-               │                     --epochs becomes --max-steps
+               ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), or JSONL examples
+               │                     packed into rows (edgegpt.train.batches); checked; --epochs becomes
+               │                     --max-steps
                ├─ build_training     seeded model (--from: its weights; --lora: adapters on the frozen base),
                │                     optimizer; a resumed run's weights, moments, progress
                ├─ write_run_files    config.json, tokenizer.json (--from: its generation config, template)
@@ -49,8 +50,9 @@ from edgegpt.model import GPT
 from edgegpt.scoring import char_starts_table
 from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train import distributed
+from edgegpt.train.batches import Batch, Examples, draw_batch, evaluate_rows, load_example_rows
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.train.data import TokenData, prepare_data, sample_batch
+from edgegpt.train.data import TokenData, prepare_data
 from edgegpt.train.distill import (
     Teacher,
     check_student_tokenizer,
@@ -59,8 +61,11 @@ from edgegpt.train.distill import (
     open_teacher,
     student_config_from_teacher,
 )
+from edgegpt.train.examples import is_example_data
 from edgegpt.train.finetune import (
+    check_teacher_vocabulary,
     copy_base_files,
+    example_format,
     load_base_model,
     open_base,
     save_best,
@@ -114,6 +119,7 @@ class RunPlan:
     block_size: int
     resume: bool
     saved: dict[str, Any]  # the progress of the run being resumed; empty for a fresh run
+    examples: bool = False  # the data is JSONL examples (packed rows), not plain text
 
     @property
     def budget_s(self) -> float | None:
@@ -143,7 +149,7 @@ class Training:
     """A run in progress: its plan, data, model and optimizer, and how far it has got."""
 
     plan: RunPlan
-    tokens: TokenData
+    tokens: TokenData | Examples
     char_table: np.ndarray
     model: GPT
     optimizer: torch.optim.AdamW
@@ -297,6 +303,7 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
     opts.validate()
     opts = opts.resolved()
     base = open_base(Path(opts.from_checkpoint), out) if opts.from_checkpoint and not resume else None
+    examples = check_example_data(data, opts, resume)
     device = distributed.start(world, opts.device) if world.distributed else pick_device(opts.device)
     teacher = open_teacher(Path(opts.teacher), device, world.local_size) if opts.teacher else None
     if resume:
@@ -312,16 +319,24 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
     block_size = training_block_size(opts, cfg, teacher)
     if teacher is not None:
         teacher.load(device, log=reporter.log)
-    return RunPlan(out, opts, data, val_data, world, device, teacher, tokenizer, cfg, block_size, resume, saved)
+    return RunPlan(out, opts, data, val_data, world, device, teacher, tokenizer, cfg, block_size, resume, saved,
+                   examples)
 
 
-def check_teacher_vocabulary(teacher: Teacher, tokenizer: Tokenizer, cfg: ModelConfig) -> None:
-    """Distilling into --from's checkpoint: the teacher must predict over the checkpoint's own vocabulary."""
-    if teacher.vocab_size != cfg.vocab_size or teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise EdgeGPTError(
-            f"the teacher {teacher.path} has another vocabulary than --from's checkpoint ({teacher.vocab_size} vs "
-            f"{cfg.vocab_size} logits); distil from a teacher with the checkpoint's tokenizer"
-        )
+def check_example_data(data: list[Path], opts: TrainOptions, resume: bool) -> bool:
+    """Whether --data is JSONL examples, refusing what cannot train on them: a tokenizer still to be trained, a
+    teacher (its forward pass does not separate packed examples), the example options on plain text."""
+    examples = bool(data) and is_example_data(data)
+    if examples and opts.teacher is not None:
+        raise EdgeGPTError("--teacher distils on plain text; JSONL examples (messages, prompt/completion) train "
+                           "with labels only: drop --teacher")
+    if examples and not (resume or opts.from_checkpoint or opts.tokenizer):
+        raise EdgeGPTError("JSONL examples (messages, prompt/completion) need the model's tokenizer: fine-tune a "
+                           "checkpoint with --from, or give --tokenizer")
+    if not examples and (opts.include_prompts or opts.drop_long):
+        raise EdgeGPTError("--include-prompts and --drop-long apply to JSONL examples (messages or "
+                           "prompt/completion records); this data is plain text")
+    return examples
 
 
 def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher | None) -> int:
@@ -334,16 +349,34 @@ def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher |
     return block_size
 
 
-def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenData:
-    """The run's tokens, refused when they are not the resumed run's or too few to train and validate on."""
+def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenData | Examples:
+    """The run's tokens or packed examples, refused when they are not the resumed run's; --epochs as steps."""
+    if plan.examples:
+        fmt = example_format(plan.opts, plan.out, plan.resume, plan.tokenizer)
+        data = load_example_rows(plan.data, plan.val_data, fmt, plan.block_size, plan.opts.seed,
+                                 plan.opts.include_prompts, plan.opts.drop_long)
+        reporter.log(data.summary.describe())
+        unit, count = "rows", len(data.train)
+    else:
+        data = load_text(plan, cache_dir, reporter)
+        unit, count = "windows", len(data.train) // plan.block_size
+    if plan.resume and plan.saved.get("data_key") != data.key:
+        raise EdgeGPTError("cannot resume: the training data differs from the run being resumed; pass the same --data")
+    if plan.opts.epochs is not None:  # from here on a number of steps, which a resumed run keeps
+        steps = steps_for_epochs(plan.opts.epochs, count, plan.rows_per_rank * plan.world.size)
+        reporter.log(f"{plan.opts.epochs} epochs of {count:,} {unit}: {steps:,} steps")
+        plan.opts = dataclasses.replace(plan.opts, max_steps=steps, epochs=None)
+    return data
+
+
+def load_text(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenData:
+    """Plain text's tokens, refused when too few to train and validate on."""
     world = plan.world
     if not world.is_main:
         distributed.barrier(world)  # rank 0 trains the tokenizer and fills the token cache, once
     tokens = load_data(plan.data, plan.val_data, plan.cfg.vocab_size, cache_dir, plan.tokenizer, reporter)
     if world.is_main:
         distributed.barrier(world)
-    if plan.resume and plan.saved.get("data_key") != tokens.key:
-        raise EdgeGPTError("cannot resume: the training data differs from the run being resumed; pass the same --data")
     if len(tokens.train) < plan.block_size + 2:
         raise EdgeGPTError(
             f"the training split has only {len(tokens.train)} tokens, fewer than one window of {plan.block_size + 1}; "
@@ -351,15 +384,10 @@ def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenDa
         )
     if len(tokens.val) < 2:
         raise EdgeGPTError("the validation split is empty after tokenization; add data or pass --val-data")
-    if plan.opts.epochs is not None:  # from here on a number of steps, which a resumed run keeps
-        windows = len(tokens.train) // plan.block_size
-        steps = steps_for_epochs(plan.opts.epochs, windows, plan.rows_per_rank * plan.world.size)
-        reporter.log(f"{plan.opts.epochs} epochs of {windows:,} windows: {steps:,} steps")
-        plan.opts = dataclasses.replace(plan.opts, max_steps=steps, epochs=None)
     return tokens
 
 
-def build_training(plan: RunPlan, tokens: TokenData, char_table: np.ndarray, reporter: Reporter) -> Training:
+def build_training(plan: RunPlan, tokens: TokenData | Examples, char_table: np.ndarray, reporter: Reporter) -> Training:
     """The model from the seed (or the teacher's layers, or --from's weights; --lora's adapters from the seed),
     its optimizer, and, when resuming, the saved weights, moments and progress."""
     opts = plan.opts
@@ -384,7 +412,7 @@ def build_training(plan: RunPlan, tokens: TokenData, char_table: np.ndarray, rep
     return run
 
 
-def write_run_files(plan: RunPlan, tokens: TokenData) -> None:
+def write_run_files(plan: RunPlan, tokens: TokenData | Examples) -> None:
     """config.json and tokenizer.json first: a resume needs them even before the first best weights."""
     if not plan.world.is_main:
         return
@@ -413,9 +441,12 @@ def report_start(run: Training, reporter: Reporter) -> None:
     plan, opts, teacher = run.plan, run.plan.opts, run.plan.teacher
     alpha, temperature = opts.distillation()
     recipe = f"alpha {alpha}, temperature {temperature:g}{', as a draft' if opts.as_draft else ''}"
+    data = run.tokens
+    train_tokens, val_tokens = (data.train_tokens, data.val_tokens) if plan.examples else (len(data.train),
+                                                                                            len(data.val))
     reporter.start(opts.max_steps, plan.budget_s, {
-        "parameters": run.model.num_parameters(), "device": str(plan.device), "train_tokens": len(run.tokens.train),
-        "val_tokens": len(run.tokens.val), "tokens_per_step": plan.tokens_per_step, "resumed_at": run.step,
+        "parameters": run.model.num_parameters(), "device": str(plan.device), "train_tokens": train_tokens,
+        "val_tokens": val_tokens, "tokens_per_step": plan.tokens_per_step, "resumed_at": run.step,
         "processes": plan.world.size,
         "teacher": f"{teacher.path} ({teacher.parameters / 1e6:.1f}M parameters, {recipe})" if teacher else None,
     })
@@ -468,9 +499,10 @@ def optimizer_step(run: Training, elapsed: float) -> tuple[float, dict[str, floa
         group["lr"] = learning_rate(plan.fraction_done(run.step, elapsed), opts)
     # Dropout masks depend on (seed, step, rank) only; rank 0's are a single process's.
     torch.manual_seed(opts.seed * 1_000_003 + run.step + world.rank * (1 << 40))
-    batch = sample_batch(run.tokens.train, plan.rows_per_rank * world.size, plan.block_size, opts.seed, run.step)
-    batch = distributed.rank_rows(torch.from_numpy(batch), world).to(plan.device)
-    losses = _train_step(run.forward, plan.teacher, batch, opts, plan.device, run.no_sync)
+    batch = draw_batch(run.tokens, plan.rows_per_rank * world.size, plan.block_size, opts.seed, run.step)
+    counted_per_rank = batch.counted / world.size
+    batch = batch.of_rank(world).to(plan.device)
+    losses = _train_step(run.forward, plan.teacher, batch, counted_per_rank, opts, plan.device, run.no_sync)
     losses = distributed.mean(world, losses, plan.device)
     loss = losses.pop("loss")
     if not math.isfinite(loss):
@@ -484,24 +516,25 @@ def optimizer_step(run: Training, elapsed: float) -> tuple[float, dict[str, floa
     return loss, losses
 
 
-def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: torch.Tensor, opts: TrainOptions,
-                device: torch.device, no_sync: NoSync | None) -> dict[str, float]:
-    """Forward and backward over this rank's rows in --grad-accum micro-batches; returns the mean losses.
-    Gradients are averaged across ranks once, on the last micro-batch."""
+def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: Batch, counted_per_rank: float,
+                opts: TrainOptions, device: torch.device, no_sync: NoSync | None) -> dict[str, float]:
+    """Forward and backward over this rank's rows in --grad-accum micro-batches, each weighed by its share of
+    the global batch's labels (Batch.weight); returns the losses. Gradients are averaged across ranks once, on
+    the last micro-batch."""
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     chunks = batch.chunk(opts.grad_accum)
     for i, micro in enumerate(chunks):
-        inputs, labels = micro[:, :-1], micro[:, 1:]
         last = i == len(chunks) - 1
+        weight = micro.weight(counted_per_rank)
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = forward(inputs)
-            teacher_logits = teacher.logits(inputs) if teacher is not None else None
-            loss = distillation_loss(logits, teacher_logits, labels, *opts.distillation())
-            (loss.total / len(chunks)).backward()
+                logits = forward(micro.inputs, documents=micro.input_documents)
+            teacher_logits = teacher.logits(micro.inputs) if teacher is not None else None
+            loss = distillation_loss(logits, teacher_logits, micro.labels, *opts.distillation())
+            (loss.total * weight).backward()
         for key, value in zip(("loss", "ce", "kd"), loss):
-            sums[key] += value.item() / len(chunks)
+            sums[key] += value.item() * weight
     if teacher is None:
         del sums["kd"], sums["ce"]
     return sums
@@ -512,8 +545,11 @@ def validate(run: Training, reporter: Reporter) -> None:
     plan = run.plan
     if not plan.world.is_main:
         return
-    result = evaluate_sample(run.model, run.tokens.val, run.char_table, plan.block_size, plan.opts.eval_windows,
-                             plan.device)
+    if plan.examples:
+        result = evaluate_rows(run.model, run.tokens.val, run.char_table, plan.opts.eval_windows, plan.device)
+    else:
+        result = evaluate_sample(run.model, run.tokens.val, run.char_table, plan.block_size, plan.opts.eval_windows,
+                                 plan.device)
     is_best = result.nats_per_token < run.best_val["loss"]
     if is_best:
         run.best_val.update(loss=result.nats_per_token, nats_per_char=result.nats_per_char, step=run.step)

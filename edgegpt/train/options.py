@@ -66,6 +66,13 @@ class TrainOptions:
         None, "Fine-tune this edgegpt checkpoint (trained here, or converted from Hugging Face or GGUF with "
         "`edgegpt convert`): its shape, weights, tokenizer, generation config and chat template.",
         path=True, absolute=True, name="--from")
+    # JSONL examples (edgegpt.train.examples): which tokens train, and what happens to those too long for a row.
+    include_prompts: bool = option(
+        False, "With JSONL examples: train on every token (prompts, system and user turns too), not only the "
+        "assistant's turns and the completions.")
+    drop_long: bool = option(
+        False, "With JSONL examples: leave out examples longer than --block-size + 1 tokens instead of "
+        "truncating them (the run's first line counts both).")
     # The model (preset None: micro, or the teacher's shape with --init-from-teacher; layers None: the
     # preset's, or from a teacher half the teacher's).
     preset: str | None = option(None, "Model size: nano, micro (default), small or base.")

@@ -1,0 +1,146 @@
+"""What a training step reads, from either kind of data, and how the loss is weighed across micro-batches and ranks.
+
+    plain text   TokenData (train/data.py)     random windows of the token stream; every label counts
+    JSONL        Examples (train/examples.py)  packed rows of chat or prompt/completion examples; the labels
+                                               the loss mask leaves out are IGNORE, and the model reads the
+                                               rows' documents so no example attends to another
+
+Both are drawn from (seed, step) alone, so a resumed run reads what the interrupted one would have.
+
+The loss of a step is the mean over every counted label of the global batch. With a loss mask, micro-batches
+and ranks count different numbers of labels, so each micro-batch's mean is weighed by its share of the global
+count (Batch.weight): the mean of per-micro-batch means would favour rows with few trained tokens, and two
+processes would not train what one does with the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from edgegpt.core.errors import EdgeGPTError
+from edgegpt.model import GPT
+from edgegpt.scoring import Score
+from edgegpt.train import distributed
+from edgegpt.train.data import TokenData, sample_batch
+from edgegpt.train.examples import ExampleFormat, ExampleSummary, PackedRows, load_examples, row_batches, sample_rows
+
+IGNORE = -100  # a label the loss leaves out (cross_entropy's ignore_index)
+
+
+@dataclass
+class Examples:
+    """JSONL examples packed into rows, with what the loop needs beside them (as TokenData has it)."""
+
+    tokenizer: Tokenizer
+    train: PackedRows
+    val: PackedRows
+    summary: ExampleSummary
+    key: str  # identifies the rows; recorded in train_state.json, so a resume reads the same examples
+
+    @property
+    def train_tokens(self) -> int:
+        return self.summary.tokens
+
+    @property
+    def val_tokens(self) -> int:
+        return int((self.val.documents >= 0).sum())
+
+
+def load_example_rows(data: list[Path], val_data: list[Path], fmt: ExampleFormat, block_size: int, seed: int,
+                      include_prompts: bool, drop_long: bool) -> Examples:
+    loaded = load_examples(data, fmt, block_size, val_path=val_data or None, seed=seed,
+                           include_prompts=include_prompts, drop_long=drop_long)
+    digest = hashlib.sha256(b"edgegpt-examples-1")
+    for rows in (loaded.train, loaded.val):
+        for array in (rows.tokens, rows.loss_mask, rows.documents):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return Examples(fmt.tokenizer, loaded.train, loaded.val, loaded.summary, digest.hexdigest()[:16])
+
+
+@dataclass
+class Batch:
+    """Rows of block_size + 1 tokens; for examples, which labels count and the example each token belongs to."""
+
+    tokens: Tensor  # int64 [rows, block + 1]
+    loss_mask: Tensor | None = None  # bool [rows, block]; None: every label counts
+    documents: Tensor | None = None  # int64 [rows, block + 1]; None: one document per row
+
+    @property
+    def inputs(self) -> Tensor:
+        return self.tokens[:, :-1]
+
+    @property
+    def labels(self) -> Tensor:
+        labels = self.tokens[:, 1:]
+        return labels if self.loss_mask is None else labels.masked_fill(~self.loss_mask, IGNORE)
+
+    @property
+    def input_documents(self) -> Tensor | None:
+        return None if self.documents is None else self.documents[:, :-1]
+
+    @property
+    def counted(self) -> int:
+        """Labels the loss counts."""
+        return self.inputs.numel() if self.loss_mask is None else int(self.loss_mask.sum())
+
+    def _map(self, change) -> Batch:
+        return Batch(*(None if t is None else change(t) for t in (self.tokens, self.loss_mask, self.documents)))
+
+    def of_rank(self, world: distributed.World) -> Batch:
+        return self._map(lambda t: distributed.rank_rows(t, world))
+
+    def to(self, device: torch.device) -> Batch:
+        return self._map(lambda t: t.to(device))
+
+    def chunk(self, parts: int) -> list[Batch]:
+        rows = self.tokens.shape[0]
+        size = -(-rows // parts)
+        return [self._map(lambda t, start=start: t[start:start + size]) for start in range(0, rows, size)]
+
+    def weight(self, counted_per_rank: float) -> float:
+        """This micro-batch's share of its rank's loss: its labels over the global batch's, times the ranks
+        (DistributedDataParallel averages the ranks' gradients)."""
+        return self.counted / counted_per_rank
+
+
+def draw_batch(data: TokenData | Examples, rows: int, block_size: int, seed: int, step: int) -> Batch:
+    """The global batch of `step`: every rank draws the same and trains on its share of the rows."""
+    if isinstance(data, Examples):
+        tokens, loss_mask, documents = sample_rows(data.train, rows, seed, step)
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(loss_mask), torch.from_numpy(documents))
+    return Batch(torch.from_numpy(sample_batch(data.train, rows, block_size, seed, step)))
+
+
+@torch.no_grad()
+def evaluate_rows(model: GPT, rows: PackedRows, char_table: np.ndarray, n_rows: int, device: torch.device,
+                  batch_size: int = 8) -> Score:
+    """Validation of packed examples: nats over the labels the loss counts, in up to n_rows rows spread evenly
+    over the split (the same rows every time, so the losses compare)."""
+    was_training = model.training
+    model.eval()
+    if len(rows) > n_rows:
+        picked = np.unique(np.linspace(0, len(rows) - 1, n_rows).round().astype(np.int64))
+        rows = PackedRows(rows.tokens[picked], rows.loss_mask[picked], rows.documents[picked])
+    nats, counted, chars, top1 = 0.0, 0, 0, []
+    try:
+        for tokens, loss_mask, documents in row_batches(rows, batch_size):
+            batch = Batch(torch.from_numpy(tokens), torch.from_numpy(loss_mask), torch.from_numpy(documents)).to(device)
+            logits = model(batch.inputs, documents=batch.input_documents).float()
+            kept = batch.loss_mask
+            nats += F.cross_entropy(logits[kept], batch.tokens[:, 1:][kept], reduction="sum").item()
+            counted += int(kept.sum())
+            chars += int(char_table[tokens[:, 1:][loss_mask]].sum())
+            top1.append(logits[kept].argmax(-1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    if counted == 0:
+        raise EdgeGPTError("the validation examples have no token to score; give --val-data with assistant turns")
+    return Score(nats, counted, chars, np.concatenate(top1))
