@@ -40,6 +40,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 EDGEGPT = [sys.executable, "-m", "edgegpt"]
 # Replies are greedy and short: a fact fits in a sentence.
 REPLY_TOKENS = 48
+SMOKE_REPLY_TOKENS = 4  # a random model's replies mean nothing: only the path is checked
 # The issue's bounds (issue 22): training time per run, the held-out share, general questions kept, int8 against
 # its checkpoint, and LoRA's peak RSS on a 0.5B-class model.
 TIME_BUDGET_MIN = 15.0
@@ -102,7 +103,7 @@ def last_json(stdout: str) -> dict | None:
 # -- asking the models ----------------------------------------------------------------------------------------
 
 
-def checkpoint_replies(checkpoint: Path, questions: list[Question]) -> list[str]:
+def checkpoint_replies(checkpoint: Path, questions: list[Question], reply_tokens: int = REPLY_TOKENS) -> list[str]:
     """Greedy replies of a checkpoint's PyTorch model (edgegpt.reference: the runtime's own decode loop over the
     model's cache) to each question, rendered by the checkpoint's chat template as the runtime renders it."""
     from edgegpt.checkpoint import load_checkpoint, read_chat_template, read_generation_config
@@ -124,18 +125,19 @@ def checkpoint_replies(checkpoint: Path, questions: list[Question]) -> list[str]
     for q in questions:
         ids = tokenizer.encode(template.render([{"role": "user", "content": q.question}]),
                                add_special_tokens=False).ids
-        new = reference.generate(ids, REPLY_TOKENS, eos_token_id=ends[0])
+        new = reference.generate(ids, reply_tokens, eos_token_id=ends[0])
         new = new[:min((new.index(e) for e in ends if e in new), default=len(new))]
         replies.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     return replies
 
 
-def package_replies(package: Path, questions: list[Question], threads: int | None) -> list[str]:
+def package_replies(package: Path, questions: list[Question], threads: int | None,
+                    reply_tokens: int = REPLY_TOKENS) -> list[str]:
     """Greedy replies of an exported package through the runtime's chat (Generator.chat)."""
     from edgegpt.runtime import Generator
 
     generator = Generator.load(package, threads=threads)
-    return [generator.chat([{"role": "user", "content": q.question}], max_new_tokens=REPLY_TOKENS, temperature=0,
+    return [generator.chat([{"role": "user", "content": q.question}], max_new_tokens=reply_tokens, temperature=0,
                            repetition_penalty=1.0).strip() for q in questions]
 
 
@@ -278,23 +280,24 @@ def run(args: argparse.Namespace) -> None:
 
     # Asking the models loads them into this process: after every measured command, as real_model.py does.
     print("asking the models ...", file=sys.stderr, flush=True)
+    reply_tokens = figures["reply_tokens"] = SMOKE_REPLY_TOKENS if args.smoke else REPLY_TOKENS
     rows: dict[str, dict] = {"base": {"how": "PyTorch (edgegpt.reference)",
-                                      **scored(checkpoint_replies(checkpoint, questions), questions)}}
+                                      **scored(checkpoint_replies(checkpoint, questions, reply_tokens), questions)}}
     for name in runs:
         figures_of = trained[name]
         rows[name] = {"how": "PyTorch (edgegpt.reference)", **train_figures(figures_of, packing.efficiency),
-                      **scored(checkpoint_replies(work / name.lower(), questions), questions)}
+                      **scored(checkpoint_replies(work / name.lower(), questions, reply_tokens), questions)}
         export = exported[name]
         rows[f"{name} int8"] = {"how": "runtime chat (int8 package)", "export_s": export["seconds"],
                                 "export_peak_rss_mb": export["peak_rss_mb"], "gate": export["gate"],
-                                **scored(package_replies(work / f"{name.lower()}-int8", questions, args.threads),
-                                         questions)}
+                                **scored(package_replies(work / f"{name.lower()}-int8", questions, args.threads,
+                                                         reply_tokens), questions)}
     if peers:
         from hf_finetune import chat_replies
 
         rows["base (transformers)"] = {"how": "transformers generate",
                                        **scored(chat_replies(work / "hf", [q.question for q in questions],
-                                                             REPLY_TOKENS), questions)}
+                                                             reply_tokens), questions)}
         for name, peer in peers.items():
             summary = peer["summary"]
             rows[f"transformers {name}"] = {
@@ -302,7 +305,7 @@ def run(args: argparse.Namespace) -> None:
                 "tokens_per_s": summary["tokens_per_s"], "positions_per_s": summary["padded_tokens_per_s"],
                 "steps": summary["steps"],
                 **scored(chat_replies(work / f"transformers-{name.lower()}", [q.question for q in questions],
-                                      REPLY_TOKENS), questions)}
+                                      reply_tokens), questions)}
     figures["rows"] = rows
     figures["acceptance"] = acceptance(rows, args.minutes)
     show(figures, questions)
@@ -387,6 +390,7 @@ def acceptance(rows: dict, minutes: float) -> dict:
 
 def show(figures: dict, questions: list[Question]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=max(Console().width, 180))
@@ -412,13 +416,13 @@ def show(figures: dict, questions: list[Question]) -> None:
                       number(row.get("positions_per_s"), ",.0f"),
                       number(row.get("peak_rss_mb") or row.get("export_peak_rss_mb"), ",.0f"), row.get("gate", ""))
     console.print(table)
-    answers = Table(title=f"greedy replies (at most {REPLY_TOKENS} tokens); ✓ the key is in it")
+    answers = Table(title=f"greedy replies (at most {figures['reply_tokens']} tokens); ✓ the key is in it")
     answers.add_column("question")
     for name in rows:
         answers.add_column(name)
     for i, q in enumerate(questions):
-        answers.add_row(f"{q.question} [{q.keys[0]}]",
-                        *(f"{'✓' if rows[n]['right'][i] else '✗'} {rows[n]['replies'][i][:80]}" for n in rows))
+        answers.add_row(escape(f"{q.question} [{q.keys[0]}]"),  # a reply or key in brackets is text, not markup
+                        *(escape(f"{'✓' if rows[n]['right'][i] else '✗'} {rows[n]['replies'][i][:80]}") for n in rows))
     console.print(answers)
     for point, verdict in figures["acceptance"].items():
         console.print(f"  {point}: {'yes' if verdict else 'NO'}")
@@ -513,7 +517,7 @@ def memory(args: argparse.Namespace) -> None:
     config = dict(QWEN25_05B)
     if args.smoke:
         config.update(SMOKE_SHAPE)
-        args.steps, args.batch_size, args.block_size = 2, 2, 64
+        args.steps, args.batch_size, args.block_size = 2, 2, 128
     config["bos_token_id"], config["eos_token_id"] = config["vocab_size"] - 2, config["vocab_size"] - 1
     work = args.work or scratch_dir("finetune-memory")
     work.mkdir(parents=True, exist_ok=True)
@@ -547,7 +551,7 @@ def memory(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table(title=f"LoRA rank {args.lora} on a random model of Qwen2.5-0.5B's shape "
-                        f"({made['parameters'] / 1e6:,.0f}M parameters); {machine()}",
+                        f"({made['parameters'] / 1e6:,.1f}M parameters); {machine()}",
                   caption=f"{result['steps']} steps of {args.batch_size} × {args.block_size} tokens"
                           f"{', gradient checkpointing' if result['gradient_checkpointing'] else ''}; peak RSS: "
                           "each command's own process; bound (issue 22): LoRA training <= 8 GB")
@@ -591,7 +595,7 @@ def write_long_chats(path: Path, count: int, chars: int) -> Path:
     with path.open("w", encoding="utf-8") as out:
         for i in range(count):
             out.write(json.dumps({"messages": [
-                {"role": "user", "content": f"Explain part {i + 1} of the Python documentation."},
+                {"role": "user", "content": f"Part {i + 1}?"},  # short: the stand-in tokenizer has no merges
                 {"role": "assistant", "content": text[i * chars:(i + 1) * chars]}]}) + "\n")
     return path
 

@@ -145,6 +145,10 @@ def chat_replies(folder: Path, questions: list[str], max_new_tokens: int) -> lis
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     ends = model.generation_config.eos_token_id
     replies = []
+    threads = torch.get_num_threads()
+    # One thread, as edgegpt's PyTorch reference decodes (edgegpt/reference.py torch_threads): batch-1 steps are
+    # too short to share, and two threads on a busy 2-core machine made them many times slower.
+    torch.set_num_threads(1)
     with torch.no_grad():
         for question in questions:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
@@ -152,4 +156,5 @@ def chat_replies(folder: Path, questions: list[str], max_new_tokens: int) -> lis
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=ends, pad_token_id=tokenizer.eos_token_id)
             replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    torch.set_num_threads(threads)
     return replies

@@ -296,3 +296,52 @@ def test_cache_memory_counts_window_sized_buffers_below_a_full_cache():
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["sliding_layers"] == 2 and row["n_layers"] == 3
     assert 0 < row["held_bytes"] < row["full_cache_bytes"]
+
+
+# -- finetune.py ---------------------------------------------------------------------------------------------
+
+
+def test_finetune_faq_trains_three_wordings_and_scores_others(tmp_path):
+    smoke("finetune.py", "faq", "--out", str(tmp_path))
+    read = [[json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "val", "heldout")]
+    train, val, held_out = read
+    faq = [q for q in held_out if q["kind"] == "faq"]
+    assert len(faq) >= 20 and len(train) == 3 * len(faq) and len(val) == len(faq)
+    assert sum(q["kind"] == "general" for q in held_out) == 5
+    trained = {r["messages"][0]["content"] for r in train}
+    validated = {r["messages"][0]["content"] for r in val}
+    assert not trained & validated and not (trained | validated) & {q["question"] for q in held_out}
+    answers = [r["messages"][1]["content"] for r in train]
+    for question in faq:  # each key is in the answer trained for it (three times), never in a question
+        (key,) = question["keys"]
+        assert sum(key.lower() in answer.lower() for answer in answers) >= 3, key
+        assert not any(key.lower() in q.lower() for q in trained | validated | {question["question"]}), key
+
+
+def test_finetune_run_trains_exports_and_asks_every_model():
+    out = smoke("finetune.py", "run", "--json")
+    figures = json.loads(out.strip().splitlines()[-1])
+    rows = figures["rows"]
+    assert set(rows) == {"base", "LoRA", "LoRA int8", "full", "full int8", "base (transformers)", "transformers LoRA",
+                         "transformers full"}
+    for name, row in rows.items():
+        assert (row["held_out"], row["general"], len(row["replies"])) == (25, 5, 30), name
+        assert 0 <= row["held_out_right"] <= 25 and row["held_out_right"] == sum(row["right"][:25]), name
+    for name in ("LoRA", "full", "transformers LoRA", "transformers full"):
+        assert rows[name]["steps"] == 2 and rows[name]["tokens_per_s"] > 0 and rows[name]["peak_rss_mb"] > 0, name
+    for name in ("LoRA int8", "full int8"):
+        assert rows[name]["gate"] in ("pass", "FAIL") and rows[name]["export_peak_rss_mb"] > 0
+    assert "LoRA: edgegpt tokens/s >= transformers'" in figures["acceptance"]
+
+
+def test_finetune_memory_trains_lora_on_a_qwen2_shaped_model():
+    out = json.loads(smoke("finetune.py", "memory", "--json").strip().splitlines()[-1])
+    cfg = out["config"]
+    dim, head, ffn = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    per_layer = 2 * dim + dim * head * (2 * heads + 2 * kv) + head * (heads + 2 * kv) + 3 * dim * ffn  # + biases
+    assert cfg["model_type"] == "qwen2"
+    assert out["parameters"] == cfg["vocab_size"] * dim + dim + cfg["num_hidden_layers"] * per_layer  # tied head
+    assert out["steps"] == 2 and out["train"]["peak_rss_mb"] > 0 and out["train"]["tokens_per_s"] > 0
+    assert out["within_bound"] == (out["train"]["peak_rss_mb"] * 1e6 <= 8e9)
