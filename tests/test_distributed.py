@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun on the CPU (gloo): two processes train exactly what one process
-trains with the same global batch, only rank 0 writes, and --resume works the same."""
+trains with the same global batch, only rank 0 writes, and --resume works the same; fine-tuning a checkpoint
+(every weight and LoRA, on packed chat examples) too."""
 
 from __future__ import annotations
 
@@ -120,3 +121,62 @@ def test_killed_torchrun_job_resumes_exactly(tmp_path, ddp_corpus, single_proces
     assert 8 <= left_at < STEPS
     resumed = summary_of(edgegpt_train([*args, "--resume"], 2, tmp_path))
     assert_same_training(out, resumed, reference_out, reference)
+
+
+# -- fine-tuning a checkpoint (edgegpt.train.finetune) under torchrun -----------------------------------------------
+
+FINE_TUNE_STEPS = 8
+FINE_TUNE = ["--block-size", "63", "--eval-every", "4", "--save-every", "2", "--seed", "3",
+             "--max-steps", str(FINE_TUNE_STEPS), "--json"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory, corpus_text) -> tuple[Path, Path]:
+    """A random nano chat checkpoint (ChatML) and conversations of uneven length: rows hold two or three, and
+    each rank's rows count different numbers of trained tokens."""
+    import random
+
+    from edgegpt.checkpoint import save_checkpoint
+    from edgegpt.core.config import preset
+    from edgegpt.model import GPT
+    from edgegpt.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ddp-fine-tune")
+    tokenizer = train_tokenizer([corpus_text[:20_000]], 298)
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    save_checkpoint(root / "base", GPT(preset("nano", vocab_size=300, max_len=64)), tokenizer,
+                    generation={"eos_token_id": tokenizer.token_to_id("<|im_end|>")}, chat_template=CHATML)
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "large", "small", "round", "square", "quiet"]
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": " ".join(
+        rng.choice(words) for _ in range(rng.randint(1, 4)))}]}) for i in range(60)]
+    (root / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "base", root / "chats.jsonl"
+
+
+@pytest.mark.parametrize("adapters", [[], ["--lora", "4", "--lora-dropout", "0"]], ids=["full", "lora"])
+def test_fine_tuning_on_two_processes_equals_one_with_the_same_global_batch(adapters, tmp_path, chat_base):
+    """Fine-tuning every weight and LoRA, on packed chat examples (a loss mask and documents per row): two processes
+    with 2 rows each train what one process trains with 4."""
+    base, chats = chat_base
+    runs = {}
+    for processes, rows in ((None, "4"), (2, "2")):
+        out = tmp_path / f"out-{processes or 1}"
+        result = edgegpt_train(["--from", str(base), "--data", str(chats), "--batch-size", rows, "--out", str(out),
+                                *adapters, *FINE_TUNE], processes, tmp_path / f"home-{processes or 1}")
+        runs[processes] = out, summary_of(result)
+    (one_out, one), (two_out, two) = runs[None], runs[2]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["steps"] == one["steps"] == FINE_TUNE_STEPS and two["tokens"] == one["tokens"]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-4)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+    files = ["model.safetensors", "train_state.safetensors", *(["adapter/adapter_model.safetensors"] * bool(adapters))]
+    for name in files:
+        ours, theirs = load_file(two_out / name), load_file(one_out / name)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-4, msg=f"{name}: {key}")
+    assert sorted(p.name for p in two_out.iterdir()) == sorted(p.name for p in one_out.iterdir())

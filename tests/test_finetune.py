@@ -265,7 +265,7 @@ def test_chat_examples_train_the_assistants_tokens_packed(base, chats, tmp_path)
 def test_micro_batches_and_masks_weigh_every_counted_label_once():
     """A step's loss and gradients are the mean over the global batch's counted labels, however the rows are cut
     into micro-batches: rows with few trained tokens weigh no more than their tokens."""
-    from edgegpt.train.batches import Batch
+    from edgegpt.train.batches import Batch, CountedLogits
     from edgegpt.train.loop import _train_step
 
     torch.manual_seed(0)
@@ -283,7 +283,7 @@ def test_micro_batches_and_masks_weigh_every_counted_label_once():
     for accumulation in (1, 2, 4):
         model.zero_grad()
         opts = TrainOptions(grad_accum=accumulation).resolved()
-        losses = _train_step(model, None, batch, batch.counted, opts, torch.device("cpu"), None)
+        losses = _train_step(CountedLogits(model), None, batch, batch.counted, opts, torch.device("cpu"), None)
         assert losses["loss"] == pytest.approx(expected.item(), abs=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, reference[name], rtol=0, atol=1e-6, msg=name)

@@ -23,14 +23,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
 from edgegpt.scoring import Score
 from edgegpt.train import distributed
 from edgegpt.train.data import TokenData, sample_batch
-from edgegpt.train.examples import ExampleFormat, ExampleSummary, PackedRows, load_examples, row_batches, sample_rows
+from edgegpt.train.examples import (
+    ExampleFormat,
+    ExampleSummary,
+    PackedRows,
+    is_example_data,
+    load_examples,
+    row_batches,
+    sample_rows,
+)
+from edgegpt.train.options import TrainOptions
 
 IGNORE = -100  # a label the loss leaves out (cross_entropy's ignore_index)
 
@@ -65,6 +74,22 @@ def load_example_rows(data: list[Path], val_data: list[Path], fmt: ExampleFormat
     return Examples(fmt.tokenizer, loaded.train, loaded.val, loaded.summary, digest.hexdigest()[:16])
 
 
+def check_example_data(data: list[Path], opts: TrainOptions, resume: bool) -> bool:
+    """Whether --data is JSONL examples, refusing what cannot train on them: a tokenizer still to be trained, a
+    teacher (its forward pass does not separate packed examples), the example options on plain text."""
+    examples = bool(data) and is_example_data(data)
+    if examples and opts.teacher is not None:
+        raise EdgeGPTError("--teacher distils on plain text; JSONL examples (messages, prompt/completion) train "
+                           "with labels only: drop --teacher")
+    if examples and not (resume or opts.from_checkpoint or opts.tokenizer):
+        raise EdgeGPTError("JSONL examples (messages, prompt/completion) need the model's tokenizer: fine-tune a "
+                           "checkpoint with --from, or give --tokenizer")
+    if not examples and (opts.include_prompts or opts.drop_long):
+        raise EdgeGPTError("--include-prompts and --drop-long apply to JSONL examples (messages or "
+                           "prompt/completion records); this data is plain text")
+    return examples
+
+
 @dataclass
 class Batch:
     """Rows of block_size + 1 tokens; for examples, which labels count and the example each token belongs to."""
@@ -81,6 +106,13 @@ class Batch:
     def labels(self) -> Tensor:
         labels = self.tokens[:, 1:]
         return labels if self.loss_mask is None else labels.masked_fill(~self.loss_mask, IGNORE)
+
+    @property
+    def counted_labels(self) -> Tensor:
+        """The labels the loss counts, as CountedLogits(counted=loss_mask) orders its logits: [rows, block] for
+        plain text, [counted] for examples."""
+        labels = self.tokens[:, 1:]
+        return labels if self.loss_mask is None else labels[self.loss_mask]
 
     @property
     def input_documents(self) -> Tensor | None:
@@ -119,6 +151,20 @@ def draw_batch(data: TokenData | Examples, rows: int, block_size: int, seed: int
     return Batch(torch.from_numpy(sample_batch(data.train, rows, block_size, seed, step)))
 
 
+class CountedLogits(nn.Module):
+    """The model as a training step calls it: the logits at the labels the loss counts (counted [B, T] bool; None:
+    every position). The LM head runs on those positions alone: its vocabulary-wide rows are the largest tensors
+    of a step, and on chat data most positions are prompts the loss leaves out."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, documents: Tensor | None = None, counted: Tensor | None = None) -> Tensor:
+        hidden = self.model.hidden_states(input_ids, documents)
+        return self.model.logits(hidden if counted is None else hidden[counted])
+
+
 @torch.no_grad()
 def evaluate_rows(model: GPT, rows: PackedRows, char_table: np.ndarray, n_rows: int, device: torch.device,
                   batch_size: int = 8) -> Score:
@@ -133,12 +179,13 @@ def evaluate_rows(model: GPT, rows: PackedRows, char_table: np.ndarray, n_rows: 
     try:
         for tokens, loss_mask, documents in row_batches(rows, batch_size):
             batch = Batch(torch.from_numpy(tokens), torch.from_numpy(loss_mask), torch.from_numpy(documents)).to(device)
-            logits = model(batch.inputs, documents=batch.input_documents).float()
             kept = batch.loss_mask
-            nats += F.cross_entropy(logits[kept], batch.tokens[:, 1:][kept], reduction="sum").item()
+            # The LM head on the counted positions alone: a vocabulary-wide row per position is the largest thing.
+            logits = model.logits(model.hidden_states(batch.inputs, batch.input_documents)[kept]).float()
+            nats += F.cross_entropy(logits, batch.tokens[:, 1:][kept], reduction="sum").item()
             counted += int(kept.sum())
             chars += int(char_table[tokens[:, 1:][loss_mask]].sum())
-            top1.append(logits[kept].argmax(-1).cpu().numpy())
+            top1.append(logits.argmax(-1).cpu().numpy())
     finally:
         model.train(was_training)
     if counted == 0:

@@ -50,7 +50,15 @@ from edgegpt.model import GPT
 from edgegpt.scoring import char_starts_table
 from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train import distributed
-from edgegpt.train.batches import Batch, Examples, draw_batch, evaluate_rows, load_example_rows
+from edgegpt.train.batches import (
+    Batch,
+    CountedLogits,
+    Examples,
+    check_example_data,
+    draw_batch,
+    evaluate_rows,
+    load_example_rows,
+)
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
 from edgegpt.train.data import TokenData, prepare_data
 from edgegpt.train.distill import (
@@ -61,7 +69,6 @@ from edgegpt.train.distill import (
     open_teacher,
     student_config_from_teacher,
 )
-from edgegpt.train.examples import is_example_data
 from edgegpt.train.finetune import (
     check_teacher_vocabulary,
     copy_base_files,
@@ -323,22 +330,6 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
                    examples)
 
 
-def check_example_data(data: list[Path], opts: TrainOptions, resume: bool) -> bool:
-    """Whether --data is JSONL examples, refusing what cannot train on them: a tokenizer still to be trained, a
-    teacher (its forward pass does not separate packed examples), the example options on plain text."""
-    examples = bool(data) and is_example_data(data)
-    if examples and opts.teacher is not None:
-        raise EdgeGPTError("--teacher distils on plain text; JSONL examples (messages, prompt/completion) train "
-                           "with labels only: drop --teacher")
-    if examples and not (resume or opts.from_checkpoint or opts.tokenizer):
-        raise EdgeGPTError("JSONL examples (messages, prompt/completion) need the model's tokenizer: fine-tune a "
-                           "checkpoint with --from, or give --tokenizer")
-    if not examples and (opts.include_prompts or opts.drop_long):
-        raise EdgeGPTError("--include-prompts and --drop-long apply to JSONL examples (messages or "
-                           "prompt/completion records); this data is plain text")
-    return examples
-
-
 def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher | None) -> int:
     """--block-size, else the longest window both the student and the teacher can take."""
     block_size = opts.block_size or min(cfg.max_len, teacher.max_len if teacher else cfg.max_len)
@@ -426,11 +417,11 @@ def write_run_files(plan: RunPlan, tokens: TokenData | Examples) -> None:
 
 
 def wrap_model(model: GPT, plan: RunPlan) -> tuple[torch.nn.Module, NoSync | None]:
-    """The module the step calls (DDP- and compile-wrapped when asked), and DDP's no_sync."""
-    forward: torch.nn.Module = model
+    """The module the step calls (CountedLogits; DDP- and compile-wrapped when asked), and DDP's no_sync."""
+    forward: torch.nn.Module = CountedLogits(model)
     no_sync = None
     if plan.world.distributed:
-        forward = DistributedDataParallel(model, device_ids=[plan.device] if plan.device.type == "cuda" else None)
+        forward = DistributedDataParallel(forward, device_ids=[plan.device] if plan.device.type == "cuda" else None)
         no_sync = forward.no_sync
     if plan.opts.compile:
         forward = torch.compile(forward)
@@ -529,9 +520,9 @@ def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: Batch,
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = forward(micro.inputs, documents=micro.input_documents)
-            teacher_logits = teacher.logits(micro.inputs) if teacher is not None else None
-            loss = distillation_loss(logits, teacher_logits, micro.labels, *opts.distillation())
+                logits = forward(micro.inputs, documents=micro.input_documents, counted=micro.loss_mask)
+            teacher_logits = teacher.logits(micro.inputs) if teacher is not None else None  # (plain text only)
+            loss = distillation_loss(logits, teacher_logits, micro.counted_labels, *opts.distillation())
             (loss.total * weight).backward()
         for key, value in zip(("loss", "ce", "kd"), loss):
             sums[key] += value.item() * weight
