@@ -185,9 +185,20 @@ def test_epochs_become_steps_from_the_data_and_the_batch(base, corpus_text, tmp_
 
 
 @pytest.mark.slow  # a training run with recomputed activations
-def test_gradient_checkpointing_trains_the_same_weights(base, text, tmp_path):
+def test_gradient_checkpointing_trains_the_same_weights(base, text, tmp_path, monkeypatch):
+    import edgegpt.model
+
     plain = fine_tune(base, text, tmp_path / "plain", max_steps=3, **LORA)
+    layers_recomputed = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        layers_recomputed.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    checkpoint = edgegpt.model.checkpoint
+    monkeypatch.setattr(edgegpt.model, "checkpoint", counted_checkpoint)
     recomputed = fine_tune(base, text, tmp_path / "recomputed", max_steps=3, gradient_checkpointing=True, **LORA)
+    assert len(layers_recomputed) == 3 * 4  # every layer of every step (validation computes no gradients)
     assert recomputed.train_loss == pytest.approx(plain.train_loss, abs=1e-6)
     a, b = load_file(tmp_path / "plain" / "train_state.safetensors"), \
         load_file(tmp_path / "recomputed" / "train_state.safetensors")
