@@ -3,7 +3,7 @@
     input_ids ─► /embed/Gather ─► /layers.0/attn_norm/SimplifiedLayerNormalization
       ─► per layer i:  attention (GroupQueryAttention, cache in place)  ─► SkipSimplifiedLayerNormalization
                        SwiGLU MLP                                        ─► SkipSimplifiedLayerNormalization
-      ─► /norm/SkipSimplifiedLayerNormalization ─► /lm_head/MatMul ─► logits
+      ─► /norm/SkipSimplifiedLayerNormalization ─► /lm_head/FusedMatMul (x · Wᵀ) ─► logits
 
 Why emitted rather than rewritten from the torch.onnx graph (../shared/ONNX-NOTES.md): onnxscript's
 rewriter only fuses GroupQueryAttention for old Hugging Face idioms, drops the mask and grows the cache;
@@ -24,7 +24,8 @@ turn by rotary_local.{cos,sin}_cache when they have a rotary base of their own.
 
 Node names are module paths (`/layers.3/attn/GroupQueryAttention`); initializers are named after the
 PyTorch parameters (`layers.3.attn.q_proj.weight`), with MatMul weights stored as [in, out], the
-transpose of nn.Linear's [out, in], because MatMul multiplies x @ W.
+transpose of nn.Linear's [out, in], because MatMul multiplies x @ W; the float32 LM head multiplies by the
+transpose of its [vocab, dim] weight instead (lm_head).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def build_fused_graph(model: GPT, path: Path, precision: str = "fp32", *, pack_q
             mlp_out = plain_norm(g, cfg, weights, f"layers.{i}.post_mlp_norm", mlp_out)
         next_norm = f"layers.{i + 1}.attn_norm" if i + 1 < cfg.n_layers else "norm"
         normed, residual = skip_norm(g, cfg, weights, next_norm, mlp_out, residual)
-    lm_head(g, weights, normed, cast_to_float32=elem != TensorProto.FLOAT, softcap=cfg.final_softcap)
+    lm_head(g, cfg, weights, normed, cast_to_float32=elem != TensorProto.FLOAT)
 
     def value(name: str, spec: dict[str, Any]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, _ELEM[spec["dtype"]], spec["shape"])
@@ -351,26 +352,29 @@ def mlp(g: "_Graph", cfg: ModelConfig, weights: dict, layer: int, x: str) -> str
     return proj("down_proj", gated)
 
 
-def lm_head(g: "_Graph", weights: dict, x: str, cast_to_float32: bool, softcap: float | None = None) -> None:
-    """The LM head as its own MatMul on a [dim, vocab] initializer named lm_head.weight.
+def lm_head(g: "_Graph", cfg: ModelConfig, weights: dict, x: str, cast_to_float32: bool) -> None:
+    """The LM head on the [vocab, dim] weight as PyTorch holds it, x times its transpose:
 
-        x [B, S, dim] ─► /lm_head/MatMul(lm_head.weight [dim, vocab]) ─► logits [B, S, vocab]
-                                                              (fp16: ─► /lm_head/Cast ─► float32 logits)
+        float32: x [B, S, dim] ─► /lm_head/FusedMatMul(W [vocab, dim], transB=1) ─► logits [B, S, vocab]
+                 W is embed.weight itself when the embedding is tied (the Gather's table), else lm_head.weight
+        float16: x ─► /lm_head/MatMul(lm_head.weight [dim, vocab], a transposed copy) ─► /lm_head/Cast ─► float32
 
-    With tied embeddings the file stores the [vocab, dim] embedding for the Gather AND this transposed
-    copy, rather than MatMul(x, Transpose(embed.weight)):
-    - the quantizers (quantize_dynamic, MatMulNBitsQuantizer) only touch a MatMul whose weight is an
-      initializer; with a stored copy every quantizer reaches the head with no pre-pass to remember;
-    - running costs nothing more: onnxruntime constant-folds Transpose(embed.weight) into exactly such
-      a [dim, vocab] initializer when it loads the graph (seen in its optimized graph), so the session
-      holds both either way and the two forms run the same graph;
-    - the price is file size only, vocab·dim·4 bytes: +14% on `small`'s fp32 file, +8% on `nano`'s.
-      A quantized package pays nothing extra (it needs the float embedding and the quantized head).
+    A float32 graph stores a tied table once: no transposed copy in the file, none to write at export or to
+    read back when the head is quantized (MatMulNBits wants [vocab, dim] anyway), and the export's float32
+    check holds the weights once (a 262k vocabulary's table is 671 MB at Gemma's width). FusedMatMul is
+    onnxruntime's CPU contrib op (float32 fused packages run on the CPU); its kernel packs the transposed
+    weight at load as MatMul's does. float16 graphs, for CUDA, keep ONNX's own MatMul on a stored copy.
     """
     head = weights.get("lm_head.weight", weights["embed.weight"])
-    w = g.weight("lm_head.weight", np.ascontiguousarray(head.T))
-    last = not cast_to_float32 and softcap is None  # the MatMul's output is the graph's logits
-    logits = g.op("MatMul", "/lm_head/MatMul", [x, w], outputs=["logits"] if last else None)[0]
+    softcap = cfg.final_softcap
+    last = not cast_to_float32 and softcap is None  # the product is the graph's logits
+    outputs = ["logits"] if last else None
+    if cast_to_float32:
+        w = g.weight("lm_head.weight", np.ascontiguousarray(head.T))
+        logits = g.op("MatMul", "/lm_head/MatMul", [x, w], outputs=outputs)[0]
+    else:
+        w = "embed.weight" if cfg.tie_embeddings else g.weight("lm_head.weight", head)
+        logits = g.op("FusedMatMul", "/lm_head/FusedMatMul", [x, w], outputs=outputs, domain=MS_DOMAIN, transB=1)[0]
     if softcap is not None:  # cap · tanh(logits / cap), as edgegpt.model.GPT.logits
         cap = g.weight("lm_head.softcap", np.array(softcap, np.float32))
         squashed = g.op("Tanh", "/lm_head/Tanh", [g.op("Div", "/lm_head/Div", [logits, cap])[0]])[0]

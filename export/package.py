@@ -256,11 +256,15 @@ def cuda_available() -> bool:
     return available()
 
 
-def open_package(directory: Path, precision: str, max_length: int | None = None):
-    """The runtime's Generator over a staged package (CUDA for float16, which the CPU refuses)."""
+def open_package(directory: Path, precision: str, max_length: int | None = None, tokenizer: Any = None,
+                 prepack: bool = True):
+    """The runtime's Generator over a staged package (CUDA for float16, which the CPU refuses). tokenizer: the
+    one the package's tokenizer.json was written from, reused rather than parsed again (a 262k vocabulary's
+    takes hundreds of MB, beside the checkpoint's own); prepack: runtime/session.py's session_options."""
     from edgegpt.runtime import Generator
 
-    return Generator.load(directory, provider="cuda" if precision == "float16" else "cpu", max_length=max_length)
+    provider = "cuda" if precision == "float16" else "cpu"
+    return Generator._load(directory, provider, None, max_length, tokenizer, prepack)
 
 
 @dataclass(frozen=True)
@@ -422,8 +426,10 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
     checks, verification = [], None
     if precision == "float32":
         say("checking the float32 graph against PyTorch")
-        verification = verify_generator(torch_reference(model), open_package(float_dir, precision),
-                                        limits.logit_tolerance)
+        # Unpacked: onnxruntime's repacked copy of the weights would sit beside the PyTorch model's own.
+        checked = open_package(float_dir, precision, tokenizer=tokenizer, prepack=False)
+        verification = verify_generator(torch_reference(model), checked, limits.logit_tolerance)
+        del checked
         checks.append(logit_check(verification))
     final_dir, quantization, cache = float_dir, None, cache_record(plan.kv_cache)
     if plan.kv_cache == "int8":  # the float32 graph above is the one checked against PyTorch; this one is gated
@@ -461,7 +467,7 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
             f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
         units = n_windows + 1  # steps: each window, then the greedy continuations, for PyTorch then the package
         reference = evaluate("PyTorch float32", counted(TorchReference(model), steps, 0, 2 * units), text)
-        scorer = PackageScorer(open_package(final_dir, precision, max_length=text.window))
+        scorer = PackageScorer(open_package(final_dir, precision, max_length=text.window, tokenizer=tokenizer))
         cached = "" if plan.kv_cache != "int8" else ", int8 cache"
         package = evaluate(f"package ({kind}, {label}{cached})", counted(scorer, steps, units, 2 * units), text,
                            reference.predictions)

@@ -150,8 +150,7 @@ def prepare_graph(src: Path) -> PreparedGraph:
         node.name = node.name or f"/{node.op_type}_{i}"
     materialize_transposed_weights(proto, base_dir)
     embedding, head = find_embedding_and_head(proto)
-    tied = embedding is not None and head is not None and is_transpose_of(proto, head.input[1], embedding.input[0],
-                                                                          base_dir)
+    tied = embedding is not None and head is not None and is_tied(proto, embedding, head, base_dir)
     untied_table = None
     if embedding is not None and not tied:
         untied_table = read_tensor(initializer(proto, embedding.input[0]), base_dir)
@@ -212,9 +211,8 @@ def write_quantized(graph: PreparedGraph, options: QuantOptions, plan: dict[str,
     proto.CopyFrom(graph.proto)
     nodes = {n.name: n for n in proto.graph.node}
     if graph.head is not None:
-        head_weight = nodes[graph.head.name].input[1]
-        replace_with_nbits(proto, nodes[graph.head.name],
-                           quantize_matrix(graph.weight(head_weight), TABLE_FORMAT, "rtn"), ACCURACY_LEVEL)
+        replace_with_nbits(proto, nodes[graph.head.name], quantize_matrix(head_matrix(graph), TABLE_FORMAT, "rtn"),
+                           ACCURACY_LEVEL)
     if options.method == "nbits":
         for name, node_name in graph.projections.items():
             if plan[name] != FLOAT:
@@ -252,7 +250,8 @@ def replace_with_nbits(proto: onnx.ModelProto, node: onnx.NodeProto, matrix: Qua
     if zero_points is not None:
         inputs.append(f"{weight}_zero_points")
         graph.initializer.append(numpy_helper.from_array(zero_points, inputs[-1]))
-    prefix = node.name[: -len("MatMul")] if node.name.endswith("MatMul") else f"{node.name}/"
+    suffix = next((op for op in ("FusedMatMul", "MatMul") if node.name.endswith(op)), None)
+    prefix = node.name[: -len(suffix)] if suffix else f"{node.name}/"
     attributes = {"accuracy_level": accuracy_level} if accuracy_level else {}
     nbits = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{prefix}MatMulNBits",
                              domain="com.microsoft", K=matrix.k, N=n, bits=fmt.bits, block_size=fmt.block_size,
@@ -329,8 +328,9 @@ def materialize_transposed_weights(proto: onnx.ModelProto, base_dir: Path | None
 
 
 def find_embedding_and_head(proto: onnx.ModelProto) -> tuple[onnx.NodeProto | None, onnx.NodeProto | None]:
-    """The token embedding (a Gather on a 2-D initializer, indexed by input_ids) and the LM head (the
-    MatMul whose 2-D weight is [dim, vocab], vocab being the embedding's row count)."""
+    """The token embedding (a Gather on a 2-D initializer, indexed by input_ids) and the LM head: a MatMul whose
+    2-D weight is [dim, vocab] (vocab being the embedding's row count), or a FusedMatMul by the transpose of a
+    [vocab, dim] weight (the fused float32 graph's, export/fused.py lm_head)."""
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     inputs = {i.name for i in proto.graph.input}
     embedding = next((n for n in proto.graph.node if n.op_type == "Gather" and len(shapes.get(n.input[0], ())) == 2
@@ -338,8 +338,32 @@ def find_embedding_and_head(proto: onnx.ModelProto) -> tuple[onnx.NodeProto | No
     if embedding is None:
         return None, None
     vocab, dim = shapes[embedding.input[0]]
-    head = next((n for n in proto.graph.node if n.op_type == "MatMul" and shapes.get(n.input[1]) == (dim, vocab)), None)
+    head = next((n for n in proto.graph.node if (n.op_type == "MatMul" and shapes.get(n.input[1]) == (dim, vocab))
+                 or (is_transposed_product(n) and shapes.get(n.input[1]) == (vocab, dim))), None)
     return embedding, head
+
+
+def is_transposed_product(node: onnx.NodeProto) -> bool:
+    """A FusedMatMul computing x · Wᵀ and nothing else (no scaling, no transposed x)."""
+    if node.op_type != "FusedMatMul":
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0
+
+
+def head_matrix(graph: "PreparedGraph") -> np.ndarray:
+    """The LM head's weight as the quantizers take a MatMul's, [dim, vocab] (a transposed view of a
+    FusedMatMul's [vocab, dim] weight: quantize_matrix copies a slice of it at a time)."""
+    weight = graph.weight(graph.head.input[1])
+    return weight.T if is_transposed_product(graph.head) else weight
+
+
+def is_tied(proto: onnx.ModelProto, embedding: onnx.NodeProto, head: onnx.NodeProto, base_dir: Path | None) -> bool:
+    """Whether the head multiplies by the embedding's own table: the same initializer (the fused float32 graph),
+    or a MatMul weight equal to its transpose (the plain graph's materialized Transpose)."""
+    if is_transposed_product(head):
+        return head.input[1] == embedding.input[0]
+    return is_transpose_of(proto, head.input[1], embedding.input[0], base_dir)
 
 
 def is_transpose_of(proto: onnx.ModelProto, head_weight: str, table: str, base_dir: Path | None = None) -> bool:

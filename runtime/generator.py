@@ -142,11 +142,11 @@ class Generator:
 
     @classmethod
     def _load(cls, path: str | Path, provider: str, threads: int | None, max_length: int | None,
-              tokenizer: Tokenizer | None = None) -> "Generator":
+              tokenizer: Tokenizer | None = None, prepack: bool = True) -> "Generator":
         check_provider(provider)  # before the package is read
         package = ModelPackage.load(path, tokenizer)
         check_max_length(max_length, package.model.max_len)
-        session, used = open_session(package, provider, threads)
+        session, used = open_session(package, provider, threads, prepack)
         return cls(package, session, used, max_length)
 
     # -- one forward pass at a time (gpt-fast's prefill / decode_one_token) -------------------------

@@ -70,11 +70,12 @@ def package_provider(package: ModelPackage, provider: str) -> str:
     return provider
 
 
-def open_session(package: ModelPackage, provider: str = "auto",
-                 threads: int | None = None) -> tuple[ort.InferenceSession, str]:
+def open_session(package: ModelPackage, provider: str = "auto", threads: int | None = None,
+                 prepack: bool = True) -> tuple[ort.InferenceSession, str]:
     """The package's model.onnx on the provider package_provider picks; returns the session and the
-    provider actually used ("cpu" or "cuda")."""
-    return create_session(package.model_path, provider=package_provider(package, provider), threads=threads)
+    provider actually used ("cpu" or "cuda"). prepack: session_options'."""
+    return create_session(package.model_path, provider=package_provider(package, provider), threads=threads,
+                          prepack=prepack)
 
 
 def physical_cores() -> int:
@@ -100,7 +101,10 @@ def cuda_available() -> bool:
     return CUDA in ort.get_available_providers()
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
+    """prepack False: the kernels read the weights where they lie (a data file's pages, mapped) rather than
+    a repacked copy made at load, a little slower per step and with one copy of the weights instead of two
+    while loading: for a session opened once to check a graph beside the model it came from (the export)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgeGPTError(f"threads must be a positive integer, got {threads!r}")
     options = ort.SessionOptions()
@@ -111,15 +115,17 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = LOG_ERROR
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
 def create_session(
-    model_path: Path, provider: str = "auto", threads: int | None = None
+    model_path: Path, provider: str = "auto", threads: int | None = None, prepack: bool = True
 ) -> tuple[ort.InferenceSession, str]:
     """Load model.onnx; return the session and the provider actually used ("cpu" or "cuda")."""
     check_provider(provider)
-    options = session_options(threads)
+    options = session_options(threads, prepack)
     has_cuda = cuda_available()
     if provider == "cuda" and not has_cuda:
         raise EdgeGPTError(

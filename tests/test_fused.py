@@ -114,10 +114,11 @@ def test_operator_census_and_node_names(name, tmp_path):
     last = cfg.n_layers - 1
     assert f"/layers.{last}/attn/GroupQueryAttention" in names
     assert f"/layers.{last}/mlp/gate_proj/MatMul" in names
-    # The LM head is its own MatMul on a [dim, vocab] initializer, where a quantizer reaches it.
-    head = names["/lm_head/MatMul"]
+    # The LM head multiplies by the transpose of the embedding's own table (tied), stored once.
+    head = names["/lm_head/FusedMatMul"]
     weights = {t.name: t for t in proto.graph.initializer}
-    assert list(weights[head.input[1]].dims) == [cfg.dim, cfg.vocab_size]
+    assert head.input[1] == "embed.weight" and "lm_head.weight" not in weights
+    assert list(weights[head.input[1]].dims) == [cfg.vocab_size, cfg.dim]
     assert proto.ir_version <= 10
 
 

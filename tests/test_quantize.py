@@ -114,14 +114,14 @@ def packages(tiny_checkpoint, tiny_package, tiny_package_int8, corpus_file, tmp_
 
 def float_projections(proto: onnx.ModelProto) -> list[str]:
     weights = {t.name for t in proto.graph.initializer}
-    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in weights]
 
 
 @pytest.mark.parametrize("bits,method", FORMATS)
 def test_every_projection_is_quantized(packages, tiny_package, bits, method):
     float_graph = onnx.load(str(tiny_package / "model.onnx"))
     projections = float_projections(float_graph)  # q/k/v (packed or not), o, gate, up, down, lm_head
-    assert "/lm_head/MatMul" in projections and len(projections) >= 5 * 4 + 1
+    assert "/lm_head/FusedMatMul" in projections and len(projections) >= 5 * 4 + 1
 
     proto = onnx.load(str(packages[bits, method] / "model.onnx"))
     census = json.loads((packages[bits, method] / "manifest.json").read_text())["operator_census"]
