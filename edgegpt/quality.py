@@ -80,7 +80,7 @@ class PackageScorer:
         the next pass: the graph computes every position's logits, and a whole window's at once would be
         window × vocab floats (a 262k vocabulary: 1 GiB per 1,024 tokens)."""
         caches = [self.generator.empty_cache() for _ in windows]
-        starts = chunk_starts(windows.shape[1], 0, len(windows))
+        starts = chunk_starts(windows.shape[1], 0, len(windows), self.generator.config.vocab_size)
         for start in starts:
             rows = []
             for i, window in enumerate(windows):

@@ -58,7 +58,7 @@ class TorchReference:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             hidden = self.model.hidden_states(x)
-        starts = chunk_starts(hidden.shape[1], skip, len(windows))
+        starts = chunk_starts(hidden.shape[1], skip, len(windows), self.model.cfg.vocab_size)
         for start in starts:
             with autocast:
                 logits = self.model.logits(hidden[:, start : start + starts.step])

@@ -10,7 +10,8 @@ the PyTorch reference), and the benchmarks all score through `score`. Numpy only
 function from a batch of windows to the float32 logits of positions skip.. (positions before `skip` are
 history no window of the batch scores, so a model may leave their logits out), handed over a few positions
 at a time: chunks [B, n, vocab] of consecutive positions. A window's logits whole are window × vocab floats
-(a 262k vocabulary: 1 GiB per 1,024 tokens); a chunk of LOGIT_ROWS rows is consumed before the next is made.
+(a 262k vocabulary: 1 GiB per 1,024 tokens); a chunk of about LOGIT_VALUES floats is consumed before the next is
+made (and a graph's own temporaries of that shape, such as a final soft-cap's, are as small).
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ MIN_EVAL_TOKENS = 128
 # The smallest --window: the greedy checks continue 32-token prompts inside one window (quality.py).
 MIN_WINDOW = 16
 
-# Rows of logits (positions × windows) a scorer hands over at once: a chunk, not a window.
-LOGIT_ROWS = 256
+# Logits a scorer hands over at once (64 MiB of float32): 256 positions of a 65k vocabulary, 64 of a 262k one.
+LOGIT_VALUES = 1 << 24
+# ... and at most this many positions per window, even for a small vocabulary: a package's pass over this many
+# tokens is as fast per token as a longer one.
+MAX_CHUNK_POSITIONS = 256
 
 Window = tuple[int, int, int]  # (start, length, first): inputs tokens[start : start + length], targets
 #                                shifted by one, only targets at offsets >= first counted
@@ -102,9 +106,11 @@ def score(
     return Score(nats, scored, chars, np.concatenate(top1) if top1 else np.zeros(0, np.int64))
 
 
-def chunk_starts(length: int, skip: int, batch: int) -> range:
-    """Where each chunk of a batch of windows starts (LOGIT_ROWS rows of logits in all, at least a position)."""
-    return range(skip, length, max(1, LOGIT_ROWS // max(batch, 1)))
+def chunk_starts(length: int, skip: int, batch: int, vocab: int) -> range:
+    """Where each chunk of a batch of windows starts: about LOGIT_VALUES logits per chunk, at least a position
+    and at most MAX_CHUNK_POSITIONS per window."""
+    positions = LOGIT_VALUES // max(batch * vocab, 1)
+    return range(skip, length, min(max(positions, 1), MAX_CHUNK_POSITIONS))
 
 
 # Rows of logits target_nats works on at once: its scratch is this many rows of the vocabulary (64 MiB of a

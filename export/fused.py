@@ -432,6 +432,8 @@ def check_loads(path: Path) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the load is checked
+    # No repacked copy of every weight beside the model the graph was built from: the session is thrown away.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -49,7 +49,7 @@ def test_any_cut_into_chunks_scores_as_the_whole_windows(batch_size):
 
 @pytest.mark.parametrize("skip", [0, 5, 31])
 def test_the_reference_hands_over_chunks_of_its_full_forward(monkeypatch, skip):
-    monkeypatch.setattr(scoring, "LOGIT_ROWS", 16)  # several chunks from a short window (8 per row for 2 rows)
+    monkeypatch.setattr(scoring, "LOGIT_VALUES", 16 * 512)  # several chunks from a short window: 8 positions
     torch.manual_seed(0)
     model = GPT(preset("nano", max_len=64)).eval()
     windows = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 40))
