@@ -15,9 +15,10 @@ Two formats for the layers' projections (q, k, v, o, gate, up, down):
 The tied embedding / LM head, one [vocab, dim] matrix in PyTorch, is a large share of a compact model
 (14% of `small`'s parameters, 21% of SmolLM2-135M's), so it is quantized too, and stored once:
 
-    LM head    MatMulNBits at TABLE_FORMAT (8-bit, symmetric blocks of 32, whatever the projections' format):
-               its B is [vocab, dim/32, 32], i.e. row v is token v's embedding, with the default zero point.
-    embedding  GatherBlockQuantized(B, input_ids, scales[vocab, dim/32, 1]) ─► Reshape [.., dim]
+    LM head    MatMulNBits at table_format (8-bit, symmetric blocks of b = 128, 64 or 32, the largest dividing dim,
+               whatever the projections' format): its B is [vocab, dim/b, b], i.e. row v is token v's
+               embedding, with the default zero point.
+    embedding  GatherBlockQuantized(B, input_ids, scales[vocab, dim/b, 1]) ─► Reshape [.., dim]
                reads those same bytes: GatherBlockQuantized's uint8 data with the same default zero
                point dequantizes them exactly as MatMulNBits does. Only the scales are stored twice
                (MatMulNBits insists on [N, k_blocks], GatherBlockQuantized on data's rank): 1/8 byte per
@@ -72,8 +73,18 @@ DEFAULT_BLOCK_SIZE = {8: 32, 4: 32}
 # The shared embedding / LM head table: 8-bit whatever --bits, as llama.cpp's 4-bit presets keep the output
 # matrix at 6 bits (Q6_K). Symmetric: GatherBlockQuantized reads the head's bytes with the default zero
 # point. On `small`, an int4 table changed several times more next-token choices than an 8-bit one.
+# Blocks as large as the width allows (TABLE_BLOCK_SIZES, the first that divides it): the head is read whole at
+# every decode step, and a large vocabulary makes it most of the bytes a step reads (Gemma 3 270M: 63% of the
+# weights), so a scale per 128 values rather than per 32 is a tenth fewer bytes per step for a small loss
+# (docs/benchmarks.md, Real models).
+TABLE_BLOCK_SIZES = (128, 64, 32)
 TABLE_FORMAT = BlockFormat(bits=8, block_size=32, symmetric=True)
-BLOCK_SIZE = TABLE_FORMAT.block_size
+
+
+def table_format(dim: int) -> BlockFormat:
+    """The table's format for an embedding width `dim` (GatherBlockQuantized needs whole blocks)."""
+    block = next((b for b in TABLE_BLOCK_SIZES if dim % b == 0), TABLE_FORMAT.block_size)
+    return replace(TABLE_FORMAT, block_size=block)
 
 
 @dataclass(frozen=True)
@@ -211,8 +222,9 @@ def write_quantized(graph: PreparedGraph, options: QuantOptions, plan: dict[str,
     proto.CopyFrom(graph.proto)
     nodes = {n.name: n for n in proto.graph.node}
     if graph.head is not None:
-        replace_with_nbits(proto, nodes[graph.head.name], quantize_matrix(head_matrix(graph), TABLE_FORMAT, "rtn"),
-                           ACCURACY_LEVEL)
+        head = head_matrix(graph)
+        replace_with_nbits(proto, nodes[graph.head.name],
+                           quantize_matrix(head, table_format(head.shape[0]), "rtn"), ACCURACY_LEVEL)
     if options.method == "nbits":
         for name, node_name in graph.projections.items():
             if plan[name] != FLOAT:
@@ -280,7 +292,8 @@ def settings(options: QuantOptions, tied: bool, plan: dict[str, int] | None,
         "block_size": options.block_size if options.method == "nbits" else None,
         "symmetric": options.symmetric if options.method == "nbits" else None,
         "accuracy_level": options.accuracy_level if options.method == "nbits" else None,
-        "lm_head": f"MatMulNBits {TABLE_FORMAT.describe()}, rtn, accuracy_level {ACCURACY_LEVEL}",
+        "lm_head": f"MatMulNBits 8-bit, symmetric, blocks of {'/'.join(map(str, TABLE_BLOCK_SIZES))} (the largest "
+                   f"dividing the width), rtn, accuracy_level {ACCURACY_LEVEL}",
         "embedding": "GatherBlockQuantized over "
         + ("the LM head’s bytes (tied, stored once)" if tied else "its own table"),
         "calibration": None if calibration is None else {"source": calibration.source, "tokens": calibration.tokens},
@@ -382,17 +395,19 @@ def quantize_embedding(proto: onnx.ModelProto, embedding: onnx.NodeProto, head: 
     if head is not None:
         nbits = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == head.output[0])
         data_name, scales = nbits.input[1], numpy_helper.to_array(initializer(proto, nbits.input[2]))
-        dim = next(a.i for a in nbits.attribute if a.name == "K")
+        attrs = {a.name: a.i for a in nbits.attribute if a.name in ("K", "block_size")}
+        dim, block = attrs["K"], attrs["block_size"]
     else:
         dim = table.shape[1]
-        matrix = quantize_matrix(np.ascontiguousarray(table.T), TABLE_FORMAT, "rtn")
-        packed, scales = matrix.packed_data(), matrix.scales
+        fmt = table_format(dim)
+        matrix = quantize_matrix(np.ascontiguousarray(table.T), fmt, "rtn")
+        packed, scales, block = matrix.packed_data(), matrix.scales, fmt.block_size
         data_name = f"{embedding.input[0]}_Q{bits}"
         graph.initializer.append(numpy_helper.from_array(packed, data_name))
-    if dim % BLOCK_SIZE:
+    if dim % block:
         # GatherBlockQuantized would return the zero padding of the last block: keep the float table.
         return
-    vocab, blocks = scales.shape[0], dim // BLOCK_SIZE
+    vocab, blocks = scales.shape[0], dim // block
     scales_name = f"{embedding.input[0]}_gather_scales"
     graph.initializer.append(numpy_helper.from_array(scales.reshape(vocab, blocks, 1), scales_name))
     shape_name = f"{embedding.input[0]}_gather_shape"
@@ -401,8 +416,8 @@ def quantize_embedding(proto: onnx.ModelProto, embedding: onnx.NodeProto, head: 
     name = embedding.name[: -len("Gather")] if embedding.name.endswith("Gather") else f"{embedding.name}/"
     gather = helper.make_node("GatherBlockQuantized", [data_name, embedding.input[1], scales_name], [blocked],
                               name=f"{name}GatherBlockQuantized", domain="com.microsoft", bits=bits,
-                              block_size=BLOCK_SIZE, gather_axis=0, quantize_axis=2)
-    # [batch, seq, blocks, 32] -> [batch, seq, dim]; 0 copies batch and seq from the input.
+                              block_size=block, gather_axis=0, quantize_axis=2)
+    # [batch, seq, blocks, block] -> [batch, seq, dim]; 0 copies batch and seq from the input.
     reshape = helper.make_node("Reshape", [blocked, shape_name], [embedding.output[0]], name=f"{name}Reshape")
     index = list(graph.node).index(embedding)
     graph.node.remove(embedding)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EVAL_TOKENS
 from edgegpt.core.errors import EdgeGPTError
-from edgegpt.export.quantize import BLOCK_SIZE, TABLE_FORMAT, quantize_graph, resolve_method
+from edgegpt.export.quantize import TABLE_FORMAT, quantize_graph, resolve_method, table_format
 
 FORMATS = [(8, "nbits"), (8, "dynamic"), (4, "nbits")]
 SIZE_LIMITS = {8: 0.30, 4: 0.20}
@@ -62,8 +62,9 @@ def test_tied_embedding_reads_the_lm_heads_blocks(tmp_path, bits):
     _, embedded = run(tmp_path / "q.onnx", ids)
     # Symmetric blocks map a block's extreme to -2^(bits-1): one step is |extreme| / 2^(bits-1), and the
     # error is at most half a step (a whole one for values clipped at the other end, +2^(bits-1) - 1).
-    step = np.abs(embed).reshape(len(embed), -1, BLOCK_SIZE).max(-1) / 2 ** (bits - 1)
-    error = np.abs(embedded[0] - embed).reshape(len(embed), -1, BLOCK_SIZE).max(-1)
+    block = table_format(embed.shape[1]).block_size
+    step = np.abs(embed).reshape(len(embed), -1, block).max(-1) / 2 ** (bits - 1)
+    error = np.abs(embedded[0] - embed).reshape(len(embed), -1, block).max(-1)
     assert (error <= step * 1.001).all()
     assert np.median(error / step) < 0.6 and (error > 0).any()  # mostly rounding, and really quantized
 
@@ -112,6 +113,11 @@ def packages(tiny_checkpoint, tiny_package, tiny_package_int8, corpus_file, tmp_
     return made
 
 
+def head_width(proto: onnx.ModelProto) -> int:
+    head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    return next(a.i for a in head.attribute if a.name == "K")
+
+
 def float_projections(proto: onnx.ModelProto) -> list[str]:
     weights = {t.name for t in proto.graph.initializer}
     return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in weights]
@@ -139,7 +145,8 @@ def test_every_projection_is_quantized(packages, tiny_package, bits, method):
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             table = node.op_type == "GatherBlockQuantized" or node.output[0] == "logits"
-            assert (attrs["bits"], attrs["block_size"]) == (TABLE_FORMAT.bits if table else bits, 32)
+            want = table_format(head_width(proto)).block_size if table else 32
+            assert (attrs["bits"], attrs["block_size"]) == (TABLE_FORMAT.bits if table else bits, want)
             assert attrs.get("accuracy_level", 4) == 4
 
 
