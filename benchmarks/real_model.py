@@ -769,7 +769,60 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-COMMANDS = {"run": (run_options, run)}
+def decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=tuple(MODELS), default="gemma3", help="whose `run --peers` folder to use")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgegpt-bench",
+                        help="the `run` work folder (its MODEL/checkpoint names the peers' models)")
+    parser.add_argument("--peers-work", type=Path, default=Path("/tmp/peers"),
+                        help="where `runtimes.py setup` put them")
+    parser.add_argument("--package", action="append", default=[], metavar="NAME=PATH",
+                        help="an edgegpt package to time (repeatable; default: the run's int8 package)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    parser.add_argument("--reps", type=int, default=2, help="timed decode runs per process")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
+    parser.add_argument("--json", action="store_true", help="also print every sample as one JSON line")
+
+
+def decode(args: argparse.Namespace) -> None:
+    """Decode tokens/s of edgegpt packages (variants of one model's export, e.g. other quantization formats)
+    beside onnxruntime-genai's int8 build of the same weights, interleaved, one fresh process per runtime and
+    round (`run --peers`' measurement, without the conversions and the perplexities). Run `run --peers` first:
+    it converts the model and builds genai's int8 model from the same weights."""
+    import runtimes
+
+    from peers import worker
+    from peers.models import Models
+
+    checkpoint = args.work.expanduser() / args.model / "checkpoint"
+    models = Models(checkpoint, args.peers_work.resolve(), args.threads or 2)
+    genai_model = models.root / "genai-int8"
+    if not (checkpoint.is_dir() and genai_model.is_dir()):
+        raise SystemExit(f"run `real_model.py run --model {args.model} --peers` first ({checkpoint}, {genai_model})")
+    packages = dict(item.split("=", 1) for item in args.package) or {"edgegpt int8": str(checkpoint.parent / "int8")}
+    runners = {name: ("edgegpt", Path(path), Path(sys.executable)) for name, path in packages.items()}
+    runners["onnxruntime-genai int8"] = ("genai", genai_model, models.peers_python)
+    prompts = models.root / "prompts.json"
+    if not prompts.is_file():
+        runtimes.make_prompts(checkpoint, prompts)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for round_ in range(args.rounds):
+        for name, (family, path, python) in runners.items():
+            measured = worker.measure(Path(runtimes.__file__), family, path, python, prompts, models.threads,
+                                      args.reps)
+            samples[name] += measured["decode"]
+            print(f"round {round_ + 1} {name}: {statistics.median(measured['decode']):.1f} tok/s", file=sys.stderr)
+    genai = statistics.median(samples["onnxruntime-genai int8"])
+    print(f"{args.model}: decode tok/s, batch 1, {models.threads} threads, {args.rounds} interleaved rounds × "
+          f"{args.reps} runs ({machine()})")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        print(f"  {name:36s} {median:6.1f}  {median / genai:5.3f}× genai   "
+              f"(min {min(values):.1f}, max {max(values):.1f})")
+    if args.json:
+        print(json.dumps({"machine": machine(), "samples": samples}))
+
+
+COMMANDS = {"run": (run_options, run), "decode": (decode_options, decode)}
 
 
 def main(argv: list[str] | None = None) -> None:
