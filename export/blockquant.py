@@ -202,7 +202,10 @@ def _gptq(weight: np.ndarray, fmt: BlockFormat, hessian: np.ndarray) -> Quantize
     h[np.diag_indices_from(h)] += GPTQ_DAMPING * np.mean(np.diag(h))
     # The upper Cholesky factor of H⁻¹ gives, row by row, how one row's error moves the rows after it.
     inverse = np.linalg.inv(h)
-    u = np.linalg.cholesky((inverse + inverse.T) / 2).T
+    inverse += inverse.T  # symmetric again after inv's rounding; in place: a 1B model's K² float64s are 512 MiB
+    inverse /= 2
+    u = np.linalg.cholesky(inverse).T
+    del inverse
     importance = np.diag(h) / np.mean(np.diag(h))
     codes = np.zeros((n, blocks, size), np.uint8)
     scales = np.zeros((n, blocks), np.float32)

@@ -286,3 +286,30 @@ def test_cli_reads_quantize_auto(tmp_path):
     assert with_quantize_auto(["export", "--quantize=auto"]) == ["export", "--quantize", "--bits", "auto"]
     assert with_quantize_auto(["generate", "--quantize", "auto"]) == ["generate", "--quantize", "auto"]
     assert with_quantize_auto(["export", "auto", "--quantize"]) == ["export", "auto", "--quantize"]
+
+
+def test_hessians_gathered_a_group_of_layers_at_a_time_equal_one_pass(tiny_checkpoint, tiny_package, corpus_file,
+                                                                       monkeypatch):
+    """GPTQ's Hessians, gathered per group of layers (each pass stopping after its group) and held a group at a
+    time, are the one-pass sums; a name of a dropped group asked for again is gathered again, not lost."""
+    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.export import calibration as calibration_module
+    from edgegpt.export.quantize_package import calibration_text
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    text = calibration_text(tiny_checkpoint, corpus_file, tokenizer, tokens=1024)
+    names = list(prepare_graph(tiny_package / "model.onnx").projections)
+    whole = calibration_module.calibrate(model, text.tokens, text.source, names, fisher=True)  # one pass
+    monkeypatch.setattr(calibration_module, "HESSIAN_BUDGET", 1e-9)  # every layer a group of its own
+    passes = []
+    gather = calibration_module._gather
+    monkeypatch.setattr(calibration_module, "_gather", lambda *args, **kwargs: (
+        passes.append(args[2]), gather(*args, **kwargs))[1])
+    grouped = calibration_module.calibrate(model, text.tokens, text.source, names, fisher=False)
+    layers = model.cfg.n_layers
+    assert len(calibration_module.hessian_groups(model, names)) == layers and len(passes) == 1
+    for name in names + names[:1]:
+        np.testing.assert_allclose(grouped.hessian(name), whole.hessian(name), rtol=1e-5, atol=1e-3)
+        assert len(grouped.inputs) <= len(names) // layers  # one layer's Hessians held
+    assert len(passes) == layers + 1  # each group once, then the first again
+    assert grouped.tokens == whole.tokens
