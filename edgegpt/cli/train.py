@@ -108,6 +108,8 @@ def train(*, data: DataOption = None, val_data: ValDataOption = None, out: OutOp
             f"{summary.stopped.replace('_', ' ')}: {summary.steps} steps, {summary.tokens:,} tokens, "
             f"{summary.tokens_per_s:,.0f} tokens/s; best validation {summary.val_loss:.4f} nats/token = "
             f"{summary.val_nats_per_char:.4f} nats/char; checkpoint in {summary.checkpoint}"
+            + (f"; teacher top-k: {summary.teacher_rows_cached:,} rows from its cache, "
+               f"{summary.teacher_rows_computed:,} computed" if summary.teacher_rows_cached is not None else "")
         )
     if summary.stopped == "interrupted":
         print("edgegpt: interrupted; the checkpoint is saved, continue with --resume", file=sys.stderr)

@@ -1,6 +1,7 @@
 """What a training step reads, from either kind of data, and how the loss is weighed across micro-batches and ranks.
 
-    plain text   TokenData (train/data.py)     random windows of the token stream; every label counts
+    plain text   TokenData (train/data.py)     random windows of the token stream; every label counts (with a
+                                               package teacher, windows of a fixed grid: data.sample_grid)
     JSONL        Examples (train/examples.py)  packed rows of chat or prompt/completion examples; the labels
                                                the loss mask leaves out are IGNORE, and the model reads the
                                                rows' documents so no example attends to another
@@ -29,7 +30,7 @@ from edgegpt.core.errors import EdgeGPTError
 from edgegpt.model import GPT
 from edgegpt.scoring import Score
 from edgegpt.train import distributed
-from edgegpt.train.data import TokenData, sample_batch
+from edgegpt.train.data import TokenData, grid_batch, grid_windows, sample_batch, sample_grid
 from edgegpt.train.examples import (
     ExampleFormat,
     ExampleSummary,
@@ -97,6 +98,7 @@ class Batch:
     tokens: Tensor  # int64 [rows, block + 1]
     loss_mask: Tensor | None = None  # bool [rows, block]; None: every label counts
     documents: Tensor | None = None  # int64 [rows, block + 1]; None: one document per row
+    windows: Tensor | None = None  # int64 [rows]: each row's window of the fixed grid (data.sample_grid); None: random
 
     @property
     def inputs(self) -> Tensor:
@@ -124,7 +126,8 @@ class Batch:
         return self.inputs.numel() if self.loss_mask is None else int(self.loss_mask.sum())
 
     def _map(self, change) -> Batch:
-        return Batch(*(None if t is None else change(t) for t in (self.tokens, self.loss_mask, self.documents)))
+        return Batch(*(None if t is None else change(t)
+                       for t in (self.tokens, self.loss_mask, self.documents, self.windows)))
 
     def of_rank(self, world: distributed.World) -> Batch:
         return self._map(lambda t: distributed.rank_rows(t, world))
@@ -143,11 +146,16 @@ class Batch:
         return self.counted / counted_per_rank
 
 
-def draw_batch(data: TokenData | Examples, rows: int, block_size: int, seed: int, step: int) -> Batch:
-    """The global batch of `step`: every rank draws the same and trains on its share of the rows."""
+def draw_batch(data: TokenData | Examples, rows: int, block_size: int, seed: int, step: int,
+               fixed_windows: bool = False) -> Batch:
+    """The global batch of `step`: every rank draws the same and trains on its share of the rows. fixed_windows:
+    plain text's windows come from the fixed grid (a package teacher's cache is kept per window of it)."""
     if isinstance(data, Examples):
         tokens, loss_mask, documents = sample_rows(data.train, rows, seed, step)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(loss_mask), torch.from_numpy(documents))
+    if fixed_windows:
+        windows = sample_grid(grid_windows(len(data.train), block_size), rows, seed, step)
+        return Batch(torch.from_numpy(grid_batch(data.train, windows, block_size)), windows=torch.from_numpy(windows))
     return Batch(torch.from_numpy(sample_batch(data.train, rows, block_size, seed, step)))
 
 

@@ -8,6 +8,7 @@ Cache layout, keyed by content so a changed corpus never reuses stale tokens:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,3 +154,39 @@ def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int
         )
     starts = np.random.default_rng([seed, step]).integers(0, high, size=batch_size)
     return np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
+
+
+def grid_windows(n_tokens: int, block_size: int) -> int:
+    """Windows of the fixed grid over `n_tokens` tokens: window i is tokens [i·block, i·block + block + 1)."""
+    return (n_tokens - 1) // block_size
+
+
+def sample_grid(n_windows: int, rows: int, seed: int, step: int) -> np.ndarray:
+    """The fixed-grid windows [rows] of `step`, drawn from (seed, step) alone like sample_batch: the steps' rows
+    in a row make epochs, and each epoch visits every window once, in an order drawn from (seed, epoch).
+
+    A package teacher's top-k cache (edgegpt.train.teacher_cache) keeps what the teacher said about each window,
+    so a window must recur exactly: random starts, as sample_batch draws them, would almost never repeat."""
+    if n_windows < 1:
+        raise EdgeGPTError("the training split is shorter than one window; add data or lower --block-size")
+    epochs, positions = np.divmod(np.arange(step * rows, (step + 1) * rows, dtype=np.int64), n_windows)
+    windows = np.empty(rows, np.int64)
+    for epoch in np.unique(epochs):
+        of_epoch = epochs == epoch
+        windows[of_epoch] = _epoch_order(seed, int(epoch), n_windows)[positions[of_epoch]]
+    return windows
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
+    # Cached: an epoch's order is drawn once, not at each of its steps (a permutation of a million windows
+    # takes a few milliseconds).
+    order = np.random.default_rng([seed, epoch, n_windows]).permutation(n_windows)
+    order.flags.writeable = False
+    return order
+
+
+def grid_batch(tokens: np.ndarray, windows: np.ndarray, block_size: int) -> np.ndarray:
+    """The tokens [len(windows), block_size + 1] of fixed-grid windows."""
+    return np.stack([np.asarray(tokens[w * block_size : w * block_size + block_size + 1], dtype=np.int64)
+                     for w in windows.tolist()])

@@ -13,6 +13,8 @@ One run, as every process under torchrun does it (rank 0 alone writes and report
                ├─ load_run_data      tokens (rank 0 first, the other ranks from its cache), or JSONL examples
                │                     packed into rows (edgegpt.train.batches); checked; --epochs becomes
                │                     --max-steps
+               ├─ open_teaching      what a step asks of the teacher; a package teacher's top-k cache (rank 0
+               │                     makes it, edgegpt.train.teacher_cache)
                ├─ build_training     seeded model (--from: its weights; --lora: adapters on the frozen base),
                │                     optimizer; a resumed run's weights, moments, progress
                ├─ write_run_files    config.json, tokenizer.json (--from: its generation config, template)
@@ -60,13 +62,15 @@ from edgegpt.train.batches import (
     load_example_rows,
 )
 from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
-from edgegpt.train.data import TokenData, prepare_data
+from edgegpt.train.data import TokenData, grid_windows, prepare_data
 from edgegpt.train.distill import (
     Teacher,
+    Teaching,
     check_student_tokenizer,
     distillation_loss,
     init_from_teacher,
     open_teacher,
+    open_top_k_cache,
     student_config_from_teacher,
 )
 from edgegpt.train.finetune import (
@@ -79,7 +83,7 @@ from edgegpt.train.finetune import (
     steps_for_epochs,
     with_adapters,
 )
-from edgegpt.train.options import DEFAULT_TIME_BUDGET_MIN, TrainOptions
+from edgegpt.train.options import DEFAULT_TEACHER_TOP_K, DEFAULT_TIME_BUDGET_MIN, TrainOptions
 from edgegpt.train.reporting import Reporter
 from edgegpt.train.state import load_train_state, read_progress, save_train_state
 from edgegpt.train.validation import evaluate_sample
@@ -105,6 +109,10 @@ class TrainSummary:
     teacher: str | None = None
     base: str | None = None  # --from's checkpoint
     trainable_parameters: int | None = None  # with --lora, the adapters'; else every parameter
+    # With a top-k teacher: the rows (windows) whose top k this run read from the cache, and those the teacher ran
+    # on, over every process.
+    teacher_rows_cached: int | None = None
+    teacher_rows_computed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +135,11 @@ class RunPlan:
     resume: bool
     saved: dict[str, Any]  # the progress of the run being resumed; empty for a fresh run
     examples: bool = False  # the data is JSONL examples (packed rows), not plain text
+
+    @property
+    def fixed_windows(self) -> bool:
+        """Plain text's windows come from the fixed grid: a package teacher's top k is cached per window of it."""
+        return self.teacher is not None and self.teacher.kind == "package" and not self.examples
 
     @property
     def budget_s(self) -> float | None:
@@ -163,6 +176,8 @@ class Training:
     trainable: int  # parameters the optimizer updates (--lora: the adapters')
     forward: torch.nn.Module  # the model as the step calls it: wrapped by DDP and torch.compile when asked
     no_sync: NoSync | None = None
+    teaching: Teaching | None = None
+    teacher_rows: dict[str, int] | None = None  # with a top-k teacher: {"cached": n, "computed": n}, every process
     step: int = 0
     elapsed_before: float = 0.0  # seconds earlier processes of this run trained
     best_val: dict[str, float] = field(default_factory=lambda: {"loss": math.inf, "nats_per_char": math.inf})
@@ -285,7 +300,9 @@ def _train(data: list[Path], val_data: list[Path], out: Path, opts: TrainOptions
            reporter: Reporter, on_step: Callable[[int], None] | None, world: distributed.World) -> TrainSummary:
     plan = prepare_run(data, val_data, out, opts, resume, world, reporter)
     tokens = load_run_data(plan, cache_dir, reporter)
+    teaching = open_teaching(plan, tokens, cache_dir, reporter)
     run = build_training(plan, tokens, char_starts_table(tokens.tokenizer, plan.cfg.vocab_size), reporter)
+    run.teaching = teaching
     write_run_files(plan, tokens)
     run.forward, run.no_sync = wrap_model(run.model, plan)
     report_start(run, reporter)
@@ -313,6 +330,8 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
     examples = check_example_data(data, opts, resume)
     device = distributed.start(world, opts.device) if world.distributed else pick_device(opts.device)
     teacher = open_teacher(Path(opts.teacher), device, world.local_size) if opts.teacher else None
+    if teacher is not None:
+        opts = teacher_top_k(opts, teacher)
     if resume:
         tokenizer = load_tokenizer(out / TOKENIZER)
     else:
@@ -328,6 +347,20 @@ def prepare_run(data: list[Path], val_data: list[Path], out: Path, opts: TrainOp
         teacher.load(device, log=reporter.log)
     return RunPlan(out, opts, data, val_data, world, device, teacher, tokenizer, cfg, block_size, resume, saved,
                    examples)
+
+
+def teacher_top_k(opts: TrainOptions, teacher: Teacher) -> TrainOptions:
+    """--teacher-top-k checked against the teacher, and a package teacher's default filled in (a resumed run keeps
+    it, as it keeps every option)."""
+    if teacher.kind == "package" and opts.teacher_top_k is None:
+        opts = dataclasses.replace(opts, teacher_top_k=min(DEFAULT_TEACHER_TOP_K, teacher.vocab_size))
+    if opts.teacher_top_k is not None and opts.teacher_top_k > teacher.vocab_size:
+        raise EdgeGPTError(f"--teacher-top-k {opts.teacher_top_k} exceeds the teacher's vocabulary of "
+                           f"{teacher.vocab_size} tokens; give at most {teacher.vocab_size}")
+    if opts.teacher_cache is not None and teacher.kind != "package":
+        raise EdgeGPTError("--teacher-cache keeps an exported package teacher's top k; this teacher is a "
+                           f"{'checkpoint' if teacher.kind == 'edgegpt' else 'Hugging Face model'}: drop it")
+    return opts
 
 
 def training_block_size(opts: TrainOptions, cfg: ModelConfig, teacher: Teacher | None) -> int:
@@ -351,6 +384,8 @@ def load_run_data(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenDa
     else:
         data = load_text(plan, cache_dir, reporter)
         unit, count = "windows", len(data.train) // plan.block_size
+        if plan.fixed_windows:
+            count = grid_windows(len(data.train), plan.block_size)
     if plan.resume and plan.saved.get("data_key") != data.key:
         raise EdgeGPTError("cannot resume: the training data differs from the run being resumed; pass the same --data")
     if plan.opts.epochs is not None:  # from here on a number of steps, which a resumed run keeps
@@ -376,6 +411,24 @@ def load_text(plan: RunPlan, cache_dir: Path, reporter: Reporter) -> TokenData:
     if len(tokens.val) < 2:
         raise EdgeGPTError("the validation split is empty after tokenization; add data or pass --val-data")
     return tokens
+
+
+def open_teaching(plan: RunPlan, tokens: TokenData | Examples, cache_dir: Path,
+                  reporter: Reporter) -> Teaching | None:
+    """What a step asks of the teacher; a package teacher's top-k cache, --teacher-cache or beside the tokens in
+    cache_dir (rank 0 makes it, the others open it after)."""
+    if plan.teacher is None:
+        return None
+    teaching = Teaching(plan.teacher, plan.opts.teacher_top_k)
+    if plan.fixed_windows:
+        root = Path(plan.opts.teacher_cache) if plan.opts.teacher_cache else cache_dir / "teacher-top-k"
+        if not plan.world.is_main:
+            distributed.barrier(plan.world)
+        teaching.cache = open_top_k_cache(plan.teacher, root, tokens.key, grid_windows(len(tokens.train),
+                                          plan.block_size), plan.block_size, plan.opts.teacher_top_k, reporter.log)
+        if plan.world.is_main:
+            distributed.barrier(plan.world)
+    return teaching
 
 
 def build_training(plan: RunPlan, tokens: TokenData | Examples, char_table: np.ndarray, reporter: Reporter) -> Training:
@@ -432,6 +485,7 @@ def report_start(run: Training, reporter: Reporter) -> None:
     plan, opts, teacher = run.plan, run.plan.opts, run.plan.teacher
     alpha, temperature = opts.distillation()
     recipe = f"alpha {alpha}, temperature {temperature:g}{', as a draft' if opts.as_draft else ''}"
+    recipe += f", top {opts.teacher_top_k}" if opts.teacher_top_k else ""
     data = run.tokens
     train_tokens, val_tokens = (data.train_tokens, data.val_tokens) if plan.examples else (len(data.train),
                                                                                             len(data.val))
@@ -490,10 +544,11 @@ def optimizer_step(run: Training, elapsed: float) -> tuple[float, dict[str, floa
         group["lr"] = learning_rate(plan.fraction_done(run.step, elapsed), opts)
     # Dropout masks depend on (seed, step, rank) only; rank 0's are a single process's.
     torch.manual_seed(opts.seed * 1_000_003 + run.step + world.rank * (1 << 40))
-    batch = draw_batch(run.tokens, plan.rows_per_rank * world.size, plan.block_size, opts.seed, run.step)
+    batch = draw_batch(run.tokens, plan.rows_per_rank * world.size, plan.block_size, opts.seed, run.step,
+                       plan.fixed_windows)
     counted_per_rank = batch.counted / world.size
     batch = batch.of_rank(world).to(plan.device)
-    losses = _train_step(run.forward, plan.teacher, batch, counted_per_rank, opts, plan.device, run.no_sync)
+    losses = _train_step(run.forward, run.teaching, batch, counted_per_rank, opts, plan.device, run.no_sync)
     losses = distributed.mean(world, losses, plan.device)
     loss = losses.pop("loss")
     if not math.isfinite(loss):
@@ -507,7 +562,7 @@ def optimizer_step(run: Training, elapsed: float) -> tuple[float, dict[str, floa
     return loss, losses
 
 
-def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: Batch, counted_per_rank: float,
+def _train_step(forward: torch.nn.Module, teaching: Teaching | None, batch: Batch, counted_per_rank: float,
                 opts: TrainOptions, device: torch.device, no_sync: NoSync | None) -> dict[str, float]:
     """Forward and backward over this rank's rows in --grad-accum micro-batches, each weighed by its share of
     the global batch's labels (Batch.weight); returns the losses. Gradients are averaged across ranks once, on
@@ -521,12 +576,12 @@ def _train_step(forward: torch.nn.Module, teacher: Teacher | None, batch: Batch,
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = forward(micro.inputs, documents=micro.input_documents, counted=micro.loss_mask)
-            teacher_logits = teacher.logits(micro.inputs) if teacher is not None else None  # (plain text only)
-            loss = distillation_loss(logits, teacher_logits, micro.counted_labels, *opts.distillation())
+            teacher = teaching.targets(micro.inputs, micro.windows) if teaching is not None else None  # (plain text)
+            loss = distillation_loss(logits, teacher, micro.counted_labels, *opts.distillation())
             (loss.total * weight).backward()
         for key, value in zip(("loss", "ce", "kd"), loss):
             sums[key] += value.item() * weight
-    if teacher is None:
+    if teaching is None:
         del sums["kd"], sums["ce"]
     return sums
 
@@ -566,10 +621,24 @@ def finish(run: Training, reporter: Reporter) -> None:
     """Validate the last weights unless they just were (or no checkpoint exists yet), save the final state,
     and keep every rank until rank 0 has written it."""
     plan = run.plan
+    report_teacher_rows(run, reporter)
     if plan.world.is_main and (run.step % plan.opts.eval_every or not (plan.out / WEIGHTS).exists()):
         validate(run, reporter)
     save_state(run, run.stopped)
     distributed.barrier(plan.world)  # no rank leaves (and tears down the group) while rank 0 still writes
+
+
+def report_teacher_rows(run: Training, reporter: Reporter) -> None:
+    """How many rows' top k came from the cache and how many the teacher ran on, summed over the processes."""
+    teaching, world = run.teaching, run.plan.world
+    if teaching is None or teaching.k is None:
+        return
+    means = distributed.mean(world, {"cached": teaching.cached, "computed": teaching.computed}, run.plan.device)
+    run.teacher_rows = {name: round(value * world.size) for name, value in means.items()}
+    filled = f"; the cache holds {teaching.cache.filled_count():,} of {teaching.cache.shape.windows:,} windows" \
+        if teaching.cache is not None else ""
+    reporter.log(f"teacher top {teaching.k}: {run.teacher_rows['cached']:,} rows from the cache, "
+                 f"{run.teacher_rows['computed']:,} computed{filled}")
 
 
 def summarize(run: Training) -> TrainSummary:
@@ -583,4 +652,6 @@ def summarize(run: Training) -> TrainSummary:
         elapsed_s=run.elapsed_before + run_s, stopped=run.stopped, parameters=run.model.num_parameters(),
         device=str(plan.device), processes=plan.world.size, teacher=str(plan.teacher.path) if plan.teacher else None,
         base=plan.opts.from_checkpoint, trainable_parameters=run.trainable,
+        teacher_rows_cached=run.teacher_rows["cached"] if run.teacher_rows else None,
+        teacher_rows_computed=run.teacher_rows["computed"] if run.teacher_rows else None,
     )

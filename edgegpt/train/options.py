@@ -39,6 +39,11 @@ SCRATCH_DROPOUT = 0.1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_DROPOUT = 0.05
 
+# A package teacher's top k when --teacher-top-k is not given: how much of the teacher's distribution is kept
+# against the cache's size, which is 2 bytes (a float16 log-probability) plus 2 (an id of a vocabulary up to
+# 65,536 tokens) or 4 per training token and k: with 32, 128 or 192 bytes per token.
+DEFAULT_TEACHER_TOP_K = 32
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -111,11 +116,12 @@ class TrainOptions:
     # The tokenizer: trained on the data with vocab_size tokens (None: the preset's), or this tokenizer.json.
     vocab_size: int | None = option(None, "BPE vocabulary size (default: the preset's).")
     tokenizer: str | None = option(None, "Use this tokenizer.json instead of training one.", path=True)
-    # Distillation (edgegpt.train.distill): a teacher checkpoint or Hugging Face directory, the weight of the
+    # Distillation (edgegpt.train.distill): a teacher checkpoint, Hugging Face directory or package, the weight of the
     # label loss, the softening temperature, and whether to start from the teacher's layers.
     teacher: str | None = option(
-        None, "Distil from this teacher: an edgegpt checkpoint or a local Hugging Face causal-LM directory "
-        "(safetensors and tokenizer.json; nothing is downloaded). The student takes its tokenizer.",
+        None, "Distil from this teacher: an edgegpt checkpoint, a local Hugging Face causal-LM directory "
+        "(safetensors and tokenizer.json; nothing is downloaded) or an exported model package (run by onnxruntime, "
+        "its top-k cached: --teacher-top-k). The student takes its tokenizer.",
         path=True, absolute=True)
     alpha: float = option(0.5, "With --teacher: weight of the label loss; 1 - alpha weighs the teacher's.")
     temperature: float = option(2.0, "With --teacher: softening temperature of both distributions.")
@@ -127,6 +133,14 @@ class TrainOptions:
         False, "With --teacher: train a draft for speculative decoding of the teacher (`edgegpt export TEACHER "
         "--draft OUT`): learn the teacher's own distribution (alpha 0, temperature 1), which keeps more guesses "
         "than the default recipe.")
+    # An exported package as the teacher (edgegpt.train.teacher_cache): its top-k, cached on disk per window.
+    teacher_top_k: int | None = option(
+        None, f"With --teacher: learn the teacher's k most likely next tokens at each position instead of its whole "
+        f"distribution (default {DEFAULT_TEACHER_TOP_K} for a package teacher, whose top k is cached on disk; a "
+        "checkpoint or Hugging Face teacher gives its full logits unless this is given).")
+    teacher_cache: str | None = option(
+        None, "With a package --teacher: keep its top-k cache here (default: beside the tokenized data, "
+        "--cache-dir/teacher-top-k).", path=True, absolute=True)
     eval_every: int = option(100, "Validate (and keep the best weights) every N steps.")
     compile: bool = option(False, "Use torch.compile (helps on GPUs, not on laptop CPUs).")
 
@@ -199,6 +213,10 @@ class TrainOptions:
         if self.as_draft and (self.alpha != 0.5 or self.temperature != 2.0):
             raise EdgeGPTError(f"--as-draft sets alpha {DRAFT_RECIPE[0]} and temperature {DRAFT_RECIPE[1]:g}; "
                                "drop --alpha and --temperature")
+        if self.teacher is None and (self.teacher_top_k is not None or self.teacher_cache is not None):
+            raise EdgeGPTError("--teacher-top-k and --teacher-cache need --teacher")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise EdgeGPTError(f"--teacher-top-k must be at least 1, got {self.teacher_top_k}")
         if self.teacher is not None and self.vocab_size is not None:
             raise EdgeGPTError("--vocab-size cannot be combined with --teacher: the student takes the teacher's")
         self._validate_fine_tuning()
