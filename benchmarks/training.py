@@ -3,16 +3,21 @@ a teacher's lead distillation hands a student.
 
     python benchmarks/training.py shakespeare [--minutes 10] [--threads 2] [--preset micro]
     python benchmarks/training.py distill [--teacher-steps 1200] [--steps 400] [--work DIR]
+    python benchmarks/training.py teacher-speed --teacher CHECKPOINT [--block-size 512] [--threads 2]
     python benchmarks/training.py COMMAND --smoke        # seconds, a tiny model, a slice of the text
 
 Split: the first 90% of the characters train, the last 10% are held out (common.shakespeare_split, DESIGN.md).
 The figure is nats per character over the whole held-out split, in windows with a stride of half a window
-(every token scored once, each with at least half a window of history). Figures: docs/benchmarks.md.
+(every token scored once, each with at least half a window of history). teacher-speed measures how fast each kind
+of teacher hands a distillation step its targets, as ratios measured side by side. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import statistics
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from common import (
     print_figures,
     scratch_dir,
     shakespeare_split,
+    smoke_kit,
     subcommands,
 )
 
@@ -180,7 +186,126 @@ def distill(args: argparse.Namespace) -> None:
     print_figures("distillation on tinyshakespeare, whole validation split", figures, args.json)
 
 
-COMMANDS = {"shakespeare": (shakespeare_options, shakespeare), "distill": (distill_options, distill)}
+# -- teacher-speed ----------------------------------------------------------------------------------------------
+
+
+def teacher_speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="the teacher: an edgegpt checkpoint (`edgegpt convert` makes one of a Hugging Face model)")
+    parser.add_argument("--fp32-package", type=Path, default=None, help="its float32 package (default: exported)")
+    parser.add_argument("--int8-package", type=Path, default=None, help="its int8 package (default: exported)")
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="text whose training split fills the windows")
+    parser.add_argument("--windows", type=int, default=16, help="windows per timed pass")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per window (default: min(context, 512))")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per call, as a training step's rows")
+    parser.add_argument("--top-k", type=int, default=None, help="the packages' k (default: training's)")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved timing rounds (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="exported packages and the cache (default: temporary)")
+    parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+
+
+def teacher_speed(args: argparse.Namespace) -> None:
+    """How much faster a package teacher gives distillation its targets than a PyTorch teacher, on the CPU.
+
+    One teacher checkpoint and its float32 and int8 packages, over the same --windows windows of the text, --batch-
+    size windows per call as a training step asks: the checkpoint in PyTorch (full logits: what a checkpoint teacher
+    costs a step), each package through the runtime reduced to its top k as training stores them, and a cached
+    epoch (the same top k read back from the on-disk cache the float32 package filled). Each of --runs rounds times
+    every teacher once, in turn, so a noisy moment hits all of them; the median is reported, as teacher tokens per
+    second and as a ratio to PyTorch's. top-1: how often each one's most likely next token is PyTorch's. Loading is
+    not timed, and each teacher runs one untimed call first."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgegpt.export.package import export_package
+    from edgegpt.train.data import tokenize
+    from edgegpt.train.distill import Teaching, open_teacher, open_top_k_cache
+    from edgegpt.train.options import DEFAULT_TEACHER_TOP_K
+
+    torch.set_num_threads(args.threads)  # the packages' sessions take the same count (Teacher.load)
+    work = args.work or scratch_dir("teacher-speed")
+    work.mkdir(parents=True, exist_ok=True)
+    int8 = args.int8_package
+    if args.smoke:
+        kit = smoke_kit(args.kit, work)
+        checkpoint, int8, data = kit.checkpoint, int8 or kit.package, kit.text
+        args.windows, args.batch_size, args.runs, args.block_size = 4, 2, 1, args.block_size or 32
+    elif args.teacher is None:
+        raise SystemExit("teacher-speed needs --teacher CHECKPOINT (an edgegpt checkpoint)")
+    else:
+        checkpoint, data = args.teacher, args.data
+    fp32 = args.fp32_package or work / "teacher-fp32"
+    int8 = int8 or work / "teacher-int8"
+    for package, quantize in ((fp32, False), (int8, True)):
+        if not (package / "model.onnx").is_file():
+            print(f"exporting {package}", flush=True)
+            export_package(checkpoint, package, quantize=quantize, gate=False)
+
+    cpu = torch.device("cpu")
+    torch_teacher = open_teacher(checkpoint, cpu).load(cpu)
+    block = args.block_size or min(torch_teacher.max_len, 512)
+    k = args.top_k or min(DEFAULT_TEACHER_TOP_K, torch_teacher.vocab_size)
+    train_text, _ = shakespeare_split(data, smoke=args.smoke)
+    tokens = tokenize(torch_teacher.tokenizer, [train_text])[: args.windows * block]
+    if len(tokens) < args.windows * block:
+        raise SystemExit(f"the text has {len(tokens)} tokens, fewer than {args.windows} windows of {block}")
+    inputs = torch.from_numpy(tokens.astype("int64")).view(args.windows, block)
+    windows = torch.arange(args.windows)
+    calls = [slice(i, i + args.batch_size) for i in range(0, args.windows, args.batch_size)]
+
+    def torch_targets(rows: slice) -> torch.Tensor:
+        return torch_teacher.logits(inputs[rows]).argmax(-1)
+
+    def package_targets(teaching: Teaching):
+        return lambda rows: teaching.targets(inputs[rows], windows[rows]).ids[..., 0]
+
+    packages = {name: Teaching(open_teacher(path, cpu).load(cpu), k) for name, path in
+                (("package fp32", fp32), ("package int8", int8))}
+    cached = Teaching(packages["package fp32"].teacher, k)
+    text_key = hashlib.sha256(inputs.numpy().tobytes()).hexdigest()[:16]  # --work may be reused with other text
+    cached.cache = open_top_k_cache(cached.teacher, work / "teacher-cache", text_key, args.windows, block, k)
+    for rows in calls:  # fills the cache (untimed)
+        cached.targets(inputs[rows], windows[rows])
+    cached.computed = cached.cached = 0
+    teachers = {"PyTorch (full logits)": torch_targets,
+                **{f"{name} (top {k})": package_targets(teaching) for name, teaching in packages.items()},
+                f"cached epoch (top {k} read)": package_targets(cached)}
+
+    seconds: dict[str, list[float]] = {name: [] for name in teachers}
+    top1: dict[str, torch.Tensor] = {}
+    for name, targets in teachers.items():
+        targets(calls[0])  # warm: the first call of a session or a thread pool is slower
+    for _ in range(args.runs):
+        for name, targets in teachers.items():
+            start = time.perf_counter()
+            top1[name] = torch.cat([targets(rows) for rows in calls])
+            seconds[name].append(time.perf_counter() - start)
+    if cached.computed:
+        raise SystemExit(f"the cached epoch ran the teacher on {cached.computed} windows")
+
+    reference = next(iter(teachers))
+    rates = {name: args.windows * block / statistics.median(s) for name, s in seconds.items()}
+    caption = (f"{machine()}, {args.threads} threads; {args.windows} windows of {block} tokens, {args.batch_size} per "
+               f"call; median of {args.runs} interleaved rounds")
+    table = Table(title=f"teacher speed: {checkpoint}", caption=caption)
+    for column in ("teacher", "tokens/s", "× PyTorch", "top-1 = PyTorch"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    figures = {"machine": machine(), "threads": args.threads, "teacher": str(checkpoint), "windows": args.windows,
+               "block_size": block, "batch_size": args.batch_size, "k": k, "runs": args.runs, "teachers": {}}
+    for name, rate in rates.items():
+        agreement = float((top1[name] == top1[reference]).float().mean())
+        table.add_row(name, f"{rate:,.0f}", f"{rate / rates[reference]:.2f}", f"{agreement:.1%}")
+        figures["teachers"][name] = {"tokens_per_s": round(rate), "ratio": round(rate / rates[reference], 3),
+                                     "top1_agreement": round(agreement, 4)}
+    Console(width=max(Console().width, 120)).print(table)  # a log file would wrap it at 80 columns
+    if args.json:
+        print(json.dumps(figures))
+
+
+COMMANDS = {"shakespeare": (shakespeare_options, shakespeare), "distill": (distill_options, distill),
+            "teacher-speed": (teacher_speed_options, teacher_speed)}
 
 
 def main(argv: list[str] | None = None) -> None:

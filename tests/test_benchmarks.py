@@ -210,6 +210,15 @@ def test_training_distill_scores_teacher_and_both_students():
     assert not math.isinf(float(table["gap_closed"][0]))  # a share, or nan when there is no gap to close
 
 
+def test_training_teacher_speed_times_every_teacher(kit):
+    table = rows(smoke("training.py", "teacher-speed", kit=kit))
+    timed = {name.split(" (")[0]: cells for name, cells in table.items() if " (" in name}
+    assert set(timed) == {"PyTorch", "package fp32", "package int8", "cached epoch"}
+    assert all(number(cells[0]) > 0 and number(cells[1]) > 0 for cells in timed.values())  # tokens/s, × PyTorch
+    assert timed["PyTorch"][1:] == ["1.00", "100.0%"]
+    assert timed["cached epoch"][2] == timed["package fp32"][2]  # the very values the float32 package stored
+
+
 # -- runtimes.py ---------------------------------------------------------------------------------------------
 
 
