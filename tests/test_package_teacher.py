@@ -75,6 +75,36 @@ def test_grid_epochs_visit_every_window_once_drawn_from_seed_and_step():
     assert not np.array_equal(sample_grid(10, 30, seed=6, step=0), draws)
 
 
+# -- the cache on its own ---------------------------------------------------------------------------
+
+def test_a_window_is_flagged_only_once_committed_and_read_back_as_stored(tmp_path):
+    from edgegpt.train.teacher_cache import CacheShape, TopKCache
+
+    shape = CacheShape(windows=5, block_size=4, k=3, vocab_size=10)
+    cache = TopKCache.open(tmp_path, {"teacher": "a"}, shape)
+    log_probs = np.log(np.tile(np.array([0.5, 0.3, 0.1], np.float16), (4, 1)))
+    ids = np.tile(np.array([7, 2, 9]), (4, 1))
+    cache.put(2, log_probs, ids)
+    assert TopKCache.open(tmp_path, {"teacher": "a"}, shape).get(2) is None  # what a crash before the commit leaves
+    cache.commit()
+    stored = TopKCache.open(tmp_path, {"teacher": "a"}, shape).get(2)
+    np.testing.assert_array_equal(stored[0], log_probs)
+    np.testing.assert_array_equal(stored[1], ids)
+    assert TopKCache.open(tmp_path, {"teacher": "b"}, shape).get(2) is None  # another teacher: another folder
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from edgegpt.core.errors import EdgeGPTError
+    from edgegpt.train import teacher_cache
+
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(EdgeGPTError, match="needs 2.0 MiB .* only 0.0 MiB is free; lower --teacher-top-k"):
+        teacher_cache.TopKCache.open(tmp_path, {}, teacher_cache.CacheShape(1000, 64, 8, 300))
+    assert not list(tmp_path.glob("*/*.bin"))
+
+
 # -- the package teacher ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

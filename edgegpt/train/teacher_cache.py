@@ -87,9 +87,8 @@ class TopKCache:
                 log(f"the teacher's top-k cache {folder} is incomplete or damaged: starting it again")
             _create(folder, meta, shape)
         cache = cls(folder, shape)
-        size = sum(shape.file_sizes().values())
         log(f"teacher top-k cache {folder}: {cache.filled_count():,} of {shape.windows:,} windows filled "
-            f"({size / 2**30:.2f} GiB when full)")
+            f"({_size(sum(shape.file_sizes().values()))} when full)")
         return cache
 
     def get(self, window: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -121,6 +120,10 @@ class TopKCache:
         return int(np.count_nonzero(self.filled))
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
 def _intact(folder: Path, meta: dict[str, Any], shape: CacheShape) -> bool:
     if not (folder / META).is_file():
         return False
@@ -141,8 +144,8 @@ def _create(folder: Path, meta: dict[str, Any], shape: CacheShape) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise EdgeGPTError(
-            f"the teacher's top-k cache needs {needed / 2**30:.1f} GiB in {folder} but only {free / 2**30:.1f} GiB "
-            "is free; lower --teacher-top-k or --block-size, or give --teacher-cache on a bigger disk"
+            f"the teacher's top-k cache needs {_size(needed)} in {folder} but only {_size(free)} is free; lower "
+            "--teacher-top-k, or give --teacher-cache on a bigger disk"
         )
     for name, size in sizes.items():
         with atomic_path(folder / name) as tmp:
