@@ -140,7 +140,7 @@ def export_draft(draft: Source, target: Source, stage: Path, out: Path, plan: Ex
     entry = {
         "directory": DRAFT_DIRECTORY,
         "checkpoint": str(draft.checkpoint),
-        "parameters": draft.model.num_parameters(),
+        "parameters": cfg.num_parameters(),
         "max_len": cfg.max_len,
         "acceptance": acceptance,
         "acceptance_tokens": compared,

@@ -404,6 +404,12 @@ def export_package(
     return report
 
 
+def release_weights(model: GPT) -> None:
+    """Free the PyTorch model's weights once the export has no further use for them (the model object stays,
+    for its config): the package's scoring session otherwise adds its weights to theirs at the export's peak."""
+    model.to("meta")
+
+
 def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say: Callable[[str], None],
                   start: float, steps: Callable[[int, int], None] | None = None) -> tuple[ExportReport, dict[str, Any]]:
     """Build, check and gate `source`'s package in the directory `stage` (everything but manifest.json);
@@ -431,6 +437,12 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
         verification = verify_generator(torch_reference(model), checked, limits.logit_tolerance)
         del checked
         checks.append(logit_check(verification))
+    reference = None
+    if text is not None:  # PyTorch's turn comes first, so the model can go before the package is scored
+        units = len(strided_windows(len(text.tokens), text.window)) + 1  # each window, then the greedy prompts
+        say(f"scoring held-out text with PyTorch ({units - 1} windows of "
+            f"{min(text.window, len(text.tokens) - 1)} tokens each)")
+        reference = evaluate("PyTorch float32", counted(TorchReference(model), steps, 0, units), text)
     final_dir, quantization, cache = float_dir, None, cache_record(plan.kv_cache)
     if plan.kv_cache == "int8":  # the float32 graph above is the one checked against PyTorch; this one is gated
         say("calibrating the int8 KV cache on the held-out text")
@@ -460,16 +472,14 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
                                           steps)
         say("optimizing the quantized graph (onnxruntime's offline pass)")
         optimization = finish(final_dir)
+    release_weights(model)  # its last use: the package's session need not sit beside the float32 weights
     rows = []
     if text is not None:
-        n_windows = len(strided_windows(len(text.tokens), text.window))
-        say(f"scoring held-out text with PyTorch and the {label} package "
-            f"({n_windows} windows of {min(text.window, len(text.tokens) - 1)} tokens each)")
-        units = n_windows + 1  # steps: each window, then the greedy continuations, for PyTorch then the package
-        reference = evaluate("PyTorch float32", counted(TorchReference(model), steps, 0, 2 * units), text)
+        say(f"scoring held-out text with the {label} package ({units - 1} windows of "
+            f"{min(text.window, len(text.tokens) - 1)} tokens each)")
         scorer = PackageScorer(open_package(final_dir, precision, max_length=text.window, tokenizer=tokenizer))
         cached = "" if plan.kv_cache != "int8" else ", int8 cache"
-        package = evaluate(f"package ({kind}, {label}{cached})", counted(scorer, steps, units, 2 * units), text,
+        package = evaluate(f"package ({kind}, {label}{cached})", counted(scorer, steps, 0, units), text,
                            reference.predictions)
         rows = [reference, package]
         if (check := cache_perplexity_check(label, plan.kv_cache, reference, package, limits)) is not None:

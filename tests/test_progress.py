@@ -94,14 +94,18 @@ def test_quantized_export_counts_calibration_quantization_and_gates(tmp_path, ti
                    steps=recorder.steps, eval_data=corpus_file, eval_tokens=EVAL_TOKENS)
     assert assert_rising_to_total(recorder.counted("calibrating")) >= 1
     matrices = assert_rising_to_total(recorder.counted("quantizing weights"))
-    gates = assert_rising_to_total(recorder.counted("scoring held-out text"))
+    reference = assert_rising_to_total(recorder.counted("scoring held-out text with PyTorch"))
+    gates = assert_rising_to_total(recorder.counted("scoring held-out text with the int8 package"))
     # Every projection once at 8 bits: each MatMulNBits of the package but the LM head's (quantized apart).
     graph = onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False)
     assert matrices == sum(node.op_type == "MatMulNBits" for node in graph.graph.node) - 1
-    # The gate's count: PyTorch's windows and its greedy continuations, then the package's.
+    # The gates' counts: PyTorch's windows and its greedy continuations (before quantizing, so its weights can be
+    # freed), then the package's.
     scoring = next(message for message, _ in recorder.stages if "scoring held-out text" in message)
     windows = int(re.search(r"\((\d+) windows of", scoring).group(1))
-    assert gates == 2 * (windows + 1)
+    assert reference == gates == windows + 1
+    stages = [message for message, _ in recorder.stages]
+    assert stages.index(scoring) < next(i for i, m in enumerate(stages) if "quantizing weights" in m)
     for message, steps in recorder.stages:  # whatever a stage counts rises to its total
         if steps:
             assert_rising_to_total(steps)
