@@ -469,7 +469,7 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
                                          finish, say, steps)
         else:
             quantization = quantize_fixed(model, quantized_from, final_dir, plan.options, source.calibration, say,
-                                          steps)
+                                          steps, done_with_model=lambda: release_weights(model))
         say("optimizing the quantized graph (onnxruntime's offline pass)")
         optimization = finish(final_dir)
     release_weights(model)  # its last use: the package's session need not sit beside the float32 weights

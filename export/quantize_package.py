@@ -93,15 +93,19 @@ def needs_calibration(options: QuantOptions, auto: bool) -> bool:
 
 
 def quantize_fixed(model: GPT, float_dir: Path, out_dir: Path, options: QuantOptions, text: CalibrationText | None,
-                   say: Callable[[str], None], steps: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   say: Callable[[str], None], steps: Callable[[int, int], None] | None = None,
+                   done_with_model: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Every projection at options.bits. say(message) as calibration and quantization start; steps(done,
-    total) after each calibration window and each quantized matrix."""
+    total) after each calibration window and each quantized matrix. done_with_model() once `model` is no longer
+    read: before the weights are quantized, unless GPTQ's Hessians are still to be gathered from it."""
     calibration = None
     if text is not None and needs_calibration(options, auto=False):
         names = list(prepare_graph(float_dir / MODEL).projections)
         say(f"calibrating on {text.source}")
         calibration = calibrate(model, text.tokens, text.source, names, fisher=False,
                                 hessians=options.rounding == "gptq", progress=steps)
+    if calibration is None or not calibration.pending:
+        done_with_model()
     say(f"quantizing weights to {options.bits} bits ({options.method}"
         + (f", {options.rounding})" if options.method == "nbits" else ")"))
     return quantize_graph(float_dir / MODEL, out_dir / MODEL, options=options, calibration=calibration,

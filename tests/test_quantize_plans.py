@@ -313,3 +313,26 @@ def test_hessians_gathered_a_group_of_layers_at_a_time_equal_one_pass(tiny_check
         assert len(grouped.inputs) <= len(names) // layers  # one layer's Hessians held
     assert len(passes) == layers + 1  # each group once, then the first again
     assert grouped.tokens == whole.tokens
+
+
+@pytest.mark.parametrize("rounding, freed_before_quantizing", [("search", True), ("gptq", False)])
+def test_the_export_frees_the_model_before_quantizing_unless_gptq_still_reads_it(
+        rounding, freed_before_quantizing, tiny_checkpoint, tiny_package, corpus_file, tmp_path, monkeypatch):
+    """The PyTorch weights go as soon as nothing reads them: after calibration for "search" (its statistics are
+    all gathered), but not before GPTQ has gathered its Hessians, a group of layers at a time, from the model."""
+    from edgegpt.checkpoint import load_checkpoint
+    from edgegpt.export import quantize_package
+    from edgegpt.export.quantize_package import calibration_text, quantize_fixed
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    text = calibration_text(tiny_checkpoint, corpus_file, tokenizer, tokens=1024)
+    freed, seen_at_quantizing = [], []
+    quantize = quantize_package.quantize_graph
+    monkeypatch.setattr(quantize_package, "quantize_graph", lambda *args, **kwargs: (
+        seen_at_quantizing.append(bool(freed)), quantize(*args, **kwargs))[1])
+    (tmp_path / "out").mkdir()
+    quantize_fixed(model, tiny_package, tmp_path / "out", QuantOptions(4, rounding=rounding).resolved(), text,
+                   lambda message: None,
+                   done_with_model=lambda: freed.append(True))
+    assert seen_at_quantizing == [freed_before_quantizing]
+    assert freed == ([True] if freed_before_quantizing else [])
