@@ -354,3 +354,16 @@ def test_finetune_memory_trains_lora_on_a_qwen2_shaped_model():
     assert out["parameters"] == cfg["vocab_size"] * dim + dim + cfg["num_hidden_layers"] * per_layer  # tied head
     assert out["steps"] == 2 and out["train"]["peak_rss_mb"] > 0 and out["train"]["tokens_per_s"] > 0
     assert out["within_bound"] == (out["train"]["peak_rss_mb"] * 1e6 <= 8e9)
+
+
+def test_stage_memory_attributes_each_peak_to_the_stage_that_made_it():
+    """A child that announces two stages and allocates 200 MB only in the second: the second's peak is the
+    larger by about that much, and the exit status is reported."""
+    script = ("import time; print('stage one', flush=True); time.sleep(0.3); "
+              "print('stage two', flush=True); block = bytearray(200_000_000); time.sleep(0.3)")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "stage_memory.py"),
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    peaks = {m.group(2): int(m.group(1).replace(",", ""))
+             for m in re.finditer(r"^\s*([\d,]+) MiB  (.+)$", done.stdout, re.MULTILINE)}
+    assert peaks["stage two"] - peaks["stage one"] > 150, done.stdout
+    assert "exit status 0" in done.stdout
