@@ -8,9 +8,9 @@ whatever T is (their magnitude falls as 1/T² otherwise; Hinton et al., 2015).
 
 The teacher is an edgegpt checkpoint, a local Hugging Face causal-LM directory (anything
 `AutoModelForCausalLM` loads, from safetensors only: nothing is downloaded, nothing is unpickled), or an
-exported model package, which the runtime runs on onnxruntime (faster on a CPU than PyTorch: how much,
-`benchmarks/training.py teacher-speed`). The student takes the teacher's tokenizer, so both predict over the
-same vocabulary.
+exported model package, which the runtime runs on onnxruntime (its first pass is no faster than PyTorch's on a
+CPU; the cache below is what pays: `benchmarks/training.py teacher-speed`). The student takes the teacher's
+tokenizer, so both predict over the same vocabulary.
 
 Top k: a package teacher (and any teacher with --teacher-top-k) hands over only its k most likely next tokens
 at each position, as log-probabilities at temperature 1 (TopK), and the KD term is taken over those k:
@@ -44,7 +44,6 @@ from edgegpt.core.config import ModelConfig
 from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CONFIG, MANIFEST, TOKENIZER, WEIGHTS, is_package
 from edgegpt.core.io import read_json
-from edgegpt.scoring import chunk_starts
 from edgegpt.tokenizer import load_tokenizer
 from edgegpt.train.teacher_cache import CacheShape, TopKCache, package_identity
 
@@ -164,19 +163,20 @@ class Teacher:
         """Its k most likely next tokens at every position of input_ids [rows, T], float32 log-probabilities."""
         if self.kind != "package":
             return top_k_of(self.logits(input_ids), k)
+        from edgegpt.quality import PackageScorer
+
         rows = input_ids.cpu().numpy()
         log_probs = torch.empty(*rows.shape, k)
         ids = torch.empty(*rows.shape, k, dtype=torch.int64)
-        # A chunk of positions per pass, reduced to its top k at once (as PackageScorer.logit_chunks): a window's
-        # logits whole would be T × vocab floats (a 262k vocabulary: 1 GiB per 1,024 positions).
-        starts = chunk_starts(rows.shape[1], 0, 1, self.vocab_size)
-        for row, tokens in enumerate(rows):
-            cache = self.generator.empty_cache(len(tokens))
-            for start in starts:
-                logits, cache = self.generator.forward(tokens[start : start + starts.step].tolist(), cache)
-                # The runtime may hand over a read-only view of its output buffer; torch wants a writable array.
-                chunk = top_k_of(torch.from_numpy(np.require(logits, np.float32, ["W"])), k)
-                log_probs[row, start : start + len(logits)], ids[row, start : start + len(logits)] = chunk
+        # A chunk of positions per pass, reduced to its top k at once: a window's logits whole would be T × vocab
+        # floats (a 262k vocabulary: 1 GiB per 1,024 positions).
+        start = 0
+        for logits in PackageScorer(self.generator).logit_chunks(rows):
+            end = start + logits.shape[1]
+            # The runtime may hand over a read-only view of its output buffer; torch wants a writable array.
+            log_probs[:, start:end], ids[:, start:end] = top_k_of(torch.from_numpy(np.require(logits, np.float32,
+                                                                                               ["W"])), k)
+            start = end
         return TopK(log_probs, ids)
 
 
