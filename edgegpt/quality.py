@@ -115,8 +115,21 @@ class EvalText:
     window: int  # tokens per scoring window (stride half of it); greedy prompts fit inside one
 
 
-def read_eval_documents(data: Path) -> tuple[list[str], str]:
-    return read_corpus([Path(data)]), str(data)
+def read_documents(paths: Sequence[Path], model_dir: Path) -> list[str]:
+    """The documents of `paths` as `model_dir`'s model (a checkpoint or a package) reads them: plain text (.txt,
+    .md, JSONL of {"text"}) as training reads it; JSONL examples (messages, prompt/completion) as their rendered
+    text, a chat through the model's own template, so a model fine-tuned on conversations is scored and
+    calibrated on conversations."""
+    from edgegpt.train.records import ExampleFormat, example_texts, is_example_data
+
+    paths = [Path(p) for p in paths]
+    if is_example_data(paths):
+        return example_texts(paths, ExampleFormat.from_checkpoint(model_dir))
+    return read_corpus(paths)
+
+
+def read_eval_documents(data: Path, model_dir: Path) -> tuple[list[str], str]:
+    return read_documents([Path(data)], model_dir), str(data)
 
 
 def validation_documents(checkpoint: Path) -> tuple[list[str], str]:
@@ -128,9 +141,9 @@ def validation_documents(checkpoint: Path) -> tuple[list[str], str]:
     val_paths, data_paths = state.get("val_data") or [], state.get("data") or []
     try:
         if val_paths:
-            return read_corpus([Path(p) for p in val_paths]), ", ".join(val_paths)
+            return read_documents(val_paths, checkpoint), ", ".join(val_paths)
         if data_paths:
-            validation = split_documents(read_corpus([Path(p) for p in data_paths]))[1]
+            validation = split_documents(read_documents(data_paths, checkpoint))[1]
             return validation, f"last 10% of {', '.join(data_paths)}"
     except EdgeGPTError as e:
         raise EdgeGPTError(f"cannot read the checkpoint's validation text ({e}); pass --eval-data PATH") from None
@@ -311,7 +324,7 @@ def run_eval(path: Path, data: Path | None, reference: Path | None, max_tokens: 
     scorer, tokenizer, vocab_size, max_len = open_scorer(path, threads, window)
     window = resolve_window(window, max_len)
     if data is not None:
-        documents, source = read_eval_documents(data)
+        documents, source = read_eval_documents(data, path)
     elif is_checkpoint(path):
         documents, source = validation_documents(path)
     else:

@@ -193,7 +193,7 @@ def load_eval_text(checkpoint: Path, eval_data: Path | None, needed: bool, token
     """--eval-data, else the checkpoint's validation split, scored in windows of `window` tokens; None if
     neither exists and no gate needs it."""
     if eval_data is not None:
-        documents, source = read_eval_documents(eval_data)
+        documents, source = read_eval_documents(eval_data, checkpoint)
     else:
         try:
             documents, source = validation_documents(checkpoint)

@@ -61,17 +61,18 @@ def calibration_text(checkpoint: Path, data: Path | None, tokenizer,
                      tokens: int = CALIBRATION_TOKENS) -> CalibrationText:
     """--calibration-data, else the end of the checkpoint's training text, else the end of the embedded
     corpus's training part (the Python standard library's docstrings): never the held-out text."""
-    from edgegpt.train.corpus import default_corpus, read_corpus, split_documents
+    from edgegpt.quality import read_documents
+    from edgegpt.train.corpus import default_corpus, split_documents
     from edgegpt.train.data import tokenize
 
     if data is not None:
-        documents, source = read_corpus([Path(data)]), str(data)
+        documents, source = read_documents([Path(data)], checkpoint), str(data)
     else:
         state = read_json(checkpoint / TRAIN_STATE) if (checkpoint / TRAIN_STATE).is_file() else {}
         paths = state.get("data") or []
         try:
             if paths:
-                documents, source = split_documents(read_corpus([Path(p) for p in paths]))[0], "training text"
+                documents, source = split_documents(read_documents(paths, checkpoint))[0], "training text"
             else:
                 documents, source = split_documents(default_corpus())[0], "the embedded Python documentation"
         except EdgeGPTError as e:

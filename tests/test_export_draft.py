@@ -158,7 +158,7 @@ def test_acceptance_is_the_greedy_agreement_of_the_two_packages(drafted, tiny_ch
 
     package, _ = drafted
     target, draft = Generator.load(package), Generator.load(package / "draft")
-    documents, source = read_eval_documents(corpus_file)
+    documents, source = read_eval_documents(corpus_file, package)
     text = prepare_eval_text(documents, source, target.package.tokenizer, 512, DRAFT_CONTEXT, EVAL_TOKENS)
     same = []
     for start, length, first in strided_windows(len(text.tokens), DRAFT_CONTEXT):

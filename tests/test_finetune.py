@@ -315,3 +315,29 @@ def test_example_options_on_plain_text_are_refused(base, text, tmp_path):
     with pytest.raises(EdgeGPTError, match="--include-prompts and --drop-long apply to JSONL examples"):
         fine_tune(base, text, tmp_path / "out", max_steps=1, include_prompts=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_tuned_on_chats_exports_calibrated_and_scored_on_its_chats(base, tmp_path):
+    """With no --calibration-data or --eval-data, export reads the run's own data: JSONL examples as the model
+    reads them (each conversation rendered by its chat template), not as plain text, which they are not."""
+    chats = tmp_path / "chats.jsonl"  # enough that the last 10% holds the gates' minimum of tokens
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": "red blue green " * (i % 4 + 1)}]})
+        + "\n" for i in range(120)), encoding="utf-8")
+    from edgegpt.export.package import export_package
+    from edgegpt.export.quantize_package import calibration_text
+    from edgegpt.quality import validation_documents
+    from edgegpt.tokenizer import load_tokenizer
+
+    out = tmp_path / "out"
+    fine_tune(base, chats, out, epochs=1, lora=4)
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    calibration = calibration_text(out, None, tokenizer)
+    assert calibration.source.startswith("training text")
+    turns = calibration.tokens.tolist().count(tokenizer.token_to_id("<|im_start|>"))
+    assert turns >= 100  # a user and an assistant turn a conversation, over its last 4,096 tokens
+    documents, source = validation_documents(out)
+    assert source.startswith("last 10% of") and documents[-1].endswith("<|im_end|>\n")
+    assert documents[-1].split("<|im_start|>")[1] == "user\n119?<|im_end|>\n"  # the file's last conversation
+    export_package(out, tmp_path / "model", quantize=True, gate=False)
+    assert (tmp_path / "model" / "model.onnx").is_file()

@@ -223,6 +223,22 @@ def render_chat(fmt: ExampleFormat, record: dict[str, Any], where: str,
     return full, spans
 
 
+def example_texts(paths: Sequence[Path], fmt: ExampleFormat) -> list[str]:
+    """Every record of `paths` as the text its model reads, one document each: a chat rendered by the template
+    (turn markers written out, which the tokenizer reads back as its special tokens), a prompt/completion pair
+    as the prompt then the completion. What export calibrates on and eval scores when the data is examples."""
+    texts: list[str] = []
+    for file in example_files(paths):
+        for line_no, record in read_records(file):
+            where = f"{file}:{line_no}"
+            if "messages" in record:
+                texts.append(render_chat(fmt, record, where, find_spans=False)[0])
+            else:
+                _text_example(fmt, record, where, include_prompts=True)  # the same checks as training's
+                texts.append(record["prompt"] + record["completion"])
+    return texts
+
+
 def _messages_and_weights(messages: Any) -> tuple[Any, list[bool]]:
     """The messages without OpenAI's optional "weight" (0 or 1 on an assistant message), and the weights."""
     if not isinstance(messages, list):
@@ -273,5 +289,5 @@ def _text_example(fmt: ExampleFormat, record: dict[str, Any], where: str, includ
     return ids, trained
 
 
-__all__ = ["Example", "ExampleFormat", "example_files", "is_example_data", "read_examples", "read_records",
-           "render_chat", "token_text"]
+__all__ = ["Example", "ExampleFormat", "example_files", "example_texts", "is_example_data", "read_examples",
+           "read_records", "render_chat", "token_text"]
