@@ -329,13 +329,16 @@ def count_lines(path: Path) -> int:
 
 
 def train_figures(step: dict, efficiency: float) -> dict:
-    """An edgegpt training's figures; tokens/s in the examples' tokens (its own figure counts every position of
-    its packed rows, padding too: × the rows' efficiency)."""
+    """An edgegpt training's figures; tokens/s in the examples' tokens over the optimizer steps' own time, as the
+    plain loop counts them (edgegpt's own figure counts every position of its packed rows, padding too: × the
+    rows' efficiency); run_tokens_per_s over its whole run, validating and saving the best weights each epoch."""
     summary = step["summary"] or {}
-    positions = summary.get("tokens_per_s")
+    positions = summary.get("step_tokens_per_s")
+    whole = summary.get("tokens_per_s")
     return {"train_s": step["seconds"], "peak_rss_mb": step["peak_rss_mb"], "steps": summary.get("steps"),
             "tokens_per_s": None if positions is None else positions * efficiency,
-            "positions_per_s": positions, "stopped": summary.get("stopped"), "elapsed_s": summary.get("elapsed_s")}
+            "positions_per_s": positions, "run_tokens_per_s": None if whole is None else whole * efficiency,
+            "stopped": summary.get("stopped"), "elapsed_s": summary.get("elapsed_s")}
 
 
 def hf_folder(checkpoint: Path, out: Path) -> Path:
@@ -405,9 +408,10 @@ def show(figures: dict, questions: list[Question]) -> None:
                   caption="train s and peak RSS: the training command's own process (int8 rows: the export's); "
                           "tokens/s: the conversations' own tokens trained per second of optimizer steps; "
                           "positions/s: every position computed, padding too (edgegpt packs rows, the plain loop "
-                          "pads each batch to its longest)")
+                          "pads each batch to its longest); run tokens/s: over edgegpt's whole run, which also "
+                          "validates and saves the best weights each epoch")
     for column in ("model", "asked through", "held-out right", "general right", "train s", "steps", "tokens/s",
-                   "positions/s", "peak RSS MB", "gate"):
+                   "positions/s", "run tokens/s", "peak RSS MB", "gate"):
         table.add_column(column, justify="left" if column in ("model", "asked through", "gate") else "right")
 
     def number(value, fmt: str) -> str:
@@ -417,7 +421,7 @@ def show(figures: dict, questions: list[Question]) -> None:
         table.add_row(name, row["how"], f"{row['held_out_right']}/{row['held_out']} ({row['held_out_share']:.0%})",
                       f"{row['general_right']}/{row['general']}", number(row.get("train_s"), ",.0f"),
                       number(row.get("steps"), ","), number(row.get("tokens_per_s"), ",.0f"),
-                      number(row.get("positions_per_s"), ",.0f"),
+                      number(row.get("positions_per_s"), ",.0f"), number(row.get("run_tokens_per_s"), ",.0f"),
                       number(row.get("peak_rss_mb") or row.get("export_peak_rss_mb"), ",.0f"), row.get("gate", ""))
     console.print(table)
     answers = Table(title=f"greedy replies (at most {figures['reply_tokens']} tokens); ✓ the key is in it")

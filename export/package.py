@@ -430,13 +430,9 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
         optimization = optimize_offline(float_dir / MODEL)
     write_package_metadata(float_dir, cfg=model.cfg, tokenizer=tokenizer, graph=contract, checkpoint=checkpoint)
     checks, verification = [], None
-    if precision == "float32":
-        say("checking the float32 graph against PyTorch")
-        # Unpacked: onnxruntime's repacked copy of the weights would sit beside the PyTorch model's own.
-        checked = open_package(float_dir, precision, tokenizer=tokenizer, prepack=False)
-        verification = verify_generator(torch_reference(model), checked, limits.logit_tolerance)
-        del checked
-        checks.append(logit_check(verification))
+    # PyTorch's answers for the float32 check now (a few short calls, kilobytes to megabytes of logits); the graph
+    # is run once the PyTorch weights are gone, so its onnxruntime session never sits beside them.
+    float_reference = torch_reference(model) if precision == "float32" else None
     reference = None
     if text is not None:  # PyTorch's turn comes first, so the model can go before the package is scored
         units = len(strided_windows(len(text.tokens), text.window)) + 1  # each window, then the greedy prompts
@@ -472,7 +468,14 @@ def build_package(source: Source, stage: Path, out: Path, plan: ExportPlan, say:
                                           steps, done_with_model=lambda: release_weights(model))
         say("optimizing the quantized graph (onnxruntime's offline pass)")
         optimization = finish(final_dir)
-    release_weights(model)  # its last use: the package's session need not sit beside the float32 weights
+    release_weights(model)  # its last use: the packages' sessions need not sit beside the float32 weights
+    if float_reference is not None:
+        say("checking the float32 graph against PyTorch")
+        # Unpacked: the check runs a few short calls, for which onnxruntime's repacked copy of the weights is waste.
+        checked = open_package(float_dir, precision, tokenizer=tokenizer, prepack=False)
+        verification = verify_generator(float_reference, checked, limits.logit_tolerance)
+        del checked
+        checks.insert(0, logit_check(verification))
     rows = []
     if text is not None:
         say(f"scoring held-out text with the {label} package ({units - 1} windows of "

@@ -339,6 +339,8 @@ def test_finetune_run_trains_exports_and_asks_every_model():
         assert 0 <= row["held_out_right"] <= 25 and row["held_out_right"] == sum(row["right"][:25]), name
     for name in ("LoRA", "full", "transformers LoRA", "transformers full"):
         assert rows[name]["steps"] == 2 and rows[name]["tokens_per_s"] > 0 and rows[name]["peak_rss_mb"] > 0, name
+    for name in ("LoRA", "full"):  # edgegpt's steps alone, and its whole run with validation and saving
+        assert rows[name]["tokens_per_s"] > rows[name]["run_tokens_per_s"] > 0, name
     for name in ("LoRA int8", "full int8"):
         assert rows[name]["gate"] in ("pass", "FAIL") and rows[name]["export_peak_rss_mb"] > 0
     assert "LoRA: edgegpt tokens/s >= transformers'" in figures["acceptance"]

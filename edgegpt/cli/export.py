@@ -38,8 +38,9 @@ def export(
     accuracy_level: int = typer.Option(4, help="With --quantize (nbits): 4 (int8 activations inside MatMulNBits, "
                                        "fastest on CPUs) or 1 (float32; much slower at 8 bits)."),
     calibration_data: Optional[Path] = typer.Option(
-        None, "--calibration-data", help="Text for calibrating quantization. Default: the end of the checkpoint's "
-        "training text, else of the embedded Python documentation."),
+        None, "--calibration-data", help="Text for calibrating quantization (JSONL examples: as the model reads "
+        "them, chats through its template). Default: the end of the checkpoint's training data, else of the "
+        "embedded Python documentation."),
     method: Optional[str] = typer.Option(None, help="With --quantize: nbits (MatMulNBits block-quantized weights, "
                                          "the default) or dynamic (int8 MatMulInteger, activations quantized at "
                                          "run time; 8 bits only)."),
@@ -52,8 +53,9 @@ def export(
                                  "instead of the fused GroupQueryAttention graph."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Write the package even if a quality gate fails "
                                  "(the manifest records it)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the quality gates. "
-                                             "Default: the checkpoint's validation split."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the quality gates "
+                                             "(or JSONL examples, as for --calibration-data). Default: the "
+                                             "checkpoint's validation split."),
     eval_tokens: int = typer.Option(
         DEFAULT_EVAL_TOKENS, help="Score at most this many held-out tokens (keeps export fast)."),
     window: Optional[int] = typer.Option(None, help="The gates score in windows of this many tokens, stride half "

@@ -67,11 +67,13 @@ def train_options(values: dict[str, Any]) -> TrainOptions:
 
 
 DataOption = Annotated[Optional[List[Path]], typer.Option(
-    "--data", help="Text files, directories (*.txt, *.md, recursively) or .jsonl files with a 'text' field; "
-    "repeatable. Default: the documentation that ships inside Python (pydoc topics and standard-library "
-    "docstrings), so training needs no download.")]
+    "--data", help="Text files, directories (*.txt, *.md, *.jsonl, recursively) or .jsonl files: {\"text\"} "
+    "records are text; {\"messages\"} (chat) or {\"prompt\", \"completion\"} records are examples to fine-tune "
+    "on (with --from); repeatable. Default: the documentation that ships inside Python (pydoc topics and "
+    "standard-library docstrings), so training needs no download.")]
 ValDataOption = Annotated[Optional[List[Path]], typer.Option(
-    "--val-data", help="Validation text; default: the last 10% of --data.")]
+    "--val-data", help="Validation data of --data's kind; default: the last 10% of --data's text, or a seeded "
+    "tenth of its examples.")]
 OutOption = Annotated[Optional[Path], typer.Option(
     help="Checkpoint directory. Default: $EDGEGPT_HOME/checkpoint (./edgegpt-out).")]
 ResumeOption = Annotated[bool, typer.Option(

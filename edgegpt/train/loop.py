@@ -99,7 +99,7 @@ class TrainSummary:
     train_loss: float
     val_loss: float
     val_nats_per_char: float
-    tokens_per_s: float
+    tokens_per_s: float  # over this process's whole run: the steps, validation and saving
     checkpoint: str
     elapsed_s: float
     stopped: str  # "max_steps", "time_budget" or "interrupted"
@@ -113,6 +113,7 @@ class TrainSummary:
     # on, over every process.
     teacher_rows_cached: int | None = None
     teacher_rows_computed: int | None = None
+    step_tokens_per_s: float | None = None  # over the optimizer steps' own time (what a plain training loop times)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +183,7 @@ class Training:
     elapsed_before: float = 0.0  # seconds earlier processes of this run trained
     best_val: dict[str, float] = field(default_factory=lambda: {"loss": math.inf, "nats_per_char": math.inf})
     started: float = 0.0  # perf_counter() when this process began stepping
+    step_s: float = 0.0  # seconds in optimizer_step, this process
     last_loss: float = math.nan
     stopped: str = "max_steps"
 
@@ -510,7 +512,9 @@ def run_steps(run: Training, reporter: Reporter, on_step: Callable[[int], None] 
             if stop is not None:
                 run.stopped = stop
                 break
+            step_started = time.perf_counter()
             loss, parts = optimizer_step(run, elapsed)
+            run.step_s += time.perf_counter() - step_started
             run.step += 1
             run.last_loss = loss
             run_s = time.perf_counter() - run.started
@@ -654,4 +658,5 @@ def summarize(run: Training) -> TrainSummary:
         base=plan.opts.from_checkpoint, trainable_parameters=run.trainable,
         teacher_rows_cached=run.teacher_rows["cached"] if run.teacher_rows else None,
         teacher_rows_computed=run.teacher_rows["computed"] if run.teacher_rows else None,
+        step_tokens_per_s=trained_steps * plan.tokens_per_step / run.step_s if run.step_s else None,
     )
