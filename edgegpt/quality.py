@@ -120,10 +120,12 @@ def read_documents(paths: Sequence[Path], model_dir: Path) -> list[str]:
     .md, JSONL of {"text"}) as training reads it; JSONL examples (messages, prompt/completion) as their rendered
     text, a chat through the model's own template, so a model fine-tuned on conversations is scored and
     calibrated on conversations."""
-    from edgegpt.train.records import ExampleFormat, example_texts, is_example_data
+    from edgegpt.train.corpus import is_example_data
 
     paths = [Path(p) for p in paths]
     if is_example_data(paths):
+        from edgegpt.train.records import ExampleFormat, example_texts  # (torch: plain text is read without it)
+
         return example_texts(paths, ExampleFormat.from_checkpoint(model_dir))
     return read_corpus(paths)
 

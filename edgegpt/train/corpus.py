@@ -10,6 +10,7 @@ import functools
 import json
 import sysconfig
 from pathlib import Path
+from typing import Sequence
 
 from edgegpt.core.errors import EdgeGPTError
 
@@ -129,3 +130,37 @@ def split_documents(documents: list[str], val_fraction: float = 0.1) -> tuple[li
     if not train or not val:
         raise EdgeGPTError("the corpus is too small to split into training and validation text; add more data")
     return train, val
+
+
+CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+
+
+def is_example_data(paths: Sequence[Path]) -> bool:
+    """Whether `paths` are JSONL examples (messages or prompt/completion records) rather than plain text
+    (.txt, .md, or JSONL of {"text": ...}): judged by the first record of each file given, and of each .jsonl
+    file in a directory given (the files train/corpus.py would read as text: .txt, .md, .jsonl)."""
+    kinds = set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES)
+        else:
+            files = [path] if path.is_file() else []
+        for file in files:
+            kinds.add("examples" if _first_record_is_an_example(file) else "text")
+    if len(kinds) > 1:
+        raise EdgeGPTError("the data mixes plain text with JSONL examples (messages or prompt/completion); "
+                           "train on one kind at a time")
+    return kinds == {"examples"}
+
+
+def _first_record_is_an_example(file: Path) -> bool:
+    try:
+        with open(file, encoding="utf-8", errors="replace") as lines:  # the first line, not the whole file
+            first = next((line for line in lines if line.strip()), "")
+    except OSError:
+        return False  # the corpus reader says what is wrong
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and ("messages" in record or "prompt" in record)

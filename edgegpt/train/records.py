@@ -32,11 +32,10 @@ from edgegpt.core.errors import EdgeGPTError
 from edgegpt.core.formats import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER
 from edgegpt.runtime.chat_template import ChatTemplate, check_messages
 from edgegpt.tokenizer import end_of_text_id, load_tokenizer
-from edgegpt.train.corpus import TEXT_SUFFIXES, read_text_file
+from edgegpt.train.corpus import is_example_data, read_text_file
 
 # Texts handed to tokenizers' encode_batch at once (it encodes them in parallel).
 ENCODE_BATCH = 512
-CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
 Example = tuple[np.ndarray, np.ndarray]  # ids int32 [n], trained bool [n] (token j is a target)
 
 
@@ -126,37 +125,6 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line_no, record
     if empty:
         raise EdgeGPTError(f"{path} holds no examples (it is empty); write one JSON record per line")
-
-
-def is_example_data(paths: Sequence[Path]) -> bool:
-    """Whether `paths` are JSONL examples (messages or prompt/completion records) rather than plain text
-    (.txt, .md, or JSONL of {"text": ...}): judged by the first record of each file given, and of each .jsonl
-    file in a directory given (the files train/corpus.py would read as text: .txt, .md, .jsonl)."""
-    kinds = set()
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES)
-        else:
-            files = [path] if path.is_file() else []
-        for file in files:
-            kinds.add("examples" if _first_record_is_an_example(file) else "text")
-    if len(kinds) > 1:
-        raise EdgeGPTError("the data mixes plain text with JSONL examples (messages or prompt/completion); "
-                           "train on one kind at a time")
-    return kinds == {"examples"}
-
-
-def _first_record_is_an_example(file: Path) -> bool:
-    try:
-        with open(file, encoding="utf-8", errors="replace") as lines:  # the first line, not the whole file
-            first = next((line for line in lines if line.strip()), "")
-    except OSError:
-        return False  # the corpus reader says what is wrong
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and ("messages" in record or "prompt" in record)
 
 
 # -- tokenizing ---------------------------------------------------------------------------------------
