@@ -52,7 +52,7 @@ def eval_text(checkpoint: Path, data: Path | None, eval_tokens: int, window: int
         tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, eval_tokens + 1).astype(np.int64)
         return EvalText(tokens=tokens, char_table=np.ones(model.cfg.vocab_size, np.int64), source="random tokens",
                         capped=False, window=window)
-    documents, source = read_eval_documents(data) if data else validation_documents(checkpoint)
+    documents, source = read_eval_documents(data, checkpoint) if data else validation_documents(checkpoint)
     return prepare_eval_text(documents, source, tokenizer, model.cfg.vocab_size, window, eval_tokens)
 
 

@@ -61,7 +61,7 @@ def scales(tiny_checkpoint, corpus_file) -> tuple:
     from edgegpt.quality import prepare_eval_text, read_eval_documents
 
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    documents, source = read_eval_documents(corpus_file)
+    documents, source = read_eval_documents(corpus_file, tiny_checkpoint)
     text = prepare_eval_text(documents, source, tokenizer, model.cfg.vocab_size, model.cfg.max_len, EVAL_TOKENS)
     return model, tokenizer, text, calibrate(model, text)
 
