@@ -180,6 +180,8 @@ def run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="passes over train.jsonl, each run")
     parser.add_argument("--minutes", type=float, default=TIME_BUDGET_MIN, help="--time-budget of each training")
     parser.add_argument("--lora", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora-lr", type=float, default=None, help="the LoRA runs' --lr (default: edgegpt's)")
+    parser.add_argument("--full-lr", type=float, default=None, help="the full runs' --lr (default: edgegpt's)")
     parser.add_argument("--batch-size", type=int, default=4, help="edgegpt's --batch-size: rows per step")
     parser.add_argument("--block-size", type=int, default=128,
                         help="edgegpt's --block-size: a row holds about two FAQ conversations (~60 tokens each), "
@@ -246,7 +248,8 @@ def run(args: argparse.Namespace) -> None:
     figures: dict = {"machine": machine(), "gguf": str(gguf), "data": str(train_file.parent),
                      "examples": count_lines(train_file), "held_out": sum(q.kind == "faq" for q in questions),
                      "general": sum(q.kind == "general" for q in questions), "epochs": args.epochs,
-                     "minutes": args.minutes, "lora_rank": args.lora}
+                     "minutes": args.minutes, "lora_rank": args.lora,
+                     "lora_lr": args.lora_lr, "full_lr": args.full_lr}
     figures["convert"] = steps.run("convert", checkpoint / "model.safetensors", [*EDGEGPT, "convert", gguf, checkpoint])
 
     packing = packed(checkpoint, train_file, val_file, args.block_size)
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> None:
     length = [*(smoke_flags or ["--epochs", str(args.epochs), "--time-budget", str(args.minutes),
                                 "--eval-every", str(epoch_steps)]),
               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size)]
-    runs = {"LoRA": ["--lora", str(args.lora)], "full": []}
+    runs = {"LoRA": ["--lora", str(args.lora), *learning_rate(args.lora_lr)], "full": learning_rate(args.full_lr)}
     trained: dict[str, dict] = {}
     for name, flags in runs.items():
         out = work / name.lower()
@@ -361,13 +364,18 @@ def packed(checkpoint: Path, train: Path, val: Path, block_size: int):
     return load_examples([train], ExampleFormat.from_checkpoint(checkpoint), block_size, val_path=[val]).summary
 
 
+def learning_rate(lr: float | None) -> list[str]:
+    return [] if lr is None else ["--lr", str(lr)]
+
+
 def plain_loop_flags(steps: int, examples_per_step: int, args: argparse.Namespace, lora: bool) -> list[str]:
     """The plain loop's options for the same fine-tuning as an edgegpt run: its optimizer steps, as many
     conversations per step, and edgegpt's resolved learning rate, LoRA scale and dropout, warm-up, schedule,
     weight decay and clipping (edgegpt.train.options)."""
     from edgegpt.train.options import TrainOptions
 
-    options = TrainOptions(from_checkpoint="checkpoint", lora=args.lora if lora else None).resolved()
+    options = TrainOptions(from_checkpoint="checkpoint", lora=args.lora if lora else None,
+                           lr=args.lora_lr if lora else args.full_lr).resolved()
     flags = ["--steps", str(steps), "--batch-size", str(examples_per_step), "--lr", str(options.lr),
              "--warmup", str(options.warmup), "--min-lr-ratio", str(options.min_lr_ratio),
              "--weight-decay", str(options.weight_decay), "--beta2", str(options.beta2),
