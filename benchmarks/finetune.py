@@ -56,16 +56,21 @@ class Steps:
     """Each measured command's figures (wall seconds, its own peak RSS, the last JSON line it printed), kept in
     WORK/steps.json beside its output: a rerun that finds the output of the very same command reports the
     figures measured when it was made, so a 15-minute training is not run twice (--fresh runs everything
-    again). A step run again starts from an empty output folder (`output`'s own: every step has one)."""
+    again). A step reads the outputs of the steps `after` it: it is reused only if they are the ones it read
+    (an export of a model trained again is an export again). A step run again starts from an empty output
+    folder (`output`'s own: every step has one)."""
 
     def __init__(self, work: Path, fresh: bool):
         self.path, self.fresh = work / "steps.json", fresh
         self.figures = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
 
-    def run(self, name: str, output: Path, command: list, allow_gate_failure: bool = False) -> dict:
+    def run(self, name: str, output: Path, command: list, allow_gate_failure: bool = False,
+            after: tuple[dict, ...] = ()) -> dict:
         command = [str(part) for part in command]
+        inputs = [step["made"] for step in after]
         done = self.figures.get(name)
-        if not self.fresh and done is not None and done.get("command") == command and output.exists():
+        if (not self.fresh and done is not None and done.get("command") == command and done.get("after") == inputs
+                and output.exists()):
             return done
         if output.parent.is_dir() and output.parent != self.path.parent:
             import shutil
@@ -84,8 +89,8 @@ class Steps:
         if run.returncode != 0:
             sys.exit(f"{name} failed (exit {run.returncode}): {' '.join(map(str, command))}\n{run.stderr[-3000:]}")
         print(f"{name}: {run.seconds:.1f} s, peak RSS {run.peak_rss_bytes / 1e6:,.0f} MB", file=sys.stderr)
-        self.figures[name] = {"command": command, "seconds": run.seconds, "peak_rss_mb": run.peak_rss_bytes / 1e6,
-                              "gate": gate, "summary": last_json(run.stdout)}
+        self.figures[name] = {"command": command, "after": inputs, "made": time.time_ns(), "seconds": run.seconds,
+                              "peak_rss_mb": run.peak_rss_bytes / 1e6, "gate": gate, "summary": last_json(run.stdout)}
         self.path.write_text(json.dumps(self.figures, indent=1))
         return self.figures[name]
 
@@ -267,13 +272,13 @@ def run(args: argparse.Namespace) -> None:
         out = work / name.lower()
         trained[name] = steps.run(f"train {name}", out / "model.safetensors", [
             *EDGEGPT, "train", "--from", checkpoint, "--data", train_file, "--val-data", val_file, *flags, *length,
-            "--out", out, "--cache-dir", work / "cache", "--json"])
+            "--out", out, "--cache-dir", work / "cache", "--json"], after=(figures["convert"],))
     exported: dict[str, dict] = {}
     for name in runs:
         out, package = work / name.lower(), work / f"{name.lower()}-int8"
         exported[name] = steps.run(f"export {name} int8", package / "manifest.json", [
             *EDGEGPT, "export", out, "--out", package, "--quantize", "--eval-data", text, *export_flags, "--json"],
-            allow_gate_failure=True)
+            allow_gate_failure=True, after=(trained[name],))
     examples_per_step = max(1, round(args.batch_size * packing.examples / packing.rows))
     peers: dict[str, dict] = {}
     if not args.skip_transformers:
@@ -283,7 +288,7 @@ def run(args: argparse.Namespace) -> None:
             plain = plain_loop_flags(trained[name]["summary"]["steps"], examples_per_step, args, lora=name == "LoRA")
             peers[name] = steps.run(f"transformers {name}", out / "config.json", [
                 sys.executable, BENCHMARKS / "finetune.py", "transformers", "--hf", hf, "--data", train_file,
-                "--out", out, *plain, "--minutes", str(args.minutes), "--json"])
+                "--out", out, *plain, "--minutes", str(args.minutes), "--json"], after=(trained[name],))
 
     # Asking the models loads them into this process: after every measured command, as real_model.py does.
     print("asking the models ...", file=sys.stderr, flush=True)

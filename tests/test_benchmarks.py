@@ -346,6 +346,31 @@ def test_finetune_run_trains_exports_and_asks_every_model():
     assert "LoRA: edgegpt tokens/s >= transformers'" in figures["acceptance"]
 
 
+def test_finetune_steps_are_reused_only_with_the_outputs_they_read(tmp_path, monkeypatch):
+    """A step whose command is unchanged runs again when a step it reads ran again (an export of a model
+    trained anew is a new export), and not otherwise."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("benchmarks_finetune", BENCHMARKS / "finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+
+    def write(name: str) -> list:
+        return [sys.executable, "-c", f"import pathlib; pathlib.Path(r'{tmp_path / name}').mkdir(); "
+                                      f"(pathlib.Path(r'{tmp_path / name}') / 'out').write_text('x')"]
+
+    def both(steps):
+        train = steps.run("train", tmp_path / "train" / "out", write("train"))
+        return train, steps.run("export", tmp_path / "export" / "out", write("export"), after=(train,))
+
+    train, export = both(finetune.Steps(tmp_path, fresh=False))
+    again = both(finetune.Steps(tmp_path, fresh=False))
+    assert [step["made"] for step in again] == [train["made"], export["made"]]  # nothing ran
+    (tmp_path / "train" / "out").unlink()  # the model is trained again: its export must be made again
+    retrained, reexported = both(finetune.Steps(tmp_path, fresh=False))
+    assert retrained["made"] > train["made"] and reexported["made"] > export["made"]
+    assert reexported["after"] == [retrained["made"]]
+
+
 def test_finetune_memory_trains_lora_on_a_qwen2_shaped_model():
     out = json.loads(smoke("finetune.py", "memory", "--json").strip().splitlines()[-1])
     cfg = out["config"]
