@@ -219,7 +219,9 @@ def make_optimizer(model: GPT, opts: TrainOptions, device: torch.device) -> torc
     no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [group for group in groups if group["params"]]
-    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.beta2), fused=device.type == "cuda")
+    # The fused kernel updates each tensor in one pass where the default runs a dozen elementwise ops over it,
+    # on the CPU too (torch >= 2.4): the optimizer was an eighth of a full fine-tuning step of SmolLM2-135M.
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.beta2), fused=device.type in ("cpu", "cuda"))
 
 
 def load_data(data: list[Path], val_data: list[Path], vocab_size: int, cache_dir: Path, tokenizer: Tokenizer | None,
