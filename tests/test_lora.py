@@ -135,3 +135,34 @@ def test_peft_loads_the_adapter_onto_the_hugging_face_base(name, tmp_path, corpu
     with torch.no_grad():
         ours = GPT.holding(cfg, merged_weights(model)).eval()(ids)
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_projections_reading_one_input_share_its_dropout_mask_and_checkpointing_redraws_it_alike():
+    """q, k and v (and gate and up) drop the same input positions; o and down draw their own; each pass draws
+    anew; a layer recomputed under gradient checkpointing gives the gradients of the plain pass."""
+    model = adapted(NANO).train()
+    for _, module in adapters(model):
+        module.dropout.p = 0.5
+    seen = {}
+    for name, module in adapters(model):
+        module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(
+            m.dropout.last[1] if m.dropout.last is not None else None))
+    torch.manual_seed(3)
+    model(token_ids())
+    model(token_ids())
+    layer = "layers.0"
+    q, k, v = (seen[f"{layer}.attn.{p}"] for p in ("q_proj", "k_proj", "v_proj"))
+    gate, up, down = (seen[f"{layer}.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj"))
+    assert q[0] is k[0] is v[0] and gate[0] is up[0]  # one draw for each shared input
+    assert (q[0] == 0).any() and not torch.equal(q[0] == 0, q[1] == 0)  # dropped, and a new mask each pass
+    assert down[0] is not gate[0] and all(m.dropout.last is None for _, m in adapters(model))  # let go after
+
+    def gradients(checkpointed: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = checkpointed
+        torch.manual_seed(4)
+        model(token_ids()).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
