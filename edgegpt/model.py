@@ -28,7 +28,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from edgegpt.core.config import ModelConfig, RopeScaling
 
@@ -310,7 +310,10 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.layers):
             mask = window if self.cfg.is_sliding(i) else full
             if checkpointed:  # activations recomputed in the backward pass (dropout's random state is replayed)
-                x, _ = checkpoint(layer, x, *rotaries[i], mask, None, use_reentrant=False)
+                # The whole layer is recomputed, its forward hooks too (early stop would end the recomputation
+                # at its last saved tensor): LoRA's shared dropout masks are let go by such a hook.
+                with set_checkpoint_early_stop(False):
+                    x, _ = checkpoint(layer, x, *rotaries[i], mask, None, use_reentrant=False)
             else:
                 x, _ = layer(x, *rotaries[i], mask, None)
         return x
