@@ -220,7 +220,7 @@ def make_optimizer(model: GPT, opts: TrainOptions, device: torch.device) -> torc
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [group for group in groups if group["params"]]
     # The fused kernel updates each tensor in one pass where the default runs a dozen elementwise ops over it,
-    # on the CPU too (torch >= 2.4): the optimizer was an eighth of a full fine-tuning step of SmolLM2-135M.
+    # on the CPU too (torch >= 2.4).
     return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.beta2), fused=device.type in ("cpu", "cuda"))
 
 

@@ -43,8 +43,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class InputDropout(nn.Module):
     """Dropout on an adapter's input, one mask per input tensor: the projections that read the same input
-    (q, k and v; gate and up) share one draw. Drawing the masks was a quarter of a LoRA step of SmolLM2-135M on
-    a CPU (a profile: 7 draws a layer); shared, 4 a layer. The last input and its dropped copy are held only
+    (q, k and v; gate and up) share one draw: 4 draws a layer instead of 7, and on a CPU drawing masks is a
+    large share of a LoRA step. The last input and its dropped copy are held only
     until the layer's forward returns (forget_inputs), so nothing outlives the layer and a recomputed layer
     (gradient checkpointing, which restores the RNG) draws the same masks in the same order."""
 
